@@ -1,0 +1,44 @@
+# Every target installs what it needs into .venv first (pinned by requirements/lock.txt).
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+CONFIG ?=
+ARGS ?=
+TWOTOWER := $(BIN)/twotower $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
+PYTEST_ARGS ?=
+
+.PHONY: venv run test serve query export clean help
+
+help:
+	@echo "make run | test | serve | query USER=<id> | export | clean"
+
+$(STAMP): requirements/lock.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# --no-deps: the lock is the complete, resolved tree (see requirements/base.in)
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -r requirements/lock.txt
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -e .
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+run: venv
+	$(TWOTOWER) run
+
+export: venv
+	$(TWOTOWER) all
+
+serve: venv
+	$(TWOTOWER) serve
+
+query: venv
+	@# USER is also the login name in the environment: only a command-line USER counts.
+	@test "$(origin USER)" = "command line" || (echo "usage: make query USER=<user id>"; exit 2)
+	$(TWOTOWER) query --user $(USER)
+
+test: venv
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf artifacts
+	find triton_models -mindepth 1 -maxdepth 1 -type d -exec rm -rf {} +

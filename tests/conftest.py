@@ -1,0 +1,49 @@
+"""Shared fixtures: one small synthetic run of the whole pipeline per test session."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from twotower import pipeline
+from twotower.config import RecipeConfig, load_config
+
+SMALL_RUN = [
+    "data.dataset=synthetic",
+    "train.epochs=4",
+    "train.batch_size=256",
+    "train.early_stopping_patience=4",
+    "serve.top_k=5",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def small_config(root: Path, *extra: str) -> RecipeConfig:
+    config = load_config(overrides=[*SMALL_RUN, *extra])
+    config.output_dir = root / "artifacts"
+    config.export_dir = root / "triton_models"
+    return config
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory) -> RecipeConfig:
+    """Data and fitted workflow only."""
+    config = small_config(tmp_path_factory.mktemp("prepared"))
+    pipeline.run_data(config)
+    pipeline.run_workflow(config)
+    return config
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory) -> RecipeConfig:
+    """Every stage up to the Triton export, on synthetic data."""
+    config = small_config(tmp_path_factory.mktemp("exported"))
+    pipeline.run_all(config)
+    return config

@@ -1,0 +1,28 @@
+import json
+
+import numpy as np
+import pytest
+
+from twotower.index import load_index
+from twotower.train import load_item_vectors
+
+pytestmark = pytest.mark.smoke
+
+
+def test_training_reduces_loss_and_beats_popularity(exported):
+    metrics = json.loads(exported.metrics_path.read_text())
+    losses = [epoch["loss"] for epoch in metrics["history"]]
+    assert losses[-1] < losses[0]
+    model, popularity = metrics["test"]["two_tower"], metrics["test"]["popularity"]
+    for name, value in model.items():
+        assert 0.0 <= value <= 1.0, name
+    assert model["recall@10"] > popularity["recall@10"]
+    assert model["recall@10"] <= model["recall@20"] <= model["recall@100"]
+    assert (exported.output_dir / "training_curves.png").stat().st_size > 0
+
+
+def test_index_covers_the_catalogue(exported):
+    item_ids, vectors = load_item_vectors(exported.model_dir / "item_vectors.npz")
+    index = load_index(exported.index_path)
+    assert index.ntotal == len(item_ids) == len(np.unique(item_ids))
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)  # L2-normalised tower

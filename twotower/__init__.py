@@ -1,0 +1,1 @@
+"""Two-tower retrieval on NVIDIA Merlin: data to a served top-k endpoint."""

@@ -1,0 +1,75 @@
+"""Command-line entry point: ``twotower <stage> [--config FILE] [--set key=value ...]``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from twotower import pipeline
+from twotower.config import load_config
+
+STAGES = {
+    "data": pipeline.run_data,
+    "workflow": pipeline.run_workflow,
+    "train": pipeline.run_train,
+    "index": pipeline.run_index,
+    "features": pipeline.run_features,
+    "export": pipeline.run_export,
+    "all": pipeline.run_all,
+}
+
+
+def _serve(config) -> None:
+    with pipeline.triton_server(config) as server:
+        print(f"Triton serving {config.export_dir} on grpc {server.grpc_url} (http {config.serve.http_port}); Ctrl-C stops it")
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        try:
+            server.process.wait()
+        except KeyboardInterrupt:
+            pass
+
+
+def _query(config, users: list[int]) -> None:
+    pipeline.print_recommendations(config, users)
+
+
+def _run(config) -> None:
+    """Every stage, then a real Triton server answering a few users over gRPC."""
+    pipeline.run_all(config)
+    users = pipeline.demo_users(config)
+    with pipeline.triton_server(config) as server:
+        print(f"[serve] Triton ready on grpc {server.grpc_url}; asking for users {users}")
+        pipeline.print_recommendations(config, users)
+    print("[serve] server stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="twotower", description=__doc__)
+    parser.add_argument("stage", choices=[*STAGES, "run", "serve", "query"], help="stage to run; 'run' is all stages plus a served demo")
+    parser.add_argument("--config", type=Path, help="YAML file overriding the defaults in twotower/config.py")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override one setting, e.g. train.epochs=3")
+    parser.add_argument("--user", dest="users", type=int, action="append", default=[], help="user id for 'query' (repeatable)")
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    config = load_config(args.config, args.overrides)
+    if args.stage == "run":
+        _run(config)
+    elif args.stage == "serve":
+        _serve(config)
+    elif args.stage == "query":
+        if not args.users:
+            parser.error("query needs at least one --user")
+        _query(config, args.users)
+    else:
+        STAGES[args.stage](config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""Stage 4b: the FAISS index over item embeddings, keyed by the dataset's item ids."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+# Up to this many items an exact inner-product scan is both fastest to build and
+# cheap to query (3.7k ML-1M movies: well under a millisecond per query).
+EXACT_SEARCH_MAX_ITEMS = 200_000
+
+
+def build_index(item_ids: np.ndarray, vectors: np.ndarray, exact_max_items: int = EXACT_SEARCH_MAX_ITEMS) -> faiss.Index:
+    """Exact inner product for small catalogues, HNSW beyond.
+
+    Neither kind drops candidates the way a partly probed IVF index does, so a
+    search for k <= ntotal never returns -1 ids.
+    """
+    if len(item_ids) != len(vectors):
+        raise ValueError(f"{len(item_ids)} item ids for {len(vectors)} vectors")
+    if len(np.unique(item_ids)) != len(item_ids):
+        raise ValueError("item ids must be unique")
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    dim = vectors.shape[1]
+    if len(item_ids) <= exact_max_items:
+        base = faiss.IndexFlatIP(dim)
+    else:
+        base = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
+        base.hnsw.efSearch = 256
+    index = faiss.IndexIDMap2(base)
+    index.add_with_ids(vectors, np.asarray(item_ids, dtype=np.int64))
+    return index
+
+
+def save_index(index: faiss.Index, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    faiss.write_index(index, str(path))
+
+
+def load_index(path: Path) -> faiss.Index:
+    if not Path(path).exists():
+        raise FileNotFoundError(f"no FAISS index at {path}; run the 'index' stage first")
+    return faiss.read_index(str(path))
+
+
+def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k item ids and scores per query row, best first."""
+    if k > index.ntotal:
+        raise ValueError(f"top_k={k} exceeds the catalogue of {index.ntotal} items")
+    scores, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+    if (ids < 0).any():
+        raise RuntimeError("the index returned fewer than k items for a query")
+    return ids, scores

@@ -1,0 +1,177 @@
+"""Stage 3: train merlin-models' TwoTowerModelV2 and save its query tower.
+
+Query tower over USER features, candidate tower over ITEM features, in-batch
+negatives with an optional logQ (sampling-bias) correction, L2-normalised outputs
+and a temperature. Early stopping watches full-catalogue recall on validation.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+
+import merlin.io
+import merlin.models.tf as mm
+from merlin.models.tf.outputs.base import DotProduct
+from merlin.models.tf.transforms.bias import PopularityLogitsCorrection
+from merlin.schema import Schema, Tags
+
+from twotower.config import TrainConfig
+from twotower.evaluate import EvalSet, evaluate_embeddings
+
+
+def set_seeds(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    tf.random.set_seed(seed)
+
+
+@dataclass
+class Catalogue:
+    """The retrievable items: those in the fitted item vocabulary, in one fixed order."""
+
+    item_ids: np.ndarray  # dataset ids
+    features: pd.DataFrame  # encoded item features, rows aligned with item_ids
+
+
+def item_frequencies(schema: Schema, vocabulary: pd.DataFrame) -> np.ndarray:
+    """Training counts per encoded item id (index = code), floored at 1 for reserved codes."""
+    item_id = schema.select_by_tag(Tags.ITEM_ID).first
+    cardinality = item_id.int_domain.max + 1
+    counts = np.ones(cardinality, dtype=np.float32)
+    size_column = f"{item_id.name}_size"
+    counts[vocabulary.index.to_numpy()] = vocabulary[size_column].to_numpy(dtype=np.float32)
+    return counts
+
+
+def _tower(schema: Schema, config: TrainConfig) -> mm.Encoder:
+    inputs = mm.InputBlockV2(
+        schema,
+        categorical=mm.Embeddings(schema.select_by_tag(Tags.CATEGORICAL), dim=config.embedding_dim),
+    )
+    layers = mm.MLPBlock(config.tower_layers, no_activation_last_layer=True)
+    return mm.Encoder(inputs, layers, post=mm.L2Norm() if config.l2_normalize else None)
+
+
+def build_model(schema: Schema, item_counts: np.ndarray, config: TrainConfig) -> mm.RetrievalModelV2:
+    query = _tower(schema.select_by_tag(Tags.USER), config)
+    candidate = _tower(schema.select_by_tag(Tags.ITEM), config)
+    post = None
+    if config.logq_correction:
+        # ContrastiveOutput divides by the temperature after `post`; scaling the
+        # correction by it leaves logits/T - log(q) in the softmax.
+        post = PopularityLogitsCorrection(item_counts, schema=schema, reg_factor=config.temperature)
+    output = mm.ContrastiveOutput(
+        DotProduct(),
+        schema=schema.select_by_tag(Tags.ITEM_ID),
+        negative_samplers="in-batch",
+        logits_temperature=config.temperature,
+        store_negative_ids=True,
+        post=post,
+    )
+    model = mm.TwoTowerModelV2(query, candidate, outputs=output)
+    model.compile(optimizer=tf.keras.optimizers.Adam(config.learning_rate), metrics=[])
+    return model
+
+
+def encode(encoder: tf.keras.Model, features: pd.DataFrame, schema: Schema, batch_size: int = 4096) -> np.ndarray:
+    """Run a tower over encoded feature rows, in order."""
+    dataset = merlin.io.Dataset(features[schema.column_names].reset_index(drop=True), schema=schema)
+    loader = mm.Loader(dataset, batch_size=batch_size, shuffle=False)
+    return np.concatenate([encoder(batch).numpy() for batch, _ in loader], axis=0)
+
+
+class FullCatalogueEarlyStopping(tf.keras.callbacks.Callback):
+    """Validation metrics over the whole catalogue after each epoch; keeps the best weights."""
+
+    def __init__(
+        self,
+        eval_set: EvalSet,
+        user_features: pd.DataFrame,
+        catalogue: Catalogue,
+        schema: Schema,
+        metric: str,
+        patience: int,
+    ):
+        super().__init__()
+        self.eval_set = eval_set
+        self.user_features = user_features
+        self.catalogue = catalogue
+        self.schema = schema
+        self.metric = metric
+        self.patience = patience
+        self.history: list[dict[str, float]] = []
+        self.best_value = -np.inf
+        self.best_epoch = -1
+        self._best_weights = None
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        metrics = evaluate_towers(self.model, self.eval_set, self.user_features, self.catalogue, self.schema)
+        record = {"epoch": epoch + 1, "loss": float((logs or {}).get("loss", np.nan)), **{f"val_{k}": v for k, v in metrics.items()}}
+        self.history.append(record)
+        print(f"  validation {self.metric}={metrics[self.metric]:.4f} recall@10={metrics['recall@10']:.4f}")
+        if metrics[self.metric] > self.best_value:
+            self.best_value, self.best_epoch = metrics[self.metric], epoch + 1
+            self._best_weights = self.model.get_weights()
+        elif epoch + 1 - self.best_epoch >= self.patience:
+            self.model.stop_training = True
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        if self._best_weights is not None:
+            self.model.set_weights(self._best_weights)
+
+
+def user_vectors_for(model: mm.RetrievalModelV2, user_ids: np.ndarray, user_features: pd.DataFrame, schema: Schema) -> np.ndarray:
+    """Query-tower outputs for ``user_ids``; ``user_features`` is indexed by dataset user id."""
+    rows = user_features.loc[user_ids]
+    return encode(model.query_encoder, rows, schema.select_by_tag(Tags.USER))
+
+
+def evaluate_towers(
+    model: mm.RetrievalModelV2, eval_set: EvalSet, user_features: pd.DataFrame, catalogue: Catalogue, schema: Schema
+) -> dict[str, float]:
+    users = user_vectors_for(model, eval_set.user_ids, user_features, schema)
+    items = encode(model.candidate_encoder, catalogue.features, schema.select_by_tag(Tags.ITEM))
+    return evaluate_embeddings(users, items, eval_set)
+
+
+def train_model(
+    train_dataset: merlin.io.Dataset,
+    item_counts: np.ndarray,
+    config: TrainConfig,
+    early_stopping: FullCatalogueEarlyStopping | None,
+    verbose: int = 1,
+) -> tuple[mm.RetrievalModelV2, list[dict[str, float]]]:
+    schema = train_dataset.schema
+    model = build_model(schema, item_counts, config)
+    loader = mm.Loader(train_dataset, batch_size=config.batch_size, shuffle=True)
+    callbacks = [early_stopping] if early_stopping else []
+    fit = model.fit(loader, epochs=config.epochs, callbacks=callbacks, verbose=verbose)
+    history = early_stopping.history if early_stopping else [
+        {"epoch": i + 1, "loss": float(v)} for i, v in enumerate(fit.history["loss"])
+    ]
+    return model, history
+
+
+def save_query_tower(model: mm.RetrievalModelV2, path: Path) -> None:
+    model.query_encoder.save(str(path), include_optimizer=False)
+
+
+def save_item_vectors(catalogue: Catalogue, vectors: np.ndarray, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, item_ids=catalogue.item_ids, vectors=vectors.astype(np.float32))
+
+
+def load_item_vectors(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    with np.load(path) as saved:
+        return saved["item_ids"], saved["vectors"]
+
+
+def save_history(history: list[dict[str, float]], path: Path) -> None:
+    path.write_text(json.dumps(history, indent=2))

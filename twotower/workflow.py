@@ -1,0 +1,87 @@
+"""Stage 2: the NVTabular workflow that encodes user and item features.
+
+One workflow with two named subgraphs, ``user`` and ``item``, fitted on the
+training split only. The serving graph and the item-embedding step load the
+saved subworkflows, so training and serving encode features identically.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import merlin.io
+import nvtabular as nvt
+import pandas as pd
+from merlin.dag import postorder_iter_nodes
+from merlin.dag.ops.subgraph import Subgraph
+from merlin.schema import Tags
+
+from twotower.data import ITEM_FEATURES, USER_FEATURES
+
+USER_SUBGRAPH = "user"
+ITEM_SUBGRAPH = "item"
+
+
+def build_workflow(category_dir: Path) -> nvt.Workflow:
+    """Categorify every feature and tag ids and features as USER/ITEM.
+
+    ``category_dir`` keeps Categorify's vocabularies out of the working directory.
+    """
+
+    def categorify() -> nvt.ops.Categorify:
+        return nvt.ops.Categorify(out_path=str(category_dir))
+
+    user_id = ["user_id"] >> categorify() >> nvt.ops.TagAsUserID()
+    user_features = USER_FEATURES >> categorify() >> nvt.ops.TagAsUserFeatures()
+    item_id = ["item_id"] >> categorify() >> nvt.ops.TagAsItemID()
+    item_features = ITEM_FEATURES >> categorify() >> nvt.ops.TagAsItemFeatures()
+    user = Subgraph(USER_SUBGRAPH, user_id + user_features)
+    item = Subgraph(ITEM_SUBGRAPH, item_id + item_features)
+    return nvt.Workflow(user + item)
+
+
+def _dataset(rows: pd.DataFrame) -> merlin.io.Dataset:
+    # A filtered frame keeps its old index; NVTabular's list columns misalign on it.
+    return merlin.io.Dataset(rows.reset_index(drop=True))
+
+
+def fit_workflow(train_rows: pd.DataFrame, category_dir: Path) -> nvt.Workflow:
+    workflow = build_workflow(category_dir)
+    workflow.fit(_dataset(train_rows))
+    return workflow
+
+
+def transform_to_parquet(workflow: nvt.Workflow, rows: pd.DataFrame, out_dir: Path) -> merlin.io.Dataset:
+    """Encode ``rows`` and write them as parquet together with the Merlin schema."""
+    workflow.transform(_dataset(rows)).to_parquet(str(out_dir), output_files=1)
+    return merlin.io.Dataset(str(out_dir), engine="parquet")
+
+
+def transform_frame(workflow: nvt.Workflow, rows: pd.DataFrame) -> pd.DataFrame:
+    return workflow.transform(_dataset(rows)).to_ddf().compute().reset_index(drop=True)
+
+
+def save_workflows(workflow: nvt.Workflow, workflow_dir: Path) -> None:
+    """Save the full workflow and its user/item subworkflows (each self-contained)."""
+    workflow.save(str(workflow_dir / "full"))
+    for name in (USER_SUBGRAPH, ITEM_SUBGRAPH):
+        workflow.get_subworkflow(name).save(str(workflow_dir / name))
+
+
+def load_workflow(workflow_dir: Path, name: str) -> nvt.Workflow:
+    path = workflow_dir / name
+    if not (path / "workflow.pkl").exists():
+        raise FileNotFoundError(f"no saved workflow at {path}; run the 'workflow' stage first")
+    return nvt.Workflow.load(str(path))
+
+
+def category_table(workflow: nvt.Workflow, column: str) -> pd.DataFrame:
+    """Categorify's vocabulary for ``column``: row index is the encoded value."""
+    for node in postorder_iter_nodes(workflow.output_node, flatten_subgraphs=True):
+        if isinstance(node.op, nvt.ops.Categorify) and column in node.op.categories:
+            return pd.read_parquet(node.op.categories[column])
+    raise KeyError(f"no Categorify vocabulary for column {column!r}")
+
+
+def item_id_column(workflow: nvt.Workflow) -> str:
+    return workflow.output_schema.select_by_tag(Tags.ITEM_ID).first.name
