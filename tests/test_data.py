@@ -64,3 +64,11 @@ def test_movielens_1m_is_read_from_the_installed_package():
     assert set(data.users.columns) >= {"age", "gender", "occupation", "zip_code"}
     toy_story = data.items[data.items["title"] == "Toy Story (1995)"].iloc[0]
     assert toy_story["year"] == 1995 and "Animation" in list(toy_story["genres"])
+
+
+def test_history_is_causal_and_bounded():
+    from twotower.data import causal_history, latest_history
+
+    rows = pd.DataFrame({"user_id": [1, 1, 1, 1, 2, 2], "item_id": [5, 6, 7, 8, 9, 10], "timestamp": [1, 2, 3, 4, 1, 2]})
+    assert causal_history(rows, 2).tolist() == [[], [5], [5, 6], [6, 7], [], [9]]
+    assert latest_history(rows, np.array([1, 2, 3]), 2).tolist() == [[7, 8], [9, 10], []]

@@ -1,5 +1,6 @@
 """End to end through a real Triton server started from the nvidia-pytriton wheel."""
 
+import dataclasses
 import shutil
 
 import numpy as np
@@ -57,23 +58,45 @@ def _test_users(exported, count=4):
 
 def test_batch_of_users_follows_the_contract_and_matches_in_process(exported, relocated, server):
     users = _test_users(exported)
-    item_ids, scores = recommend(users, server.grpc_url)
-    assert item_ids.dtype == np.int64 and scores.dtype == np.float32
+    answer = recommend(users, server.grpc_url)
+    item_ids, scores = answer["item_ids"], answer["scores"]
+    assert item_ids.dtype == np.int64 and scores.dtype == np.float32 and answer["is_fallback"].dtype == bool
     assert item_ids.shape == scores.shape == (len(users), 5)
+    assert not answer["is_fallback"].any()
     catalogue = set(np.load(exported.model_dir / "item_vectors.npz")["item_ids"])
     for row_items, row_scores in zip(item_ids, scores):
         assert len(set(row_items)) == len(row_items)
         assert set(row_items) <= catalogue
         assert (np.diff(row_scores) <= 1e-6).all()
 
-    in_process = load_exported_ensemble(relocated / "triton_models")
-    expected_items, expected_scores = recommend_in_process(in_process, users)
-    np.testing.assert_array_equal(item_ids, expected_items)
-    np.testing.assert_allclose(scores, expected_scores, rtol=1e-5, atol=1e-6)
+    expected = recommend_in_process(load_exported_ensemble(relocated / "triton_models"), users)
+    np.testing.assert_array_equal(item_ids, expected["item_ids"])
+    np.testing.assert_allclose(scores, expected["scores"], rtol=1e-5, atol=1e-6)
 
-    # one user alone gets the same answer as inside the batch
-    single_items, _ = recommend(users[1:2], server.grpc_url)
-    np.testing.assert_array_equal(single_items[0], item_ids[1])
+    # batch order: the reversed batch gets the reversed rows, and one user alone the same row
+    reversed_answer = recommend(users[::-1], server.grpc_url)
+    np.testing.assert_array_equal(reversed_answer["item_ids"], item_ids[::-1])
+    np.testing.assert_array_equal(recommend(users[1:2], server.grpc_url)["item_ids"][0], item_ids[1])
+
+
+def test_seen_items_are_excluded(exported, server):
+    known = pd.concat([pd.read_parquet(exported.data_dir / "splits" / f"{name}.parquet") for name in ("train", "valid")])
+    users = _test_users(exported, 10)
+    answer = recommend(users, server.grpc_url)
+    for user_id, row in zip(users, answer["item_ids"]):
+        assert not set(row) & set(known.loc[known.user_id == user_id, "item_id"])
+
+
+def test_unknown_users_get_the_most_popular_items_flagged(exported, server):
+    users = _test_users(exported, 2)
+    answer = recommend(np.array([users[0], -7, 999_999_999, users[1]]), server.grpc_url)
+    assert answer["is_fallback"].tolist() == [False, True, True, False]
+    train = pd.read_parquet(exported.data_dir / "splits" / "train.parquet")
+    counts = train["item_id"].value_counts()
+    # most popular first (ties may order either way)
+    assert set(answer["item_ids"][1]) == set(answer["item_ids"][2])
+    assert counts[answer["item_ids"][1][0]] == counts.iloc[0]
+    assert (np.diff(answer["scores"][1]) <= 0).all()
 
 
 def _infer(client, name, array, datatype):
@@ -85,19 +108,31 @@ def _infer(client, name, array, datatype):
 @pytest.mark.parametrize(
     "name, array, datatype, message",
     [
-        ("user_id", np.array([10, -7], dtype=np.int64), "INT64", "unknown user_id"),
         ("user_id", np.array([], dtype=np.int64), "INT64", "empty request"),
+        ("user_id", np.arange(2000, dtype=np.int64), "INT64", "request has 2000 users; the maximum is 1024"),
         ("user_id", np.array([10.0], dtype=np.float32), "FP32", "FP32"),
+        ("user_id", np.array([[10, 20]], dtype=np.int64), "INT64", "shape"),
         ("not_user_id", np.array([10], dtype=np.int64), "INT64", "user_id"),
     ],
-    ids=["unknown-user", "empty-batch", "wrong-dtype", "missing-input"],
+    ids=["empty-batch", "oversized-batch", "wrong-dtype", "wrong-shape", "missing-input"],
 )
 def test_bad_requests_get_clear_errors_and_server_keeps_serving(exported, server, client, name, array, datatype, message):
     with pytest.raises(InferenceServerException, match=message):
         _infer(client, name, array, datatype)
     assert client.is_server_ready() and client.is_model_ready("executor_model")
-    items, _ = recommend(_test_users(exported, 1), server.grpc_url)
-    assert items.shape == (1, 5)
+    assert recommend(_test_users(exported, 1), server.grpc_url)["item_ids"].shape == (1, 5)
+
+
+def test_top_k_above_the_catalogue_is_capped(exported, tmp_path):
+    from twotower import pipeline
+
+    config = dataclasses.replace(exported, export_dir=tmp_path / "models")
+    config.serve = dataclasses.replace(exported.serve, top_k=10_000)
+    pipeline.run_export(config)
+    answer = recommend_in_process(load_exported_ensemble(config.export_dir), _test_users(exported, 2))
+    catalogue_size = len(np.load(exported.model_dir / "item_vectors.npz")["item_ids"])
+    assert answer["item_ids"].shape == (2, catalogue_size)
+    assert all(len(set(row)) == catalogue_size for row in answer["item_ids"])
 
 
 def test_failing_start_reports_the_server_log(relocated, tmp_path):

@@ -32,7 +32,8 @@ class TrainConfig:
     epochs: int = 7
     batch_size: int = 4096
     learning_rate: float = 1e-3
-    embedding_dim: int = 64
+    embedding_dim: int | None = 64  # None: merlin-models' size inferred from each cardinality
+    history_length: int = 30  # user's latest positives as a query feature; 0 turns it off
     tower_layers: list[int] = field(default_factory=lambda: [128, 64])
     temperature: float = 0.07
     logq_correction: bool = True
@@ -49,6 +50,8 @@ class ServeConfig:
     http_port: int = 8000
     metrics_port: int = 8002
     model_name: str = "executor_model"
+    exclude_seen: bool = True  # drop items the user already had as positives
+    max_request_users: int = 1024  # larger batches are refused with a clear error
     startup_timeout_s: float = 120.0
 
 

@@ -212,9 +212,46 @@ def load_dataset(name: str, synthetic_users: int, synthetic_items: int, per_user
     raise ValueError(f"unknown dataset {name!r}: use 'ml-1m' or 'synthetic'")
 
 
-def join_features(interactions: pd.DataFrame, data: RecipeData) -> pd.DataFrame:
-    """Interactions with the user and item features each row needs for training."""
-    joined = interactions[["user_id", "item_id"]].merge(data.users, on="user_id", how="left")
+def causal_history(rows: pd.DataFrame, length: int) -> pd.Series:
+    """For each row, the same user's previous ``length`` item ids among ``rows`` (oldest first).
+
+    ``rows`` must be sorted by user and time (as ``split_by_time`` returns them), so a
+    row never sees its own item or anything later.
+    """
+    history = [None] * len(rows)
+    users, items = rows["user_id"].to_numpy(), rows["item_id"].to_numpy()
+    start = 0
+    for end in np.append(np.flatnonzero(users[1:] != users[:-1]) + 1, len(rows)):
+        user_items = items[start:end]
+        for offset in range(end - start):
+            history[start + offset] = user_items[max(0, offset - length) : offset].tolist()
+        start = end
+    return pd.Series(history, index=rows.index, dtype=object)
+
+
+def latest_history(rows: pd.DataFrame, user_ids: np.ndarray, length: int) -> pd.Series:
+    """Each user's last ``length`` item ids in ``rows`` (oldest first), indexed by user id."""
+    ordered = rows.sort_values(["user_id", "timestamp", "item_id"], kind="stable")
+    latest = ordered.groupby("user_id")["item_id"].agg(lambda items: items.to_numpy()[-length:].tolist())
+    return latest.reindex(user_ids).map(lambda items: items if isinstance(items, list) else [])
+
+
+def users_with_history(users: pd.DataFrame, rows: pd.DataFrame, length: int) -> pd.DataFrame:
+    """User side table plus each user's latest history from ``rows`` (when ``length`` > 0)."""
+    if length <= 0:
+        return users
+    return users.assign(history=latest_history(rows, users["user_id"].to_numpy(), length).to_numpy())
+
+
+def join_features(interactions: pd.DataFrame, data: RecipeData, history_length: int = 0) -> pd.DataFrame:
+    """Interactions with the user and item features each row needs for training.
+
+    With ``history_length`` > 0 each row also gets the user's causal history.
+    """
+    base = interactions[["user_id", "item_id"]]
+    if history_length > 0:
+        base = base.assign(history=causal_history(interactions, history_length))
+    joined = base.merge(data.users, on="user_id", how="left")
     joined = joined.merge(data.items[["item_id", *ITEM_FEATURES]], on="item_id", how="left")
     missing = joined[USER_FEATURES].isna().any(axis=1) | joined["year"].isna()
     if missing.any():

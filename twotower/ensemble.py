@@ -1,12 +1,22 @@
-"""Stage 6: the merlin-systems serving graph and its Triton export.
+"""Stage 6: the merlin-systems serving graphs and their Triton export.
 
-user_id -> Feast online user features -> saved NVTabular user workflow ->
-query tower (SavedModel) -> FAISS top-k -> dataset item ids and scores.
+The recipe's graph:
 
-Every operator runs inside Merlin's python-backend executor model, so the
-export loads on a Triton server without the TensorFlow backend (the one PyPI
-ships). Operators copy what they need into the executor's artifact folder and
-keep no absolute path in the pickled graph, so the exported repository can move.
+    user_id -> OnlineQueryFeatures (Feast online store: features already encoded by
+               the saved NVTabular user workflow, plus the user's seen items)
+            -> PredictQueryTower (SavedModel) -> RetrieveTopK (FAISS, seen items
+               excluded, most-popular fallback for unknown users)
+            -> item_ids, scores, is_fallback
+
+The reference graph, as the public NVIDIA example builds it, for comparison:
+
+    user_id -> UserFeatureLookup (Feast SDK, raw features) -> EncodeUserFeatures
+               (NVTabular per request) -> PredictQueryTower -> RetrieveTopK (IVF32)
+
+Every operator runs inside Merlin's python-backend executor model, so the export
+loads on a Triton server without the TensorFlow backend (the one PyPI ships).
+Operators copy what they need into the executor's artifact folder and keep no
+absolute path in the pickled graph, so the exported repository can move.
 """
 
 from __future__ import annotations
@@ -18,21 +28,38 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from merlin.dag import BaseOperator, ColumnSelector
+import merlin.dtypes as md
+from merlin.dag import BaseOperator, ColumnSelector, postorder_iter_nodes
 from merlin.schema import ColumnSchema, Schema
 from merlin.systems.dag import Ensemble
-from merlin.table import TensorTable
+from merlin.table import TensorColumn, TensorTable
 
-from twotower.data import USER_FEATURES
 from twotower.index import load_index, search
 
 log = logging.getLogger(__name__)
 
 FEATURE_REPO_ENV = "TWOTOWER_FEATURE_REPO"  # overrides where the executor finds Feast
+MODEL_NAME = "executor_model"
+RAGGED_SEPARATOR = "__"
 
 
 def _as_frame(transformable) -> pd.DataFrame:
     return transformable.to_df() if isinstance(transformable, TensorTable) else transformable
+
+
+def _user_ids(transformable, max_users: int) -> np.ndarray:
+    """The request's user ids, rejecting an empty or oversized batch."""
+    user_ids = np.asarray(transformable["user_id"].values if isinstance(transformable, TensorTable) else transformable["user_id"]).reshape(-1)
+    if len(user_ids) == 0:
+        raise ValueError("empty request: 'user_id' has no rows")
+    if len(user_ids) > max_users:
+        raise ValueError(f"request has {len(user_ids)} users; the maximum is {max_users} (serve.max_request_users)")
+    return user_ids
+
+
+def _ragged(lists: list[list[int]]) -> TensorColumn:
+    offsets = np.concatenate([[0], np.cumsum([len(v) for v in lists])]).astype(np.int32)
+    return TensorColumn(np.fromiter((x for v in lists for x in v), dtype=np.int64, count=offsets[-1]), offsets=offsets)
 
 
 class _ArtifactOperator(BaseOperator):
@@ -76,29 +103,30 @@ class _ArtifactOperator(BaseOperator):
         return {**self.__dict__, "source": None, "_resource": None}
 
 
-class UserFeatureLookup(BaseOperator):
-    """Online user features from Feast for a batch of dataset user ids.
+class _FeatureRepoOperator(BaseOperator):
+    """An operator that reads the run's Feast repository (not copied: it is live data).
 
-    Rejects an empty batch and ids the feature store does not know, naming them.
+    The repository is found relative to the exported model repository, so a moved
+    project (model repository and outputs together) still resolves, or through
+    the TWOTOWER_FEATURE_REPO environment variable.
     """
 
-    def __init__(self, feature_repo: Path, feature_schema: Schema):
+    def __init__(self, feature_repo: Path):
         super().__init__()
         self.feature_repo = str(Path(feature_repo).resolve())
-        self.feature_schema = feature_schema
         self._repo_from_artifacts: str | None = None
-        self._store = None
+        self._client = None
+
+    def _connect(self, repo: Path):
+        raise NotImplementedError
 
     @property
-    def store(self):
-        if self._store is None:
-            from feast import FeatureStore
-
-            self._store = FeatureStore(repo_path=self.feature_repo)
-        return self._store
+    def client(self):
+        if self._client is None:
+            self._client = self._connect(Path(self.feature_repo))
+        return self._client
 
     def save_artifacts(self, artifact_path: str) -> None:
-        # Kept relative so a moved project (model repository and outputs together) still resolves.
         self._repo_from_artifacts = os.path.relpath(self.feature_repo, artifact_path)
 
     def load_artifacts(self, artifact_path: str) -> None:
@@ -112,11 +140,69 @@ class UserFeatureLookup(BaseOperator):
         if not (repo / "feature_store.yaml").exists():
             raise FileNotFoundError(f"no Feast repository at {repo.resolve()}; set {FEATURE_REPO_ENV}")
         self.feature_repo = str(repo.resolve())
-        self._store = None
-        _ = self.store
+        self._client = self._connect(repo)
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "feature_repo": None, "_store": None}
+        return {**self.__dict__, "feature_repo": None, "_client": None}
+
+
+class OnlineQueryFeatures(_FeatureRepoOperator):
+    """Encoded query features and seen items for a batch of dataset user ids.
+
+    Unknown users get pad codes, no seen items and ``known = False``: the
+    retrieval step answers them with the fallback list.
+    """
+
+    def __init__(self, feature_repo: Path, model_inputs: Schema, max_users: int):
+        super().__init__(feature_repo)
+        self.model_inputs = model_inputs
+        self.max_users = max_users
+
+    def _connect(self, repo: Path):
+        from twotower.feature_store import QUERY_VIEW, USER_VIEW, OnlineReader
+
+        return OnlineReader(repo, QUERY_VIEW), OnlineReader(repo, USER_VIEW)
+
+    def compute_output_schema(self, input_schema: Schema, col_selector: ColumnSelector, prev_output_schema: Schema = None) -> Schema:
+        return self.model_inputs + Schema(
+            [
+                ColumnSchema("seen_items", dtype=np.int64, dims=(None, None)),
+                ColumnSchema("known", dtype=md.boolean),
+            ]
+        )
+
+    def transform(self, col_selector: ColumnSelector, transformable):
+        from twotower.feature_store import ENCODED_PREFIX
+
+        user_ids = _user_ids(transformable, self.max_users)
+        query_reader, user_reader = self.client
+        encoded = query_reader.read(user_ids)
+        raw = user_reader.read(user_ids)
+        known = np.array([row is not None for row in encoded])
+        columns = {}
+        for column in self.model_inputs:
+            values = [row[ENCODED_PREFIX + column.name] if row else ([] if column.is_list else 0) for row in encoded]
+            columns[column.name] = _ragged(values) if column.is_list else np.asarray(values, dtype=np.int64)
+        columns["seen_items"] = _ragged([row["seen_items"] if row else [] for row in raw])
+        columns["known"] = known
+        return TensorTable(columns)
+
+
+class UserFeatureLookup(_FeatureRepoOperator):
+    """Reference graph: raw online user features through the Feast SDK.
+
+    Rejects an empty batch and ids the feature store does not know, naming them.
+    """
+
+    def __init__(self, feature_repo: Path, feature_schema: Schema, max_users: int):
+        super().__init__(feature_repo)
+        self.feature_schema = feature_schema
+        self.max_users = max_users
+
+    def _connect(self, repo: Path):
+        from feast import FeatureStore
+
+        return FeatureStore(repo_path=str(repo))
 
     def compute_output_schema(self, input_schema: Schema, col_selector: ColumnSelector, prev_output_schema: Schema = None) -> Schema:
         return self.feature_schema
@@ -124,18 +210,18 @@ class UserFeatureLookup(BaseOperator):
     def transform(self, col_selector: ColumnSelector, transformable):
         from twotower.feature_store import online_user_features
 
-        user_ids = np.asarray(_as_frame(transformable)["user_id"]).reshape(-1)
-        if len(user_ids) == 0:
-            raise ValueError("empty request: 'user_id' has no rows")
-        features = online_user_features(self.store, user_ids.tolist())
-        unknown = features[USER_FEATURES].isna().any(axis=1).to_numpy()
+        user_ids = _user_ids(transformable, self.max_users)
+        columns = [c for c in self.feature_schema.column_names if c != "user_id"]
+        features = online_user_features(self.client, user_ids.tolist(), columns)
+        unknown = features[columns].isna().any(axis=1).to_numpy()
         if unknown.any():
             raise ValueError(f"unknown user_id(s) not in the feature store: {user_ids[unknown][:20].tolist()}")
-        return features.astype({c.name: c.dtype.to_numpy for c in self.feature_schema})
+        scalars = {c.name: c.dtype.to_numpy for c in self.feature_schema if not c.is_list}
+        return features.astype(scalars)
 
 
 class EncodeUserFeatures(_ArtifactOperator):
-    """The saved NVTabular user workflow, run in process (the same one training used)."""
+    """Reference graph: the saved NVTabular user workflow, run per request."""
 
     artifact_name = "user_workflow"
 
@@ -148,7 +234,7 @@ class EncodeUserFeatures(_ArtifactOperator):
         return self.resource.output_schema
 
     def transform(self, col_selector: ColumnSelector, transformable):
-        return self.resource._transform_df(_as_frame(transformable))
+        return TensorTable.from_df(self.resource._transform_df(_as_frame(transformable)))
 
 
 class PredictQueryTower(_ArtifactOperator):
@@ -162,6 +248,9 @@ class PredictQueryTower(_ArtifactOperator):
 
         return tf.saved_model.load(str(path)).signatures["serving_default"]
 
+    def input_names(self) -> list[str]:
+        return list(self.resource.structured_input_signature[1])
+
     def compute_output_schema(self, input_schema: Schema, col_selector: ColumnSelector, prev_output_schema: Schema = None) -> Schema:
         (output_spec,) = self.resource.structured_outputs.values()
         return Schema([ColumnSchema(self.output_name, dtype=np.float32, dims=(None, output_spec.shape[-1]))])
@@ -169,24 +258,36 @@ class PredictQueryTower(_ArtifactOperator):
     def transform(self, col_selector: ColumnSelector, transformable):
         import tensorflow as tf
 
-        frame = _as_frame(transformable)
-        _, input_specs = self.resource.structured_input_signature
-        inputs = {name: tf.constant(frame[name].to_numpy(), dtype=spec.dtype) for name, spec in input_specs.items()}
+        _, specs = self.resource.structured_input_signature
+        inputs = {}
+        for name, spec in specs.items():
+            # merlin-models' signature takes list features as <name>__values / <name>__offsets.
+            column, _, part = name.partition(RAGGED_SEPARATOR)
+            data = transformable[column]
+            array = {"values": data.values, "offsets": data.offsets, "": data.values}[part]
+            inputs[name] = tf.constant(np.asarray(array).reshape(-1), dtype=spec.dtype)
         (vectors,) = self.resource(**inputs).values()
         return TensorTable({self.output_name: vectors.numpy()})
 
 
 class RetrieveTopK(_ArtifactOperator):
-    """FAISS top-k over the item catalogue; outputs dataset item ids and scores, best first."""
+    """FAISS top-k over the catalogue: dataset item ids and scores, best first.
+
+    With ``seen_items``/``known`` inputs it drops each user's seen items and answers
+    unknown users with the most popular items (``is_fallback`` marks those rows).
+    """
 
     artifact_name = "items.faiss"
 
-    def __init__(self, index_path: Path, top_k: int):
+    def __init__(self, index_path: Path, top_k: int, fallback_items: np.ndarray, fallback_scores: np.ndarray, exclude_seen: bool):
         super().__init__(index_path)
         catalogue_size = self.resource.ntotal
         if top_k > catalogue_size:
             log.warning("top_k=%d exceeds the catalogue of %d items; serving %d", top_k, catalogue_size, catalogue_size)
         self.top_k = min(top_k, catalogue_size)
+        self.fallback_items = np.asarray(fallback_items[: self.top_k], dtype=np.int64)
+        self.fallback_scores = np.asarray(fallback_scores[: self.top_k], dtype=np.float32)
+        self.exclude_seen = exclude_seen
 
     def _load(self, path: Path):
         return load_index(path)
@@ -196,42 +297,96 @@ class RetrieveTopK(_ArtifactOperator):
             [
                 ColumnSchema("item_ids", dtype=np.int64, dims=(None, self.top_k)),
                 ColumnSchema("scores", dtype=np.float32, dims=(None, self.top_k)),
+                ColumnSchema("is_fallback", dtype=md.boolean),
             ]
         )
 
+    def _seen_lists(self, transformable, n_rows: int) -> list[np.ndarray]:
+        if not self.exclude_seen or "seen_items" not in transformable.columns:
+            return [np.empty(0, dtype=np.int64)] * n_rows
+        column = transformable["seen_items"]
+        values, offsets = np.asarray(column.values), np.asarray(column.offsets)
+        return [values[offsets[i] : offsets[i + 1]] for i in range(n_rows)]
+
     def transform(self, col_selector: ColumnSelector, transformable):
         vectors = np.asarray(transformable[PredictQueryTower.output_name].values)
-        ids, scores = search(self.resource, vectors, self.top_k)
-        return TensorTable({"item_ids": ids.astype(np.int64), "scores": scores.astype(np.float32)})
+        n_rows = len(vectors)
+        known = np.asarray(transformable["known"].values) if "known" in transformable.columns else np.ones(n_rows, bool)
+        seen = self._seen_lists(transformable, n_rows)
+        # Enough candidates that k remain after dropping the most-seen user's items.
+        depth = min(self.resource.ntotal, self.top_k + max(len(s) for s in seen))
+        ids, scores = search(self.resource, vectors, depth)
+        item_ids = np.empty((n_rows, self.top_k), dtype=np.int64)
+        item_scores = np.empty((n_rows, self.top_k), dtype=np.float32)
+        for row in range(n_rows):
+            if not known[row]:
+                item_ids[row], item_scores[row] = self.fallback_items, self.fallback_scores
+                continue
+            keep = ~np.isin(ids[row], seen[row]) if len(seen[row]) else np.ones(depth, bool)
+            # A user who has seen nearly everything gets seen items last rather than a short row.
+            order = np.concatenate([np.flatnonzero(keep), np.flatnonzero(~keep)])[: self.top_k]
+            item_ids[row], item_scores[row] = ids[row, order], scores[row, order]
+        return TensorTable({"item_ids": item_ids, "scores": item_scores, "is_fallback": ~known})
 
 
-def build_ensemble(feature_repo: Path, user_workflow_dir: Path, query_tower_dir: Path, index_path: Path, top_k: int) -> Ensemble:
+def build_ensemble(
+    feature_repo: Path,
+    query_tower_dir: Path,
+    index_path: Path,
+    top_k: int,
+    fallback: tuple[np.ndarray, np.ndarray],
+    exclude_seen: bool,
+    max_users: int,
+) -> Ensemble:
+    """The recipe's serving graph."""
+    tower = PredictQueryTower(query_tower_dir)
+    model_inputs = _signature_schema(tower)
+    lookup = ["user_id"] >> OnlineQueryFeatures(feature_repo, model_inputs, max_users)
+    vectors = lookup[model_inputs.column_names] >> tower
+    retrieve = RetrieveTopK(index_path, top_k, *fallback, exclude_seen=exclude_seen)
+    graph = (vectors + lookup[["seen_items", "known"]]) >> retrieve
+    return Ensemble(graph, Schema([ColumnSchema("user_id", dtype=np.int64)]))
+
+
+def build_reference_ensemble(
+    feature_repo: Path, user_workflow_dir: Path, query_tower_dir: Path, index_path: Path, top_k: int, max_users: int
+) -> Ensemble:
+    """The public NVIDIA example's graph: SDK lookup, per-request NVTabular, IVF index."""
     encode = EncodeUserFeatures(user_workflow_dir)
+    empty = (np.empty(0, np.int64), np.empty(0, np.float32))
     graph = (
         ["user_id"]
-        >> UserFeatureLookup(feature_repo, encode.resource.input_schema)
+        >> UserFeatureLookup(feature_repo, encode.resource.input_schema, max_users)
         >> encode
         >> PredictQueryTower(query_tower_dir)
-        >> RetrieveTopK(index_path, top_k)
+        >> RetrieveTopK(index_path, top_k, *empty, exclude_seen=False)
     )
     return Ensemble(graph, Schema([ColumnSchema("user_id", dtype=np.int64)]))
 
 
-def export_ensemble(ensemble: Ensemble, export_dir: Path) -> Path:
-    """Write the Triton model repository (replacing an older export)."""
-    if export_dir.exists():
-        for child in export_dir.iterdir():
-            if child.is_dir():
-                shutil.rmtree(child)
+def _signature_schema(tower: PredictQueryTower) -> Schema:
+    """The query tower's inputs as Merlin columns (``x__values``/``x__offsets`` are one ragged ``x``)."""
+    _, specs = tower.resource.structured_input_signature
+    columns: dict[str, ColumnSchema] = {}
+    for name in specs:
+        column, _, part = name.partition(RAGGED_SEPARATOR)
+        dims = (None, None) if part else None
+        columns[column] = ColumnSchema(column, dtype=np.int64, dims=dims)
+    return Schema(list(columns.values()))
+
+
+def export_ensemble(ensemble: Ensemble, export_dir: Path, model_name: str = MODEL_NAME) -> Path:
+    """Write the Triton model repository (replacing an older export of that model)."""
+    target = export_dir / model_name
+    if target.exists():
+        shutil.rmtree(target)
     export_dir.mkdir(parents=True, exist_ok=True)
-    ensemble.export(str(export_dir))
+    ensemble.export(str(export_dir), name=model_name)
     return export_dir
 
 
-def load_exported_ensemble(export_dir: Path, model_name: str = "executor_model") -> Ensemble:
+def load_exported_ensemble(export_dir: Path, model_name: str = MODEL_NAME) -> Ensemble:
     """The exported graph loaded as the Triton executor loads it, to run in process."""
-    from merlin.dag import postorder_iter_nodes
-
     artifact_dir = export_dir / model_name / "1" / "ensemble"
     ensemble = Ensemble.load(str(artifact_dir))
     for node in postorder_iter_nodes(ensemble.graph.output_node, flatten_subgraphs=True):
@@ -239,8 +394,8 @@ def load_exported_ensemble(export_dir: Path, model_name: str = "executor_model")
     return ensemble
 
 
-def recommend_in_process(ensemble: Ensemble, user_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def recommend_in_process(ensemble: Ensemble, user_ids: np.ndarray) -> dict[str, np.ndarray]:
     from merlin.systems.dag.runtimes.triton import TritonExecutorRuntime
 
     output = ensemble.transform(TensorTable({"user_id": np.asarray(user_ids, dtype=np.int64)}), runtime=TritonExecutorRuntime())
-    return np.asarray(output["item_ids"].values), np.asarray(output["scores"].values)
+    return {name: np.asarray(output[name].values) for name in ("item_ids", "scores", "is_fallback")}

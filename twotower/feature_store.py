@@ -2,7 +2,9 @@
 
 ``feature_repo/`` in the project holds the declarative definitions; each run gets
 its own copy under the output folder, with its parquet sources, registry and
-SQLite online store beside it.
+online store beside it. Serving reads the online store through Feast's own
+online-store interface (``OnlineReader``), skipping the SDK's per-request
+registry and response assembly; materialization goes through the SDK unchanged.
 """
 
 from __future__ import annotations
@@ -12,16 +14,21 @@ import shutil
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from feast import Entity, FeatureStore, FeatureView
 from feast.data_source import DataSource
+from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+from feast.protos.feast.types.Value_pb2 import Value
 
 from twotower.config import PROJECT_ROOT
 from twotower.data import USER_FEATURES, RecipeData
 
 TEMPLATE_DIR = PROJECT_ROOT / "feature_repo"
 USER_VIEW = "user_features"
+QUERY_VIEW = "user_query_features"
 ITEM_VIEW = "item_features"
+ENCODED_PREFIX = "encoded_"
 DEFINITION_FILES = ("feature_store.yaml", "features.py")
 # Feature rows are stamped with one fixed time so that runs are reproducible.
 FEATURE_TIMESTAMP = datetime(2003, 3, 1, tzinfo=timezone.utc)
@@ -37,14 +44,28 @@ def deploy_repo(repo_dir: Path) -> Path:
     return repo_dir
 
 
-def write_sources(data: RecipeData, repo_dir: Path) -> None:
+def write_sources(data: RecipeData, users: pd.DataFrame, encoded_users: pd.DataFrame, repo_dir: Path) -> None:
+    """Parquet sources of the three feature views.
+
+    ``users``: raw profile with ``history`` and ``seen_items`` lists; ``encoded_users``:
+    the user workflow's output for the same rows.
+    """
     stamp = pd.Timestamp(FEATURE_TIMESTAMP)
-    users = data.users[["user_id", *USER_FEATURES]].assign(event_timestamp=stamp)
-    items = data.items[["item_id", "title", "year", "genres"]].assign(
-        event_timestamp=stamp, genres=data.items["genres"].map(list)
+    empty_lists = pd.Series([[]] * len(users), index=users.index)
+    raw = users[["user_id", *USER_FEATURES]].assign(
+        history=users.get("history", empty_lists).map(list),
+        seen_items=users["seen_items"].map(list),
+        event_timestamp=stamp,
     )
-    users.to_parquet(repo_dir / "data" / "user_features.parquet", index=False)
-    items.to_parquet(repo_dir / "data" / "item_features.parquet", index=False)
+    encoded = pd.DataFrame({f"{ENCODED_PREFIX}{c}": encoded_users[c].to_numpy() for c in encoded_users.columns})
+    if f"{ENCODED_PREFIX}history" not in encoded:
+        encoded[f"{ENCODED_PREFIX}history"] = empty_lists.to_numpy()
+    encoded[f"{ENCODED_PREFIX}history"] = encoded[f"{ENCODED_PREFIX}history"].map(list)
+    encoded.insert(0, "user_id", users["user_id"].to_numpy())
+    items = data.items[["item_id", "title", "year", "genres"]].assign(genres=data.items["genres"].map(list), event_timestamp=stamp)
+    raw.to_parquet(repo_dir / "data" / f"{USER_VIEW}.parquet", index=False)
+    encoded.assign(event_timestamp=stamp).to_parquet(repo_dir / "data" / f"{QUERY_VIEW}.parquet", index=False)
+    items.to_parquet(repo_dir / "data" / f"{ITEM_VIEW}.parquet", index=False)
 
 
 def load_definitions(repo_dir: Path) -> list:
@@ -63,16 +84,45 @@ def apply_and_materialize(repo_dir: Path) -> FeatureStore:
     return store
 
 
-def build_feature_store(data: RecipeData, repo_dir: Path) -> FeatureStore:
+def build_feature_store(data: RecipeData, users: pd.DataFrame, encoded_users: pd.DataFrame, repo_dir: Path) -> FeatureStore:
     deploy_repo(repo_dir)
-    write_sources(data, repo_dir)
+    write_sources(data, users, encoded_users, repo_dir)
     return apply_and_materialize(repo_dir)
 
 
-def online_user_features(store: FeatureStore, user_ids: list[int]) -> pd.DataFrame:
-    """Online feature rows for ``user_ids``, in order; unknown users have nulls."""
+def online_user_features(store: FeatureStore, user_ids: list[int], columns: list[str] | None = None) -> pd.DataFrame:
+    """Raw online user features through the Feast SDK, in order; unknown users have nulls."""
+    columns = columns or USER_FEATURES
     response = store.get_online_features(
-        features=[f"{USER_VIEW}:{name}" for name in USER_FEATURES],
+        features=[f"{USER_VIEW}:{name}" for name in columns],
         entity_rows=[{"user_id": int(u)} for u in user_ids],
     )
-    return pd.DataFrame(response.to_dict())[["user_id", *USER_FEATURES]]
+    return pd.DataFrame(response.to_dict())[["user_id", *columns]]
+
+
+def _python_value(value: Value):
+    kind = value.WhichOneof("val")
+    if kind is None:
+        return None
+    field = getattr(value, kind)
+    return list(field.val) if kind.endswith("_list_val") else field
+
+
+class OnlineReader:
+    """Reads one feature view straight from the configured online store (SQLite or Redis).
+
+    Uses the provider's ``online_read`` (what the SDK calls underneath) with the
+    feature view resolved once, so a request costs one store query.
+    """
+
+    def __init__(self, repo_dir: Path, view_name: str):
+        self.store = FeatureStore(repo_path=str(repo_dir))
+        self.view = self.store.get_feature_view(view_name)
+        self.online_store = self.store._get_provider().online_store
+        self.join_key = self.view.entity_columns[0].name
+
+    def read(self, ids: np.ndarray) -> list[dict | None]:
+        """One dict of feature values per id (None where the store has no row)."""
+        keys = [EntityKey(join_keys=[self.join_key], entity_values=[Value(int64_val=int(i))]) for i in ids]
+        rows = self.online_store.online_read(self.store.config, self.view, keys)
+        return [None if values is None else {name: _python_value(v) for name, v in values.items()} for _, values in rows]

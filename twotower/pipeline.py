@@ -13,7 +13,15 @@ import numpy as np
 import pandas as pd
 
 from twotower.config import RecipeConfig, config_to_dict
-from twotower.data import RecipeData, Split, join_features, load_dataset, positives, split_by_time
+from twotower.data import (
+    RecipeData,
+    Split,
+    join_features,
+    load_dataset,
+    positives,
+    split_by_time,
+    users_with_history,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,25 +68,38 @@ def run_workflow(config: RecipeConfig) -> None:
     from twotower.workflow import fit_workflow, save_workflows, transform_to_parquet
 
     data, split = load_recipe_data(config), load_split(config)
-    train_rows = join_features(split.train, data)
+    train_rows = join_features(split.train, data, config.train.history_length)
     workflow = fit_workflow(train_rows, config.workflow_dir / "fit")
     save_workflows(workflow, config.workflow_dir)
     transform_to_parquet(workflow, train_rows, config.data_dir / "train_encoded")
     print(f"[workflow] fitted on {len(train_rows):,} training rows; saved to {config.workflow_dir}")
 
 
-def _catalogue_and_users(config: RecipeConfig, data: RecipeData):
-    """Catalogue and per-user features, encoded by the saved workflows (no refit)."""
+def load_catalogue(config: RecipeConfig, data: RecipeData):
+    """The fitted item vocabulary with item features encoded by the saved item workflow (no refit)."""
     from twotower.train import Catalogue
     from twotower.workflow import category_table, load_workflow, transform_frame
 
     item_workflow = load_workflow(config.workflow_dir, "item")
-    user_workflow = load_workflow(config.workflow_dir, "user")
     item_ids = np.sort(category_table(item_workflow, "item_id")["item_id"].to_numpy())
     items = data.items[data.items["item_id"].isin(item_ids)].sort_values("item_id")
-    catalogue = Catalogue(item_ids=item_ids, features=transform_frame(item_workflow, items))
-    users = transform_frame(user_workflow, data.users).set_index(data.users["user_id"].to_numpy())
-    return catalogue, users
+    return Catalogue(item_ids=item_ids, features=transform_frame(item_workflow, items))
+
+
+def user_rows(config: RecipeConfig, data: RecipeData, history_rows: pd.DataFrame) -> pd.DataFrame:
+    """Every user's raw features with history taken from ``history_rows``."""
+    return users_with_history(data.users, history_rows, config.train.history_length)
+
+
+def encode_users(config: RecipeConfig, users: pd.DataFrame) -> pd.DataFrame:
+    """``users`` encoded by the saved user workflow, indexed by dataset user id."""
+    from twotower.workflow import load_workflow, transform_frame
+
+    return transform_frame(load_workflow(config.workflow_dir, "user"), users).set_index(users["user_id"].to_numpy())
+
+
+def encoded_users(config: RecipeConfig, data: RecipeData, history_rows: pd.DataFrame) -> pd.DataFrame:
+    return encode_users(config, user_rows(config, data, history_rows))
 
 
 def run_train(config: RecipeConfig) -> dict:
@@ -104,17 +125,24 @@ def run_train(config: RecipeConfig) -> dict:
     data, split = load_recipe_data(config), load_split(config)
     train_dataset = merlin.io.Dataset(str(config.data_dir / "train_encoded"), engine="parquet")
     schema = train_dataset.schema
-    catalogue, user_features = _catalogue_and_users(config, data)
-    counts = item_frequencies(schema, category_table(load_workflow(config.workflow_dir, "item"), "item_id"))
+    catalogue = load_catalogue(config, data)
+    vocabulary = category_table(load_workflow(config.workflow_dir, "item"), "item_id")
+    counts = item_frequencies(schema, vocabulary, split.train["item_id"])
     valid_set = build_eval_set(split.valid, split.train, catalogue.item_ids)
     stopper = FullCatalogueEarlyStopping(
-        valid_set, user_features, catalogue, schema, config.train.early_stopping_metric, config.train.early_stopping_patience
+        valid_set,
+        encoded_users(config, data, split.train),
+        catalogue,
+        schema,
+        config.train.early_stopping_metric,
+        config.train.early_stopping_patience,
     )
     model, history = train_model(train_dataset, counts, config.train, stopper)
 
-    test_set = build_eval_set(split.test, pd.concat([split.train, split.valid]), catalogue.item_ids)
+    known = pd.concat([split.train, split.valid])
+    test_set = build_eval_set(split.test, known, catalogue.item_ids)
     results = {
-        "two_tower": evaluate_towers(model, test_set, user_features, catalogue, schema),
+        "two_tower": evaluate_towers(model, test_set, encoded_users(config, data, known), catalogue, schema),
         "popularity": evaluate_popularity(split.train, test_set, catalogue.item_ids),
     }
     config.model_dir.mkdir(parents=True, exist_ok=True)
@@ -164,10 +192,27 @@ def faiss_base(index):
 
 
 def run_features(config: RecipeConfig) -> None:
+    """Feast sources from what is known before the test period: profiles, the latest
+    history, every earlier positive, and the same features encoded by the saved workflow."""
     from twotower.feature_store import build_feature_store
 
-    build_feature_store(load_recipe_data(config), config.feature_repo_dir)
+    data, split = load_recipe_data(config), load_split(config)
+    known = pd.concat([split.train, split.valid])
+    users = user_rows(config, data, known)
+    seen = known.groupby("user_id")["item_id"].agg(list)
+    users = users.assign(seen_items=seen.reindex(users["user_id"]).map(lambda v: v if isinstance(v, list) else []).to_numpy())
+    build_feature_store(data, users, encode_users(config, users), config.feature_repo_dir)
     print(f"[features] Feast repository applied and materialized at {config.feature_repo_dir}")
+
+
+def popular_items(config: RecipeConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Cold-start answer: catalogue items by training count, scores as a share of the top item's."""
+    from twotower.train import load_item_vectors
+
+    catalogue, _ = load_item_vectors(config.model_dir / "item_vectors.npz")
+    counts = load_split(config).train["item_id"].value_counts()
+    counts = counts[counts.index.isin(catalogue)].head(config.serve.top_k)
+    return counts.index.to_numpy(dtype=np.int64), (counts / counts.iloc[0]).to_numpy(dtype=np.float32)
 
 
 def run_export(config: RecipeConfig) -> Path:
@@ -175,12 +220,14 @@ def run_export(config: RecipeConfig) -> Path:
 
     ensemble = build_ensemble(
         config.feature_repo_dir,
-        config.workflow_dir / "user",
         config.model_dir / "query_tower",
         config.index_path,
         config.serve.top_k,
+        popular_items(config),
+        exclude_seen=config.serve.exclude_seen,
+        max_users=config.serve.max_request_users,
     )
-    export_ensemble(ensemble, config.export_dir)
+    export_ensemble(ensemble, config.export_dir, config.serve.model_name)
     print(f"[export] Triton model repository written to {config.export_dir}")
     return config.export_dir
 
@@ -200,9 +247,9 @@ def print_recommendations(config: RecipeConfig, user_ids: list[int]) -> None:
     from twotower.client import recommend
 
     titles = load_recipe_data(config).items.set_index("item_id")["title"]
-    item_ids, scores = recommend(user_ids, f"{config.serve.host}:{config.serve.grpc_port}", config.serve.model_name)
-    for user_id, row_items, row_scores in zip(user_ids, item_ids, scores):
-        print(f"\nuser {user_id}:")
+    answer = recommend(user_ids, f"{config.serve.host}:{config.serve.grpc_port}", config.serve.model_name)
+    for user_id, row_items, row_scores, fallback in zip(user_ids, answer["item_ids"], answer["scores"], answer["is_fallback"]):
+        print(f"\nuser {user_id}{' (unknown: most popular items)' if fallback else ''}:")
         for rank, (item_id, score) in enumerate(zip(row_items, row_scores), start=1):
             print(f"  {rank:>2}. [{item_id:>5}] {titles.get(item_id, '?'):<60} {score:7.4f}")
 

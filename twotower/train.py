@@ -40,28 +40,36 @@ class Catalogue:
     features: pd.DataFrame  # encoded item features, rows aligned with item_ids
 
 
-def item_frequencies(schema: Schema, vocabulary: pd.DataFrame) -> np.ndarray:
+def item_frequencies(schema: Schema, vocabulary: pd.DataFrame, train_item_ids: pd.Series) -> np.ndarray:
     """Training counts per encoded item id (index = code), floored at 1 for reserved codes."""
     item_id = schema.select_by_tag(Tags.ITEM_ID).first
-    cardinality = item_id.int_domain.max + 1
-    counts = np.ones(cardinality, dtype=np.float32)
-    size_column = f"{item_id.name}_size"
-    counts[vocabulary.index.to_numpy()] = vocabulary[size_column].to_numpy(dtype=np.float32)
+    counts = np.ones(item_id.int_domain.max + 1, dtype=np.float32)
+    train_counts = train_item_ids.value_counts()
+    counts[vocabulary.index.to_numpy()] = train_counts.reindex(vocabulary[item_id.name]).fillna(1).to_numpy()
     return counts
 
 
-def _tower(schema: Schema, config: TrainConfig) -> mm.Encoder:
-    inputs = mm.InputBlockV2(
-        schema,
-        categorical=mm.Embeddings(schema.select_by_tag(Tags.CATEGORICAL), dim=config.embedding_dim),
-    )
+def share_item_table(schema: Schema, column: str = "history") -> Schema:
+    """Point ``column``'s domain at the item id's, so both use one embedding table."""
+    if column not in schema.column_names:
+        return schema
+    item_domain = schema.select_by_tag(Tags.ITEM_ID).first.properties["domain"]
+    shared = schema[column].with_properties({**schema[column].properties, "domain": dict(item_domain)})
+    return Schema([shared if c.name == column else c for c in schema])
+
+
+def _tower(schema: Schema, embeddings: mm.Block, config: TrainConfig) -> mm.Encoder:
+    inputs = mm.InputBlockV2(schema, categorical=embeddings)
     layers = mm.MLPBlock(config.tower_layers, no_activation_last_layer=True)
     return mm.Encoder(inputs, layers, post=mm.L2Norm() if config.l2_normalize else None)
 
 
 def build_model(schema: Schema, item_counts: np.ndarray, config: TrainConfig) -> mm.RetrievalModelV2:
-    query = _tower(schema.select_by_tag(Tags.USER), config)
-    candidate = _tower(schema.select_by_tag(Tags.ITEM), config)
+    schema = share_item_table(schema)
+    # One Embeddings block: tables are keyed by domain name, so history and item_id share one.
+    embeddings = mm.Embeddings(schema.select_by_tag(Tags.CATEGORICAL), dim=config.embedding_dim)
+    query = _tower(schema.select_by_tag(Tags.USER), embeddings.select_by_tag(Tags.USER), config)
+    candidate = _tower(schema.select_by_tag(Tags.ITEM), embeddings.select_by_tag(Tags.ITEM), config)
     post = None
     if config.logq_correction:
         # ContrastiveOutput divides by the temperature after `post`; scaling the

@@ -22,18 +22,30 @@ USER_SUBGRAPH = "user"
 ITEM_SUBGRAPH = "item"
 
 
-def build_workflow(category_dir: Path) -> nvt.Workflow:
+def item_vocabulary(train_rows: pd.DataFrame) -> pd.Series:
+    """Training item ids, most frequent first (ties by id): one vocabulary for the
+    candidate ``item_id`` and the query-side ``history`` so their codes agree."""
+    counts = train_rows["item_id"].value_counts()
+    order = sorted(counts.index, key=lambda item: (-counts[item], item))
+    return pd.Series(order, name="item_id", dtype="int64")
+
+
+def build_workflow(category_dir: Path, items: pd.Series, with_history: bool) -> nvt.Workflow:
     """Categorify every feature and tag ids and features as USER/ITEM.
 
-    ``category_dir`` keeps Categorify's vocabularies out of the working directory.
+    ``category_dir`` keeps Categorify's vocabularies out of the working directory;
+    ``items`` is the item vocabulary shared by ``item_id`` and ``history``.
     """
 
-    def categorify() -> nvt.ops.Categorify:
-        return nvt.ops.Categorify(out_path=str(category_dir))
+    def categorify(**kwargs) -> nvt.ops.Categorify:
+        return nvt.ops.Categorify(out_path=str(category_dir), **kwargs)
 
     user_id = ["user_id"] >> categorify() >> nvt.ops.TagAsUserID()
     user_features = USER_FEATURES >> categorify() >> nvt.ops.TagAsUserFeatures()
-    item_id = ["item_id"] >> categorify() >> nvt.ops.TagAsItemID()
+    if with_history:
+        history = ["history"] >> categorify(vocabs={"history": items.rename("history")}) >> nvt.ops.TagAsUserFeatures()
+        user_features = user_features + history
+    item_id = ["item_id"] >> categorify(vocabs={"item_id": items}) >> nvt.ops.TagAsItemID()
     item_features = ITEM_FEATURES >> categorify() >> nvt.ops.TagAsItemFeatures()
     user = Subgraph(USER_SUBGRAPH, user_id + user_features)
     item = Subgraph(ITEM_SUBGRAPH, item_id + item_features)
@@ -46,7 +58,7 @@ def _dataset(rows: pd.DataFrame) -> merlin.io.Dataset:
 
 
 def fit_workflow(train_rows: pd.DataFrame, category_dir: Path) -> nvt.Workflow:
-    workflow = build_workflow(category_dir)
+    workflow = build_workflow(category_dir, item_vocabulary(train_rows), "history" in train_rows.columns)
     workflow.fit(_dataset(train_rows))
     return workflow
 
