@@ -8,7 +8,7 @@ ARGS ?=
 TWOTOWER := $(BIN)/twotower $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
 PYTEST_ARGS ?=
 
-.PHONY: venv run test serve query export clean help
+.PHONY: venv run test serve query export clean help benchmark-quality
 
 help:
 	@echo "make run | test | serve | query USER=<id> | export | clean"
@@ -35,6 +35,9 @@ query: venv
 	@# USER is also the login name in the environment: only a command-line USER counts.
 	@test "$(origin USER)" = "command line" || (echo "usage: make query USER=<user id>"; exit 2)
 	$(TWOTOWER) query --user $(USER)
+
+benchmark-quality: venv
+	$(TWOTOWER) benchmark-quality
 
 test: venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

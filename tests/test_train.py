@@ -26,3 +26,11 @@ def test_index_covers_the_catalogue(exported):
     index = load_index(exported.index_path)
     assert index.ntotal == len(item_ids) == len(np.unique(item_ids))
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)  # L2-normalised tower
+
+
+def test_served_path_gives_the_training_side_metrics(exported):
+    from twotower.pipeline import serving_side_metrics
+
+    training_side = json.loads(exported.metrics_path.read_text())["test"]["two_tower"]
+    served = serving_side_metrics(exported)
+    assert served == pytest.approx(training_side, abs=1e-3)

@@ -49,7 +49,11 @@ def _run(config) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="twotower", description=__doc__)
-    parser.add_argument("stage", choices=[*STAGES, "run", "serve", "query"], help="stage to run; 'run' is all stages plus a served demo")
+    parser.add_argument(
+        "stage",
+        choices=[*STAGES, "run", "serve", "query", "benchmark-quality"],
+        help="stage to run; 'run' is all stages plus a served demo",
+    )
     parser.add_argument("--config", type=Path, help="YAML file overriding the defaults in twotower/config.py")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override one setting, e.g. train.epochs=3")
     parser.add_argument("--user", dest="users", type=int, action="append", default=[], help="user id for 'query' (repeatable)")
@@ -60,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     config = load_config(args.config, args.overrides)
     if args.stage == "run":
         _run(config)
+    elif args.stage == "benchmark-quality":
+        from twotower.quality import run_quality_benchmark
+
+        run_quality_benchmark(config)
     elif args.stage == "serve":
         _serve(config)
     elif args.stage == "query":

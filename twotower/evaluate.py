@@ -26,7 +26,7 @@ class EvalSet:
     seen: sp.csr_matrix  # users x catalogue, earlier positives to exclude
 
 
-def _user_item_matrix(rows: pd.DataFrame, user_ids: np.ndarray, item_ids: np.ndarray) -> sp.csr_matrix:
+def user_item_matrix(rows: pd.DataFrame, user_ids: np.ndarray, item_ids: np.ndarray) -> sp.csr_matrix:
     user_pos = pd.Index(user_ids).get_indexer(rows["user_id"])
     item_pos = pd.Index(item_ids).get_indexer(rows["item_id"])
     keep = (user_pos >= 0) & (item_pos >= 0)
@@ -42,9 +42,9 @@ def build_eval_set(held_out: pd.DataFrame, earlier: pd.DataFrame, catalogue_item
     n_relevant = held_out.drop_duplicates(["user_id", "item_id"]).groupby("user_id").size()
     return EvalSet(
         user_ids=user_ids,
-        relevant=_user_item_matrix(held_out, user_ids, catalogue_item_ids),
+        relevant=user_item_matrix(held_out, user_ids, catalogue_item_ids),
         n_relevant=n_relevant.reindex(user_ids).to_numpy(),
-        seen=_user_item_matrix(earlier, user_ids, catalogue_item_ids),
+        seen=user_item_matrix(earlier, user_ids, catalogue_item_ids),
     )
 
 
@@ -86,18 +86,25 @@ def ranking_metrics(top: np.ndarray, eval_set: EvalSet, ks: tuple[int, ...] = RE
     return metrics
 
 
-def popularity_scores(train: pd.DataFrame, catalogue_item_ids: np.ndarray) -> np.ndarray:
-    counts = train["item_id"].value_counts()
-    return counts.reindex(catalogue_item_ids, fill_value=0).to_numpy(dtype=np.float32)
-
-
-def evaluate_popularity(train: pd.DataFrame, eval_set: EvalSet, catalogue_item_ids: np.ndarray) -> dict[str, float]:
-    scores = popularity_scores(train, catalogue_item_ids)
-    top = top_k_positions(lambda rows: np.broadcast_to(scores, (len(rows), len(scores))), eval_set, max(RECALL_KS))
-    return ranking_metrics(top, eval_set)
-
-
 def evaluate_embeddings(user_vectors: np.ndarray, item_vectors: np.ndarray, eval_set: EvalSet) -> dict[str, float]:
     """Metrics of dot-product retrieval; ``user_vectors`` rows follow ``eval_set.user_ids``."""
-    top = top_k_positions(lambda rows: user_vectors[rows] @ item_vectors.T, eval_set, max(RECALL_KS))
-    return ranking_metrics(top, eval_set)
+    return evaluate_scores(lambda rows: user_vectors[rows] @ item_vectors.T, eval_set)
+
+
+def evaluate_scores(score_users: Callable[[np.ndarray], np.ndarray], eval_set: EvalSet) -> dict[str, float]:
+    return ranking_metrics(top_k_positions(score_users, eval_set, max(RECALL_KS)), eval_set)
+
+
+def evaluate_index(index, query_vectors: np.ndarray, eval_set: EvalSet, catalogue_item_ids: np.ndarray) -> dict[str, float]:
+    """Metrics of the serving path: FAISS ranks the whole catalogue for each query vector."""
+    from twotower.index import search
+
+    position = pd.Series(np.arange(len(catalogue_item_ids)), index=catalogue_item_ids)
+
+    def score_users(rows: np.ndarray) -> np.ndarray:
+        ids, scores = search(index, query_vectors[rows], index.ntotal)
+        dense = np.full((len(rows), len(catalogue_item_ids)), -np.inf, dtype=np.float32)
+        np.put_along_axis(dense, position.reindex(ids.reshape(-1)).to_numpy().reshape(ids.shape), scores, axis=1)
+        return dense
+
+    return evaluate_scores(score_users, eval_set)

@@ -106,7 +106,8 @@ def run_train(config: RecipeConfig) -> dict:
     """Train the two-tower model, evaluate on the test split, save towers and metrics."""
     import merlin.io
 
-    from twotower.evaluate import build_eval_set, evaluate_popularity
+    from twotower.baselines import evaluate_popularity
+    from twotower.evaluate import build_eval_set
     from twotower.plots import plot_training
     from twotower.train import (
         FullCatalogueEarlyStopping,
@@ -166,6 +167,25 @@ def run_train(config: RecipeConfig) -> dict:
     config.metrics_path.write_text(json.dumps(metrics, indent=2))
     print_metrics(results)
     return metrics
+
+
+def serving_side_metrics(config: RecipeConfig) -> dict[str, float]:
+    """Test metrics through the saved query tower and the FAISS index (the served path)."""
+    from merlin.table import TensorTable
+
+    from twotower.ensemble import PredictQueryTower
+    from twotower.evaluate import build_eval_set, evaluate_index
+    from twotower.index import load_index
+    from twotower.train import load_item_vectors
+
+    data, split = load_recipe_data(config), load_split(config)
+    known = pd.concat([split.train, split.valid])
+    catalogue_ids, _ = load_item_vectors(config.model_dir / "item_vectors.npz")
+    test_set = build_eval_set(split.test, known, catalogue_ids)
+    users = encoded_users(config, data, known).loc[test_set.user_ids].reset_index(drop=True)
+    tower = PredictQueryTower(config.model_dir / "query_tower")
+    vectors = np.asarray(tower.transform(None, TensorTable.from_df(users))[PredictQueryTower.output_name].values)
+    return evaluate_index(load_index(config.index_path), vectors, test_set, catalogue_ids)
 
 
 def print_metrics(results: dict[str, dict[str, float]]) -> None:

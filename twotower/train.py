@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,9 +120,18 @@ class FullCatalogueEarlyStopping(tf.keras.callbacks.Callback):
         self.best_epoch = -1
         self._best_weights = None
 
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._epoch_start = time.perf_counter()
+
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        train_seconds = time.perf_counter() - self._epoch_start
         metrics = evaluate_towers(self.model, self.eval_set, self.user_features, self.catalogue, self.schema)
-        record = {"epoch": epoch + 1, "loss": float((logs or {}).get("loss", np.nan)), **{f"val_{k}": v for k, v in metrics.items()}}
+        record = {
+            "epoch": epoch + 1,
+            "loss": float((logs or {}).get("loss", np.nan)),
+            "train_seconds": train_seconds,
+            **{f"val_{k}": v for k, v in metrics.items()},
+        }
         self.history.append(record)
         print(f"  validation {self.metric}={metrics[self.metric]:.4f} recall@10={metrics['recall@10']:.4f}")
         if metrics[self.metric] > self.best_value:
@@ -153,18 +163,14 @@ def train_model(
     train_dataset: merlin.io.Dataset,
     item_counts: np.ndarray,
     config: TrainConfig,
-    early_stopping: FullCatalogueEarlyStopping | None,
+    early_stopping: FullCatalogueEarlyStopping,
     verbose: int = 1,
 ) -> tuple[mm.RetrievalModelV2, list[dict[str, float]]]:
-    schema = train_dataset.schema
-    model = build_model(schema, item_counts, config)
+    """Fit with Keras progress; returns the best epoch's model and per-epoch records."""
+    model = build_model(train_dataset.schema, item_counts, config)
     loader = mm.Loader(train_dataset, batch_size=config.batch_size, shuffle=True)
-    callbacks = [early_stopping] if early_stopping else []
-    fit = model.fit(loader, epochs=config.epochs, callbacks=callbacks, verbose=verbose)
-    history = early_stopping.history if early_stopping else [
-        {"epoch": i + 1, "loss": float(v)} for i, v in enumerate(fit.history["loss"])
-    ]
-    return model, history
+    model.fit(loader, epochs=config.epochs, callbacks=[early_stopping], verbose=verbose)
+    return model, early_stopping.history
 
 
 def save_query_tower(model: mm.RetrievalModelV2, path: Path) -> None:
