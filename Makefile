@@ -8,7 +8,7 @@ ARGS ?=
 TWOTOWER := $(BIN)/twotower $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
 PYTEST_ARGS ?=
 
-.PHONY: venv run test serve query export clean help benchmark-quality
+.PHONY: venv run test serve query export clean help benchmark-quality benchmark-serving
 
 help:
 	@echo "make run | test | serve | query USER=<id> | export | clean"
@@ -38,6 +38,9 @@ query: venv
 
 benchmark-quality: venv
 	$(TWOTOWER) benchmark-quality
+
+benchmark-serving: venv
+	$(TWOTOWER) benchmark-serving
 
 test: venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -56,6 +56,15 @@ class ServeConfig:
 
 
 @dataclass
+class BenchmarkConfig:
+    requests_per_phase: int = 2000  # per load phase and graph
+    warmup_requests: int = 50
+    soak_seconds: float = 60.0
+    soak_concurrency: int = 16
+    batch_users: int = 64
+
+
+@dataclass
 class RecipeConfig:
     seed: int = 42
     output_dir: Path = PROJECT_ROOT / "artifacts"
@@ -63,6 +72,7 @@ class RecipeConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
 
     # Every artifact of a run lives under output_dir; these name its parts.
     @property

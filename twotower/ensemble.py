@@ -238,14 +238,23 @@ class EncodeUserFeatures(_ArtifactOperator):
 
 
 class PredictQueryTower(_ArtifactOperator):
-    """The query tower's SavedModel, called through its serving signature in process."""
+    """The query tower's SavedModel, called through its serving signature in process.
+
+    ``passthrough`` columns are handed on unchanged, so a later step can use them
+    without the graph running the upstream lookup twice.
+    """
 
     artifact_name = "query_tower"
     output_name = "query_embedding"
 
+    def __init__(self, source: Path, passthrough: Schema | None = None):
+        super().__init__(source)
+        self.passthrough = passthrough or Schema()
+
     def _load(self, path: Path):
         import tensorflow as tf
 
+        _single_threaded_tensorflow()
         return tf.saved_model.load(str(path)).signatures["serving_default"]
 
     def input_names(self) -> list[str]:
@@ -253,7 +262,7 @@ class PredictQueryTower(_ArtifactOperator):
 
     def compute_output_schema(self, input_schema: Schema, col_selector: ColumnSelector, prev_output_schema: Schema = None) -> Schema:
         (output_spec,) = self.resource.structured_outputs.values()
-        return Schema([ColumnSchema(self.output_name, dtype=np.float32, dims=(None, output_spec.shape[-1]))])
+        return Schema([ColumnSchema(self.output_name, dtype=np.float32, dims=(None, output_spec.shape[-1]))]) + self.passthrough
 
     def transform(self, col_selector: ColumnSelector, transformable):
         import tensorflow as tf
@@ -267,7 +276,7 @@ class PredictQueryTower(_ArtifactOperator):
             array = {"values": data.values, "offsets": data.offsets, "": data.values}[part]
             inputs[name] = tf.constant(np.asarray(array).reshape(-1), dtype=spec.dtype)
         (vectors,) = self.resource(**inputs).values()
-        return TensorTable({self.output_name: vectors.numpy()})
+        return TensorTable({self.output_name: vectors.numpy(), **{c: transformable[c] for c in self.passthrough.column_names}})
 
 
 class RetrieveTopK(_ArtifactOperator):
@@ -290,6 +299,10 @@ class RetrieveTopK(_ArtifactOperator):
         self.exclude_seen = exclude_seen
 
     def _load(self, path: Path):
+        import faiss
+
+        # One request's search is tiny: OpenMP threads only add wake-up latency on a busy CPU.
+        faiss.omp_set_num_threads(1)
         return load_index(path)
 
     def compute_output_schema(self, input_schema: Schema, col_selector: ColumnSelector, prev_output_schema: Schema = None) -> Schema:
@@ -339,12 +352,15 @@ def build_ensemble(
     max_users: int,
 ) -> Ensemble:
     """The recipe's serving graph."""
-    tower = PredictQueryTower(query_tower_dir)
-    model_inputs = _signature_schema(tower)
-    lookup = ["user_id"] >> OnlineQueryFeatures(feature_repo, model_inputs, max_users)
-    vectors = lookup[model_inputs.column_names] >> tower
-    retrieve = RetrieveTopK(index_path, top_k, *fallback, exclude_seen=exclude_seen)
-    graph = (vectors + lookup[["seen_items", "known"]]) >> retrieve
+    model_inputs = _signature_schema(PredictQueryTower(query_tower_dir))
+    lookup = OnlineQueryFeatures(feature_repo, model_inputs, max_users)
+    retrieval_inputs = lookup.compute_output_schema(Schema(), None).select_by_name(["seen_items", "known"])
+    graph = (
+        ["user_id"]
+        >> lookup
+        >> PredictQueryTower(query_tower_dir, passthrough=retrieval_inputs)
+        >> RetrieveTopK(index_path, top_k, *fallback, exclude_seen=exclude_seen)
+    )
     return Ensemble(graph, Schema([ColumnSchema("user_id", dtype=np.int64)]))
 
 
@@ -362,6 +378,17 @@ def build_reference_ensemble(
         >> RetrieveTopK(index_path, top_k, *empty, exclude_seen=False)
     )
     return Ensemble(graph, Schema([ColumnSchema("user_id", dtype=np.int64)]))
+
+
+def _single_threaded_tensorflow() -> None:
+    """A single-user forward pass is small: extra TensorFlow threads only add scheduling latency."""
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(1)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    except RuntimeError:  # TensorFlow already initialised in this process: keep its setting
+        pass
 
 
 def _signature_schema(tower: PredictQueryTower) -> Schema:

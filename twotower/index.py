@@ -53,3 +53,13 @@ def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray,
     if (ids < 0).any():
         raise RuntimeError("the index returned fewer than k items for a query")
     return ids, scores
+
+
+def build_reference_index(item_ids: np.ndarray, vectors: np.ndarray) -> faiss.Index:
+    """The index the public NVIDIA example's ``setup_faiss`` builds (IVF32, nprobe 8), for comparison."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    index = faiss.index_factory(vectors.shape[1], "IVF32,Flat", faiss.METRIC_INNER_PRODUCT)
+    index.nprobe = 8
+    index.train(vectors)
+    index.add_with_ids(vectors, np.asarray(item_ids, dtype=np.int64))
+    return index
