@@ -59,6 +59,16 @@ def share_item_table(schema: Schema, column: str = "history") -> Schema:
     return Schema([shared if c.name == column else c for c in schema])
 
 
+def _tables_for(tower_schema: Schema, embeddings: mm.ParallelBlock) -> mm.ParallelBlock:
+    """The tables a tower's categorical columns use, picked by table (domain) name.
+
+    Selecting by tag would drop the shared item table from the query tower: that
+    table's own schema is the item id's, tagged ITEM only.
+    """
+    names = dict.fromkeys(c.int_domain.name or c.name for c in tower_schema.select_by_tag(Tags.CATEGORICAL))
+    return mm.ParallelBlock({name: embeddings.parallel_dict[name] for name in names}, schema=tower_schema)
+
+
 def _tower(schema: Schema, embeddings: mm.Block, config: TrainConfig) -> mm.Encoder:
     inputs = mm.InputBlockV2(schema, categorical=embeddings)
     layers = mm.MLPBlock(config.tower_layers, no_activation_last_layer=True)
@@ -69,8 +79,8 @@ def build_model(schema: Schema, item_counts: np.ndarray, config: TrainConfig) ->
     schema = share_item_table(schema)
     # One Embeddings block: tables are keyed by domain name, so history and item_id share one.
     embeddings = mm.Embeddings(schema.select_by_tag(Tags.CATEGORICAL), dim=config.embedding_dim)
-    query = _tower(schema.select_by_tag(Tags.USER), embeddings.select_by_tag(Tags.USER), config)
-    candidate = _tower(schema.select_by_tag(Tags.ITEM), embeddings.select_by_tag(Tags.ITEM), config)
+    query = _tower(schema.select_by_tag(Tags.USER), _tables_for(schema.select_by_tag(Tags.USER), embeddings), config)
+    candidate = _tower(schema.select_by_tag(Tags.ITEM), _tables_for(schema.select_by_tag(Tags.ITEM), embeddings), config)
     post = None
     if config.logq_correction:
         # ContrastiveOutput divides by the temperature after `post`; scaling the
