@@ -57,14 +57,15 @@ def run_data(config: RecipeConfig) -> Split:
 
 def run_workflow(config: RecipeConfig) -> None:
     """Fit the NVTabular workflow on the training split; write encoded training parquet."""
-    from twotower.workflow import fit_workflow, save_workflows, transform_to_parquet
+    from twotower.workflow import dask_execution, fit_workflow, save_workflows, transform_to_parquet
 
     data, split = load_recipe_data(config), load_split(config)
     train_rows = join_features(split.train, data)
-    workflow = fit_workflow(train_rows, config.workflow_dir / "fit")
-    save_workflows(workflow, config.workflow_dir)
-    transform_to_parquet(workflow, train_rows, config.data_dir / "train_encoded")
-    print(f"[workflow] fitted on {len(train_rows):,} training rows; saved to {config.workflow_dir}")
+    with dask_execution(config.workflow) as partitions:
+        workflow = fit_workflow(train_rows, config.workflow_dir / "fit", partitions)
+        save_workflows(workflow, config.workflow_dir)
+        transform_to_parquet(workflow, train_rows, config.data_dir / "train_encoded", partitions)
+    print(f"[workflow] fitted on {len(train_rows):,} training rows in {partitions} partition(s); saved to {config.workflow_dir}")
 
 
 def _catalogue_and_users(config: RecipeConfig, data: RecipeData):
@@ -166,12 +167,13 @@ def faiss_base(index):
 def run_features(config: RecipeConfig) -> None:
     from twotower.feature_store import build_feature_store
 
-    build_feature_store(load_recipe_data(config), config.feature_repo_dir)
-    print(f"[features] Feast repository applied and materialized at {config.feature_repo_dir}")
+    build_feature_store(load_recipe_data(config), config.feature_repo_dir, config.features)
+    print(f"[features] Feast repository applied at {config.feature_repo_dir}, materialized into {config.features.online_store}")
 
 
 def run_export(config: RecipeConfig) -> Path:
     from twotower.ensemble import build_ensemble, export_ensemble
+    from twotower.triton_config import apply_serving_settings
 
     ensemble = build_ensemble(
         config.feature_repo_dir,
@@ -181,6 +183,7 @@ def run_export(config: RecipeConfig) -> Path:
         config.serve.top_k,
     )
     export_ensemble(ensemble, config.export_dir)
+    apply_serving_settings(config.export_dir / config.serve.model_name, config.serve)
     print(f"[export] Triton model repository written to {config.export_dir}")
     return config.export_dir
 
