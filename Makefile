@@ -7,11 +7,12 @@ CONFIG ?=
 ARGS ?=
 TWOTOWER := $(BIN)/twotower $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
 PYTEST_ARGS ?=
+COMPOSE := docker compose -f docker/docker-compose.yml
 
-.PHONY: venv run test serve query export clean help benchmark-quality benchmark-serving
+.PHONY: venv run test serve query export clean help benchmark-quality benchmark-serving docker-up docker-down docker-logs
 
 help:
-	@echo "make run | test | serve | query USER=<id> | export | clean"
+	@echo "make run | test | serve | query USER=<id> | export | clean | docker-up | docker-down | docker-logs"
 
 $(STAMP): requirements/lock.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -48,3 +49,14 @@ test: venv
 clean:
 	rm -rf artifacts
 	find triton_models -mindepth 1 -maxdepth 1 -type d -exec rm -rf {} +
+
+# GPU profile on NVIDIA's Merlin container (README, "Run on a GPU with Docker"); needs
+# Docker with the compose plugin and the NVIDIA Container Toolkit, no .venv.
+docker-up:
+	$(COMPOSE) up -d --build
+
+docker-down:
+	$(COMPOSE) down
+
+docker-logs:
+	$(COMPOSE) logs --follow --tail=200

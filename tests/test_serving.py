@@ -42,8 +42,11 @@ def server(exported, relocated):
         running = TritonServer(relocated / "triton_models", relocated / "triton", _serve_config()).start()
     finally:
         hidden.rename(original)
-    with running:
+    # not `with running:`: __enter__ would start a second server and orphan this one
+    try:
         yield running
+    finally:
+        running.stop()
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,13 @@ class DataConfig:
 
 
 @dataclass
+class WorkflowConfig:
+    # NVTabular's executor: 0 workers and no scheduler run it in this process.
+    dask_workers: int = 0  # N > 0: a local Dask cluster of N worker processes (GPU workers where cudf runs)
+    dask_scheduler: str = ""  # address of a running Dask cluster (e.g. tcp://10.0.0.5:8786); overrides dask_workers
+
+
+@dataclass
 class TrainConfig:
     epochs: int = 7
     batch_size: int = 4096
@@ -53,6 +60,19 @@ class ServeConfig:
     exclude_seen: bool = True  # drop items the user already had as positives
     max_request_users: int = 1024  # larger batches are refused with a clear error
     startup_timeout_s: float = 120.0
+    # Written into the exported executor_model/config.pbtxt (twotower/triton_config.py).
+    instance_count: int = 1  # copies of the executor model Triton runs side by side
+    # Off by default: it changes the input contract to user_id [-1, 1] and Merlin's
+    # executor runs queued requests one by one, so it adds delay without batching work.
+    dynamic_batching: bool = False
+    max_batch_size: int = 256  # largest batch one request may carry when dynamic_batching is on
+    max_queue_delay_us: int = 100  # how long Triton may hold a request to group it with others
+
+
+@dataclass
+class FeaturesConfig:
+    online_store: str = "sqlite"  # "sqlite" (a file beside the run) or "redis"
+    redis_connection: str = "127.0.0.1:6379"  # Feast's connection string: host:port[,db=0,password=...]
 
 
 @dataclass
@@ -70,7 +90,9 @@ class RecipeConfig:
     output_dir: Path = PROJECT_ROOT / "artifacts"
     export_dir: Path = PROJECT_ROOT / "triton_models"
     data: DataConfig = field(default_factory=DataConfig)
+    workflow: WorkflowConfig = field(default_factory=WorkflowConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
 

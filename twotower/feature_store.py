@@ -2,9 +2,10 @@
 
 ``feature_repo/`` in the project holds the declarative definitions; each run gets
 its own copy under the output folder, with its parquet sources, registry and
-online store beside it. Serving reads the online store through Feast's own
-online-store interface (``OnlineReader``), skipping the SDK's per-request
-registry and response assembly; materialization goes through the SDK unchanged.
+online store beside it: SQLite by default, Redis with ``features.online_store``.
+Serving reads the online store through Feast's own online-store interface
+(``OnlineReader``), skipping the SDK's per-request registry and response
+assembly; materialization goes through the SDK unchanged.
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 from feast import Entity, FeatureStore, FeatureView
 from feast.data_source import DataSource
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey
 from feast.protos.feast.types.Value_pb2 import Value
 
-from twotower.config import PROJECT_ROOT
+from twotower.config import PROJECT_ROOT, FeaturesConfig
 from twotower.data import USER_FEATURES, RecipeData
 
 TEMPLATE_DIR = PROJECT_ROOT / "feature_repo"
@@ -34,13 +36,28 @@ DEFINITION_FILES = ("feature_store.yaml", "features.py")
 FEATURE_TIMESTAMP = datetime(2003, 3, 1, tzinfo=timezone.utc)
 
 
-def deploy_repo(repo_dir: Path) -> Path:
-    """Copy the definitions into ``repo_dir`` (a fresh copy each run)."""
+def online_store_settings(features: FeaturesConfig) -> dict | None:
+    """The ``online_store`` section for ``features``; None keeps the template's SQLite file."""
+    if features.online_store == "sqlite":
+        return None
+    if features.online_store == "redis":
+        return {"type": "redis", "connection_string": features.redis_connection}
+    raise ValueError(f"features.online_store must be 'sqlite' or 'redis', got {features.online_store!r}")
+
+
+def deploy_repo(repo_dir: Path, features: FeaturesConfig | None = None) -> Path:
+    """Copy the definitions into ``repo_dir`` (a fresh copy each run), online store as configured."""
+    online_store = online_store_settings(features or FeaturesConfig())
     if repo_dir.exists():
         shutil.rmtree(repo_dir)
     (repo_dir / "data").mkdir(parents=True)
     for name in DEFINITION_FILES:
         shutil.copy2(TEMPLATE_DIR / name, repo_dir / name)
+    if online_store is not None:
+        settings_path = repo_dir / "feature_store.yaml"
+        settings = yaml.safe_load(settings_path.read_text())
+        settings["online_store"] = online_store
+        settings_path.write_text(yaml.safe_dump(settings, sort_keys=False))
     return repo_dir
 
 
@@ -84,8 +101,10 @@ def apply_and_materialize(repo_dir: Path) -> FeatureStore:
     return store
 
 
-def build_feature_store(data: RecipeData, users: pd.DataFrame, encoded_users: pd.DataFrame, repo_dir: Path) -> FeatureStore:
-    deploy_repo(repo_dir)
+def build_feature_store(
+    data: RecipeData, users: pd.DataFrame, encoded_users: pd.DataFrame, repo_dir: Path, features: FeaturesConfig | None = None
+) -> FeatureStore:
+    deploy_repo(repo_dir, features)
     write_sources(data, users, encoded_users, repo_dir)
     return apply_and_materialize(repo_dir)
 

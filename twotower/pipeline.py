@@ -65,14 +65,15 @@ def run_data(config: RecipeConfig) -> Split:
 
 def run_workflow(config: RecipeConfig) -> None:
     """Fit the NVTabular workflow on the training split; write encoded training parquet."""
-    from twotower.workflow import fit_workflow, save_workflows, transform_to_parquet
+    from twotower.workflow import dask_execution, fit_workflow, save_workflows, transform_to_parquet
 
     data, split = load_recipe_data(config), load_split(config)
     train_rows = join_features(split.train, data, config.train.history_length)
-    workflow = fit_workflow(train_rows, config.workflow_dir / "fit")
-    save_workflows(workflow, config.workflow_dir)
-    transform_to_parquet(workflow, train_rows, config.data_dir / "train_encoded")
-    print(f"[workflow] fitted on {len(train_rows):,} training rows; saved to {config.workflow_dir}")
+    with dask_execution(config.workflow) as partitions:
+        workflow = fit_workflow(train_rows, config.workflow_dir / "fit", partitions)
+        save_workflows(workflow, config.workflow_dir)
+        transform_to_parquet(workflow, train_rows, config.data_dir / "train_encoded", partitions)
+    print(f"[workflow] fitted on {len(train_rows):,} training rows in {partitions} partition(s); saved to {config.workflow_dir}")
 
 
 def load_catalogue(config: RecipeConfig, data: RecipeData):
@@ -211,18 +212,22 @@ def faiss_base(index):
     return faiss.downcast_index(index.index) if hasattr(index, "index") else index
 
 
-def run_features(config: RecipeConfig) -> None:
-    """Feast sources from what is known before the test period: profiles, the latest
-    history, every earlier positive, and the same features encoded by the saved workflow."""
-    from twotower.feature_store import build_feature_store
-
+def feature_tables(config: RecipeConfig) -> tuple[RecipeData, pd.DataFrame, pd.DataFrame]:
+    """What Feast serves, from what is known before the test period: raw profiles with the
+    latest history and every earlier positive, and the same users encoded by the saved workflow."""
     data, split = load_recipe_data(config), load_split(config)
     known = pd.concat([split.train, split.valid])
     users = user_rows(config, data, known)
     seen = known.groupby("user_id")["item_id"].agg(list)
     users = users.assign(seen_items=seen.reindex(users["user_id"]).map(lambda v: v if isinstance(v, list) else []).to_numpy())
-    build_feature_store(data, users, encode_users(config, users), config.feature_repo_dir)
-    print(f"[features] Feast repository applied and materialized at {config.feature_repo_dir}")
+    return data, users, encode_users(config, users)
+
+
+def run_features(config: RecipeConfig) -> None:
+    from twotower.feature_store import build_feature_store
+
+    build_feature_store(*feature_tables(config), config.feature_repo_dir, config.features)
+    print(f"[features] Feast repository applied at {config.feature_repo_dir}, materialized into {config.features.online_store}")
 
 
 def popular_items(config: RecipeConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -235,11 +240,12 @@ def popular_items(config: RecipeConfig) -> tuple[np.ndarray, np.ndarray]:
     return counts.index.to_numpy(dtype=np.int64), (counts / counts.iloc[0]).to_numpy(dtype=np.float32)
 
 
-def run_export(config: RecipeConfig) -> Path:
-    from twotower.ensemble import build_ensemble, export_ensemble
+def recipe_ensemble(config: RecipeConfig, feature_repo: Path | None = None):
+    """The serving graph over this run's artifacts (``feature_repo`` defaults to the run's)."""
+    from twotower.ensemble import build_ensemble
 
-    ensemble = build_ensemble(
-        config.feature_repo_dir,
+    return build_ensemble(
+        feature_repo or config.feature_repo_dir,
         config.model_dir / "query_tower",
         config.index_path,
         config.serve.top_k,
@@ -247,7 +253,14 @@ def run_export(config: RecipeConfig) -> Path:
         exclude_seen=config.serve.exclude_seen,
         max_users=config.serve.max_request_users,
     )
-    export_ensemble(ensemble, config.export_dir, config.serve.model_name)
+
+
+def run_export(config: RecipeConfig) -> Path:
+    from twotower.ensemble import export_ensemble
+    from twotower.triton_config import apply_serving_settings
+
+    export_ensemble(recipe_ensemble(config), config.export_dir, config.serve.model_name)
+    apply_serving_settings(config.export_dir / config.serve.model_name, config.serve)
     print(f"[export] Triton model repository written to {config.export_dir}")
     return config.export_dir
 

@@ -3,12 +3,18 @@
 One workflow with two named subgraphs, ``user`` and ``item``, fitted on the
 training split only. The serving graph and the item-embedding step load the
 saved subworkflows, so training and serving encode features identically.
+
+Fitting and encoding run in this process by default, or on a Dask cluster
+(``workflow.dask_workers`` / ``workflow.dask_scheduler``) for the stage's duration.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
+import dask.dataframe
 import merlin.io
 import nvtabular as nvt
 import pandas as pd
@@ -16,6 +22,7 @@ from merlin.dag import postorder_iter_nodes
 from merlin.dag.ops.subgraph import Subgraph
 from merlin.schema import Tags
 
+from twotower.config import WorkflowConfig
 from twotower.data import ITEM_FEATURES, USER_FEATURES
 
 USER_SUBGRAPH = "user"
@@ -52,20 +59,65 @@ def build_workflow(category_dir: Path, items: pd.Series, with_history: bool) -> 
     return nvt.Workflow(user + item)
 
 
-def _dataset(rows: pd.DataFrame) -> merlin.io.Dataset:
-    # A filtered frame keeps its old index; NVTabular's list columns misalign on it.
-    return merlin.io.Dataset(rows.reset_index(drop=True))
+def _local_cluster(workers: int):
+    """``workers`` worker processes on loopback: one per GPU where cudf runs, else CPU processes."""
+    from merlin.core.compat import HAS_GPU, cudf
+
+    if HAS_GPU and cudf is not None:
+        from dask_cuda import LocalCUDACluster
+
+        return LocalCUDACluster(n_workers=workers, host="127.0.0.1", dashboard_address=None)
+    from distributed import LocalCluster
+
+    # One thread per process: pandas work holds the GIL, so processes are what run in parallel.
+    return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None)
 
 
-def fit_workflow(train_rows: pd.DataFrame, category_dir: Path) -> nvt.Workflow:
+@contextmanager
+def dask_execution(settings: WorkflowConfig) -> Iterator[int]:
+    """Run NVTabular in this process, on a local cluster or on a running one, inside the block.
+
+    Yields how many partitions to split data into: one per Dask worker, 1 in process.
+    A local cluster is shut down on exit; a remote one is only disconnected from.
+    """
+    if settings.dask_workers < 0:
+        raise ValueError(f"workflow.dask_workers must be >= 0, got {settings.dask_workers}")
+    if not settings.dask_workers and not settings.dask_scheduler:
+        yield 1
+        return
+    from distributed import Client
+    from merlin.core.utils import Distributed
+
+    with ExitStack() as stack:
+        if settings.dask_scheduler:
+            client = stack.enter_context(Client(settings.dask_scheduler))
+        else:
+            client = stack.enter_context(Client(stack.enter_context(_local_cluster(settings.dask_workers))))
+        # Merlin's own switch: NVTabular's executor and merlin.io use this client until the block ends.
+        stack.enter_context(Distributed(client=client))
+        yield max(1, len(client.scheduler_info()["workers"]))
+
+
+def _zero_based(part: pd.DataFrame) -> pd.DataFrame:
+    return part.reset_index(drop=True)
+
+
+def _dataset(rows: pd.DataFrame, partitions: int = 1) -> merlin.io.Dataset:
+    # NVTabular's list-column encoding misaligns (nulls) unless each partition's index
+    # starts at 0: a filtered frame keeps its old index, a later partition continues it.
+    frame = dask.dataframe.from_pandas(rows.reset_index(drop=True), npartitions=partitions)
+    return merlin.io.Dataset(frame.map_partitions(_zero_based))
+
+
+def fit_workflow(train_rows: pd.DataFrame, category_dir: Path, partitions: int = 1) -> nvt.Workflow:
     workflow = build_workflow(category_dir, item_vocabulary(train_rows), "history" in train_rows.columns)
-    workflow.fit(_dataset(train_rows))
+    workflow.fit(_dataset(train_rows, partitions))
     return workflow
 
 
-def transform_to_parquet(workflow: nvt.Workflow, rows: pd.DataFrame, out_dir: Path) -> merlin.io.Dataset:
+def transform_to_parquet(workflow: nvt.Workflow, rows: pd.DataFrame, out_dir: Path, partitions: int = 1) -> merlin.io.Dataset:
     """Encode ``rows`` and write them as parquet together with the Merlin schema."""
-    workflow.transform(_dataset(rows)).to_parquet(str(out_dir), output_files=1)
+    workflow.transform(_dataset(rows, partitions)).to_parquet(str(out_dir), output_files=1)
     return merlin.io.Dataset(str(out_dir), engine="parquet")
 
 
