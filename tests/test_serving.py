@@ -37,12 +37,15 @@ def server(exported, relocated):
     original = exported.output_dir.parent
     hidden = original.with_name(original.name + "-hidden")
     original.rename(hidden)
+    running = TritonServer(relocated / "triton_models", relocated / "triton", _serve_config())
     try:
-        running = TritonServer(relocated / "triton_models", relocated / "triton", _serve_config()).start()
+        running.start()
     finally:
         hidden.rename(original)
-    with running:
+    try:
         yield running
+    finally:
+        running.stop()
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +77,11 @@ def test_batch_of_users_follows_the_contract_and_matches_in_process(exported, re
     # one user alone gets the same answer as inside the batch
     single_items, _ = recommend(users[1:2], server.grpc_url)
     np.testing.assert_array_equal(single_items[0], item_ids[1])
+
+
+def test_a_running_server_refuses_a_second_start(server):
+    with pytest.raises(RuntimeError, match="already running"):
+        server.start()
 
 
 def _infer(client, name, array, datatype):

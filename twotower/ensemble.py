@@ -76,6 +76,25 @@ class _ArtifactOperator(BaseOperator):
         return {**self.__dict__, "source": None, "_resource": None}
 
 
+def load_serving_signature(path: Path):
+    """A saved tower's ``serving_default`` signature: plain TensorFlow, no Keras or Merlin
+    objects, so the executor does not import merlin.models to run it."""
+    import tensorflow as tf
+
+    return tf.saved_model.load(str(path)).signatures["serving_default"]
+
+
+def call_signature(signature, features: pd.DataFrame) -> np.ndarray:
+    """Run a serving signature on encoded scalar feature columns, feeding only its inputs
+    (calling it with extra columns fails to match a concrete function)."""
+    import tensorflow as tf
+
+    _, input_specs = signature.structured_input_signature
+    inputs = {name: tf.constant(features[name].to_numpy(), dtype=spec.dtype) for name, spec in input_specs.items()}
+    (vectors,) = signature(**inputs).values()
+    return vectors.numpy()
+
+
 class UserFeatureLookup(BaseOperator):
     """Online user features from Feast for a batch of dataset user ids.
 
@@ -158,22 +177,14 @@ class PredictQueryTower(_ArtifactOperator):
     output_name = "query_embedding"
 
     def _load(self, path: Path):
-        import tensorflow as tf
-
-        return tf.saved_model.load(str(path)).signatures["serving_default"]
+        return load_serving_signature(path)
 
     def compute_output_schema(self, input_schema: Schema, col_selector: ColumnSelector, prev_output_schema: Schema = None) -> Schema:
         (output_spec,) = self.resource.structured_outputs.values()
         return Schema([ColumnSchema(self.output_name, dtype=np.float32, dims=(None, output_spec.shape[-1]))])
 
     def transform(self, col_selector: ColumnSelector, transformable):
-        import tensorflow as tf
-
-        frame = _as_frame(transformable)
-        _, input_specs = self.resource.structured_input_signature
-        inputs = {name: tf.constant(frame[name].to_numpy(), dtype=spec.dtype) for name, spec in input_specs.items()}
-        (vectors,) = self.resource(**inputs).values()
-        return TensorTable({self.output_name: vectors.numpy()})
+        return TensorTable({self.output_name: call_signature(self.resource, _as_frame(transformable))})
 
 
 class RetrieveTopK(_ArtifactOperator):
