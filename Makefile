@@ -8,11 +8,13 @@ ARGS ?=
 TWOTOWER := $(BIN)/twotower $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
 PYTEST_ARGS ?=
 COMPOSE := docker compose -f docker/docker-compose.yml
+NB_ARGS ?=
+LAB_PORT ?= 8888
 
-.PHONY: venv run test serve query export clean help benchmark-quality benchmark-serving docker-up docker-down docker-logs
+.PHONY: venv run test serve query export notebooks lab clean help benchmark-quality benchmark-serving docker-up docker-down docker-logs
 
 help:
-	@echo "make run | test | serve | query USER=<id> | export | clean | docker-up | docker-down | docker-logs"
+	@echo "make run | test | serve | query USER=<id> | export | notebooks | lab | benchmark-quality | benchmark-serving | clean | docker-up | docker-down | docker-logs"
 
 $(STAMP): requirements/lock.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,6 +47,16 @@ benchmark-serving: venv
 
 test: venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Executes notebooks/ in order, headless, writing their outputs into them (ML-1M by default;
+# e.g. NB_ARGS="-p DATASET=synthetic --output-dir /tmp/nb" for a quick run into copies).
+notebooks: venv
+	$(BIN)/python -m twotower.notebooks $(NB_ARGS)
+
+# JupyterLab from .venv (its kernel is .venv's Python) on loopback, opened on the first notebook.
+lab: venv
+	$(BIN)/jupyter lab --ip 127.0.0.1 --port $(LAB_PORT) --no-browser --notebook-dir notebooks \
+		--LabApp.default_url=/lab/tree/01_data_and_nvtabular.ipynb $(if $(filter 0,$(shell id -u)),--allow-root)
 
 clean:
 	rm -rf artifacts

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from twotower.index import build_index, search
+from twotower.index import build_index, exact_search, overlap_at_k, search
 
 pytestmark = pytest.mark.unit
 
@@ -33,3 +33,16 @@ def test_top_k_larger_than_catalogue_is_refused():
 def test_duplicate_item_ids_are_refused():
     with pytest.raises(ValueError, match="unique"):
         build_index(np.array([1, 1]), _vectors(2))
+
+
+def test_exact_search_matches_the_flat_index_and_overlap_counts_shared_ids():
+    items, ids = _vectors(40), np.arange(500, 540)
+    queries = _vectors(6, seed=2)
+    exact_ids, exact_scores = exact_search(ids, items, queries, k=7)
+    found, scores = search(build_index(ids, items), queries, k=7)
+    np.testing.assert_array_equal(exact_ids, found)
+    np.testing.assert_allclose(exact_scores, scores, rtol=1e-5)
+    assert overlap_at_k(found, exact_ids) == 1.0
+    assert overlap_at_k(np.array([[1, 2, 3, 4]]), np.array([[4, 3, 9, 8]])) == 0.5
+    with pytest.raises(ValueError, match="shapes differ"):
+        overlap_at_k(found[:, :3], exact_ids)

@@ -38,8 +38,9 @@ def server(exported, relocated):
     original = exported.output_dir.parent
     hidden = original.with_name(original.name + "-hidden")
     original.rename(hidden)
+    running = TritonServer(relocated / "triton_models", relocated / "triton", _serve_config())
     try:
-        running = TritonServer(relocated / "triton_models", relocated / "triton", _serve_config()).start()
+        running.start()
     finally:
         hidden.rename(original)
     # not `with running:`: __enter__ would start a second server and orphan this one
@@ -66,7 +67,7 @@ def test_batch_of_users_follows_the_contract_and_matches_in_process(exported, re
     assert item_ids.dtype == np.int64 and scores.dtype == np.float32 and answer["is_fallback"].dtype == bool
     assert item_ids.shape == scores.shape == (len(users), 5)
     assert not answer["is_fallback"].any()
-    catalogue = set(np.load(exported.model_dir / "item_vectors.npz")["item_ids"])
+    catalogue = set(np.load(exported.item_vectors_path)["item_ids"])
     for row_items, row_scores in zip(item_ids, scores):
         assert len(set(row_items)) == len(row_items)
         assert set(row_items) <= catalogue
@@ -102,6 +103,11 @@ def test_unknown_users_get_the_most_popular_items_flagged(exported, server):
     assert (np.diff(answer["scores"][1]) <= 0).all()
 
 
+def test_a_running_server_refuses_a_second_start(server):
+    with pytest.raises(RuntimeError, match="already running"):
+        server.start()
+
+
 def _infer(client, name, array, datatype):
     request = grpcclient.InferInput(name, list(array.shape), datatype)
     request.set_data_from_numpy(array)
@@ -133,7 +139,7 @@ def test_top_k_above_the_catalogue_is_capped(exported, tmp_path):
     config.serve = dataclasses.replace(exported.serve, top_k=10_000)
     pipeline.run_export(config)
     answer = recommend_in_process(load_exported_ensemble(config.export_dir), _test_users(exported, 2))
-    catalogue_size = len(np.load(exported.model_dir / "item_vectors.npz")["item_ids"])
+    catalogue_size = len(np.load(exported.item_vectors_path)["item_ids"])
     assert answer["item_ids"].shape == (2, catalogue_size)
     assert all(len(set(row)) == catalogue_size for row in answer["item_ids"])
 

@@ -22,7 +22,7 @@ def test_training_reduces_loss_and_beats_popularity(exported):
 
 
 def test_index_covers_the_catalogue(exported):
-    item_ids, vectors = load_item_vectors(exported.model_dir / "item_vectors.npz")
+    item_ids, vectors = load_item_vectors(exported.item_vectors_path)
     index = load_index(exported.index_path)
     assert index.ntotal == len(item_ids) == len(np.unique(item_ids))
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)  # L2-normalised tower
@@ -34,3 +34,24 @@ def test_served_path_gives_the_training_side_metrics(exported):
     training_side = json.loads(exported.metrics_path.read_text())["test"]["two_tower"]
     served = serving_side_metrics(exported)
     assert served == pytest.approx(training_side, abs=1e-3)
+
+
+def test_saved_towers_reload_without_retraining(exported):
+    import merlin.io
+    from merlin.schema import Tags
+
+    from twotower import pipeline
+    from twotower.train import encode, load_tower
+
+    data = pipeline.load_recipe_data(exported)
+    catalogue = pipeline.encoded_catalogue(exported, data)
+    schema = merlin.io.Dataset(str(exported.data_dir / "train_encoded"), engine="parquet").schema
+    item_ids, vectors = load_item_vectors(exported.item_vectors_path)
+    reloaded = encode(load_tower(exported.candidate_tower_dir), catalogue.features, schema.select_by_tag(Tags.ITEM))
+    np.testing.assert_array_equal(item_ids, catalogue.item_ids)
+    np.testing.assert_allclose(reloaded, vectors, atol=1e-5)
+
+    users = data.users["user_id"].head(3).to_numpy()
+    query = pipeline.saved_query_vectors(exported, users)
+    assert query.shape == (3, vectors.shape[1])
+    assert np.allclose(np.linalg.norm(query, axis=1), 1.0, atol=1e-4)

@@ -110,6 +110,18 @@ class RecipeConfig:
         return self.output_dir / "model"
 
     @property
+    def query_tower_dir(self) -> Path:
+        return self.model_dir / "query_tower"
+
+    @property
+    def candidate_tower_dir(self) -> Path:
+        return self.model_dir / "candidate_tower"
+
+    @property
+    def item_vectors_path(self) -> Path:
+        return self.model_dir / "item_vectors.npz"
+
+    @property
     def feature_repo_dir(self) -> Path:
         return self.output_dir / "feature_repo"
 

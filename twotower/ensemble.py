@@ -103,6 +103,33 @@ class _ArtifactOperator(BaseOperator):
         return {**self.__dict__, "source": None, "_resource": None}
 
 
+def load_serving_signature(path: Path):
+    """A saved tower's ``serving_default`` signature: plain TensorFlow, no Keras or Merlin
+    objects, so the executor does not import merlin.models to run it."""
+    import tensorflow as tf
+
+    _single_threaded_tensorflow()
+    return tf.saved_model.load(str(path)).signatures["serving_default"]
+
+
+def call_signature(signature, features: TensorTable | pd.DataFrame) -> np.ndarray:
+    """Run a serving signature on encoded feature columns, feeding only its inputs
+    (calling it with extra columns fails to match a concrete function)."""
+    import tensorflow as tf
+
+    table = features if isinstance(features, TensorTable) else TensorTable.from_df(features.reset_index(drop=True))
+    _, specs = signature.structured_input_signature
+    inputs = {}
+    for name, spec in specs.items():
+        # merlin-models' signature takes list features as <name>__values / <name>__offsets.
+        column, _, part = name.partition(RAGGED_SEPARATOR)
+        data = table[column]
+        array = {"values": data.values, "offsets": data.offsets, "": data.values}[part]
+        inputs[name] = tf.constant(np.asarray(array).reshape(-1), dtype=spec.dtype)
+    (vectors,) = signature(**inputs).values()
+    return vectors.numpy()
+
+
 class _FeatureRepoOperator(BaseOperator):
     """An operator that reads the run's Feast repository (not copied: it is live data).
 
@@ -252,31 +279,15 @@ class PredictQueryTower(_ArtifactOperator):
         self.passthrough = passthrough or Schema()
 
     def _load(self, path: Path):
-        import tensorflow as tf
-
-        _single_threaded_tensorflow()
-        return tf.saved_model.load(str(path)).signatures["serving_default"]
-
-    def input_names(self) -> list[str]:
-        return list(self.resource.structured_input_signature[1])
+        return load_serving_signature(path)
 
     def compute_output_schema(self, input_schema: Schema, col_selector: ColumnSelector, prev_output_schema: Schema = None) -> Schema:
         (output_spec,) = self.resource.structured_outputs.values()
         return Schema([ColumnSchema(self.output_name, dtype=np.float32, dims=(None, output_spec.shape[-1]))]) + self.passthrough
 
     def transform(self, col_selector: ColumnSelector, transformable):
-        import tensorflow as tf
-
-        _, specs = self.resource.structured_input_signature
-        inputs = {}
-        for name, spec in specs.items():
-            # merlin-models' signature takes list features as <name>__values / <name>__offsets.
-            column, _, part = name.partition(RAGGED_SEPARATOR)
-            data = transformable[column]
-            array = {"values": data.values, "offsets": data.offsets, "": data.values}[part]
-            inputs[name] = tf.constant(np.asarray(array).reshape(-1), dtype=spec.dtype)
-        (vectors,) = self.resource(**inputs).values()
-        return TensorTable({self.output_name: vectors.numpy(), **{c: transformable[c] for c in self.passthrough.column_names}})
+        vectors = call_signature(self.resource, transformable)
+        return TensorTable({self.output_name: vectors, **{c: transformable[c] for c in self.passthrough.column_names}})
 
 
 class RetrieveTopK(_ArtifactOperator):

@@ -63,3 +63,18 @@ def build_reference_index(item_ids: np.ndarray, vectors: np.ndarray) -> faiss.In
     index.train(vectors)
     index.add_with_ids(vectors, np.asarray(item_ids, dtype=np.int64))
     return index
+
+
+def exact_search(item_ids: np.ndarray, vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Brute-force top-k by inner product in NumPy: the reference any index is checked against."""
+    scores = np.asarray(queries, dtype=np.float32) @ np.asarray(vectors, dtype=np.float32).T
+    best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.asarray(item_ids)[best], np.take_along_axis(scores, best, axis=1)
+
+
+def overlap_at_k(found: np.ndarray, expected: np.ndarray) -> float:
+    """Mean share of each row of ``expected`` ids that also appears in the same row of ``found``
+    (recall of an index against exact search; 1.0 means identical top-k sets)."""
+    if found.shape != expected.shape:
+        raise ValueError(f"shapes differ: {found.shape} vs {expected.shape}")
+    return float(np.mean([len(set(f) & set(e)) / len(e) for f, e in zip(found, expected)]))

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -22,6 +24,11 @@ from twotower.data import (
     split_by_time,
     users_with_history,
 )
+
+if TYPE_CHECKING:  # heavy imports stay lazy: the CLI loads TensorFlow only for stages that need it
+    import merlin.io
+
+    from twotower.train import Catalogue
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +83,9 @@ def run_workflow(config: RecipeConfig) -> None:
     print(f"[workflow] fitted on {len(train_rows):,} training rows in {partitions} partition(s); saved to {config.workflow_dir}")
 
 
-def load_catalogue(config: RecipeConfig, data: RecipeData):
-    """The fitted item vocabulary with item features encoded by the saved item workflow (no refit)."""
+def encoded_catalogue(config: RecipeConfig, data: RecipeData) -> Catalogue:
+    """The retrievable items (the fitted item vocabulary, sorted by dataset id) with their
+    features encoded by the saved item workflow (no refit)."""
     from twotower.train import Catalogue
     from twotower.workflow import category_table, load_workflow, transform_frame
 
@@ -100,92 +108,146 @@ def encode_users(config: RecipeConfig, users: pd.DataFrame) -> pd.DataFrame:
 
 
 def encoded_users(config: RecipeConfig, data: RecipeData, history_rows: pd.DataFrame) -> pd.DataFrame:
+    """Every user's encoded features, history taken from ``history_rows``."""
     return encode_users(config, user_rows(config, data, history_rows))
+
+
+def known_before_test(split: Split) -> pd.DataFrame:
+    """Positives before the test period: the history the server and the test evaluation see."""
+    return pd.concat([split.train, split.valid])
+
+
+@dataclass
+class TrainingInputs:
+    """What training and evaluation read, all encoded by the saved workflows."""
+
+    split: Split
+    train_dataset: merlin.io.Dataset  # encoded training positives, with their Merlin schema
+    catalogue: Catalogue
+    valid_users: pd.DataFrame  # encoded, history from training positives
+    test_users: pd.DataFrame  # encoded, history from everything before the test period
+    item_counts: np.ndarray  # training positives per encoded item id (for the logQ correction)
+
+    @property
+    def schema(self):
+        return self.train_dataset.schema
+
+
+def load_training_inputs(config: RecipeConfig) -> TrainingInputs:
+    import merlin.io
+
+    from twotower.train import item_frequencies
+    from twotower.workflow import category_table, load_workflow
+
+    data, split = load_recipe_data(config), load_split(config)
+    train_dataset = merlin.io.Dataset(str(config.data_dir / "train_encoded"), engine="parquet")
+    vocabulary = category_table(load_workflow(config.workflow_dir, "item"), "item_id")
+    return TrainingInputs(
+        split=split,
+        train_dataset=train_dataset,
+        catalogue=encoded_catalogue(config, data),
+        valid_users=encoded_users(config, data, split.train),
+        test_users=encoded_users(config, data, known_before_test(split)),
+        item_counts=item_frequencies(train_dataset.schema, vocabulary, split.train["item_id"]),
+    )
+
+
+def fit_two_tower(config: RecipeConfig, inputs: TrainingInputs, verbose: int = 1):
+    """Build and fit the model with full-catalogue early stopping on the validation split.
+
+    Returns the model (with the best epoch's weights) and the early-stopping callback,
+    whose ``history`` and ``best_epoch`` describe the run.
+    """
+    from twotower.evaluate import build_eval_set
+    from twotower.train import FullCatalogueEarlyStopping, set_seeds, train_model
+
+    set_seeds(config.seed)
+    split = inputs.split
+    stopper = FullCatalogueEarlyStopping(
+        build_eval_set(split.valid, split.train, inputs.catalogue.item_ids),
+        inputs.valid_users,
+        inputs.catalogue,
+        inputs.schema,
+        config.train.early_stopping_metric,
+        config.train.early_stopping_patience,
+    )
+    model, _ = train_model(inputs.train_dataset, inputs.item_counts, config.train, stopper, verbose=verbose)
+    return model, stopper
+
+
+def evaluate_on_test(inputs: TrainingInputs, model) -> dict[str, dict[str, float]]:
+    """Test metrics of the towers and of popularity, full catalogue, earlier positives excluded."""
+    from twotower.baselines import evaluate_popularity
+    from twotower.evaluate import build_eval_set
+    from twotower.train import evaluate_towers
+
+    split = inputs.split
+    test_set = build_eval_set(split.test, known_before_test(split), inputs.catalogue.item_ids)
+    return {
+        "two_tower": evaluate_towers(model, test_set, inputs.test_users, inputs.catalogue, inputs.schema),
+        "popularity": evaluate_popularity(split.train, test_set, inputs.catalogue.item_ids),
+    }
+
+
+def save_training(config: RecipeConfig, inputs: TrainingInputs, model, stopper, results: dict) -> dict:
+    """Both towers as SavedModels, catalogue item vectors, history, curves and metrics.json."""
+    from merlin.schema import Tags
+
+    from twotower.plots import plot_training
+    from twotower.train import encode, save_history, save_item_vectors, save_tower
+
+    config.model_dir.mkdir(parents=True, exist_ok=True)
+    save_tower(model.query_encoder, config.query_tower_dir)
+    save_tower(model.candidate_encoder, config.candidate_tower_dir)
+    item_vectors = encode(model.candidate_encoder, inputs.catalogue.features, inputs.schema.select_by_tag(Tags.ITEM))
+    save_item_vectors(inputs.catalogue, item_vectors, config.item_vectors_path)
+    save_history(stopper.history, config.model_dir / "history.json")
+    plot_training(stopper.history, config.output_dir / "training_curves.png")
+    metrics = {
+        "dataset": config.data.dataset,
+        "protocol": "full catalogue, earlier positives excluded, per-user temporal holdout",
+        "test_users": int(inputs.split.test["user_id"].nunique()),
+        "catalogue_items": int(len(inputs.catalogue.item_ids)),
+        "best_epoch": stopper.best_epoch,
+        "test": results,
+        "history": stopper.history,
+        "config": config_to_dict(config),
+    }
+    config.metrics_path.write_text(json.dumps(metrics, indent=2))
+    return metrics
 
 
 def run_train(config: RecipeConfig) -> dict:
     """Train the two-tower model, evaluate on the test split, save towers and metrics."""
-    import merlin.io
-
-    from twotower.baselines import evaluate_popularity
-    from twotower.evaluate import build_eval_set
-    from twotower.plots import plot_training
-    from twotower.train import (
-        FullCatalogueEarlyStopping,
-        encode,
-        evaluate_towers,
-        item_frequencies,
-        save_history,
-        save_item_vectors,
-        save_query_tower,
-        set_seeds,
-        train_model,
-    )
-    from twotower.workflow import category_table, load_workflow
-
-    set_seeds(config.seed)
-    data, split = load_recipe_data(config), load_split(config)
-    train_dataset = merlin.io.Dataset(str(config.data_dir / "train_encoded"), engine="parquet")
-    schema = train_dataset.schema
-    catalogue = load_catalogue(config, data)
-    vocabulary = category_table(load_workflow(config.workflow_dir, "item"), "item_id")
-    counts = item_frequencies(schema, vocabulary, split.train["item_id"])
-    valid_set = build_eval_set(split.valid, split.train, catalogue.item_ids)
-    stopper = FullCatalogueEarlyStopping(
-        valid_set,
-        encoded_users(config, data, split.train),
-        catalogue,
-        schema,
-        config.train.early_stopping_metric,
-        config.train.early_stopping_patience,
-    )
-    model, history = train_model(train_dataset, counts, config.train, stopper)
-
-    known = pd.concat([split.train, split.valid])
-    test_set = build_eval_set(split.test, known, catalogue.item_ids)
-    results = {
-        "two_tower": evaluate_towers(model, test_set, encoded_users(config, data, known), catalogue, schema),
-        "popularity": evaluate_popularity(split.train, test_set, catalogue.item_ids),
-    }
-    config.model_dir.mkdir(parents=True, exist_ok=True)
-    save_query_tower(model, config.model_dir / "query_tower")
-    from merlin.schema import Tags
-
-    item_vectors = encode(model.candidate_encoder, catalogue.features, schema.select_by_tag(Tags.ITEM))
-    save_item_vectors(catalogue, item_vectors, config.model_dir / "item_vectors.npz")
-    save_history(history, config.model_dir / "history.json")
-    plot_training(history, config.output_dir / "training_curves.png")
-    metrics = {
-        "dataset": config.data.dataset,
-        "protocol": "full catalogue, earlier positives excluded, per-user temporal holdout",
-        "test_users": int(len(test_set.user_ids)),
-        "catalogue_items": int(len(catalogue.item_ids)),
-        "best_epoch": stopper.best_epoch,
-        "test": results,
-        "history": history,
-        "config": config_to_dict(config),
-    }
-    config.metrics_path.write_text(json.dumps(metrics, indent=2))
+    inputs = load_training_inputs(config)
+    model, stopper = fit_two_tower(config, inputs)
+    results = evaluate_on_test(inputs, model)
+    metrics = save_training(config, inputs, model, stopper, results)
     print_metrics(results)
     return metrics
 
 
+def saved_query_vectors(config: RecipeConfig, user_ids) -> np.ndarray:
+    """Query vectors for dataset user ids from what is on disk, as the server computes them:
+    features (history: everything before the test period) encoded by the saved user workflow,
+    embedded by the query tower's serving signature."""
+    from twotower.ensemble import call_signature, load_serving_signature
+
+    data, split = load_recipe_data(config), load_split(config)
+    users = encoded_users(config, data, known_before_test(split))
+    return call_signature(load_serving_signature(config.query_tower_dir), users.loc[np.asarray(user_ids)])
+
+
 def serving_side_metrics(config: RecipeConfig) -> dict[str, float]:
     """Test metrics through the saved query tower and the FAISS index (the served path)."""
-    from merlin.table import TensorTable
-
-    from twotower.ensemble import PredictQueryTower
     from twotower.evaluate import build_eval_set, evaluate_index
     from twotower.index import load_index
     from twotower.train import load_item_vectors
 
-    data, split = load_recipe_data(config), load_split(config)
-    known = pd.concat([split.train, split.valid])
-    catalogue_ids, _ = load_item_vectors(config.model_dir / "item_vectors.npz")
-    test_set = build_eval_set(split.test, known, catalogue_ids)
-    users = encoded_users(config, data, known).loc[test_set.user_ids].reset_index(drop=True)
-    tower = PredictQueryTower(config.model_dir / "query_tower")
-    vectors = np.asarray(tower.transform(None, TensorTable.from_df(users))[PredictQueryTower.output_name].values)
+    split = load_split(config)
+    catalogue_ids, _ = load_item_vectors(config.item_vectors_path)
+    test_set = build_eval_set(split.test, known_before_test(split), catalogue_ids)
+    vectors = saved_query_vectors(config, test_set.user_ids)
     return evaluate_index(load_index(config.index_path), vectors, test_set, catalogue_ids)
 
 
@@ -200,7 +262,7 @@ def run_index(config: RecipeConfig) -> None:
     from twotower.index import build_index, save_index
     from twotower.train import load_item_vectors
 
-    item_ids, vectors = load_item_vectors(config.model_dir / "item_vectors.npz")
+    item_ids, vectors = load_item_vectors(config.item_vectors_path)
     index = build_index(item_ids, vectors)
     save_index(index, config.index_path)
     print(f"[index] {type(faiss_base(index)).__name__} over {index.ntotal:,} items -> {config.index_path}")
@@ -234,7 +296,7 @@ def popular_items(config: RecipeConfig) -> tuple[np.ndarray, np.ndarray]:
     """Cold-start answer: catalogue items by training count, scores as a share of the top item's."""
     from twotower.train import load_item_vectors
 
-    catalogue, _ = load_item_vectors(config.model_dir / "item_vectors.npz")
+    catalogue, _ = load_item_vectors(config.item_vectors_path)
     counts = load_split(config).train["item_id"].value_counts()
     counts = counts[counts.index.isin(catalogue)].head(config.serve.top_k)
     return counts.index.to_numpy(dtype=np.int64), (counts / counts.iloc[0]).to_numpy(dtype=np.float32)
@@ -246,7 +308,7 @@ def recipe_ensemble(config: RecipeConfig, feature_repo: Path | None = None):
 
     return build_ensemble(
         feature_repo or config.feature_repo_dir,
-        config.model_dir / "query_tower",
+        config.query_tower_dir,
         config.index_path,
         config.serve.top_k,
         popular_items(config),

@@ -1,19 +1,35 @@
-"""Plots saved next to the artifacts (PNG)."""
+"""Plots saved next to the artifacts (PNG) and returned, so notebooks show the same figure.
+
+Figures are built without pyplot: no global backend is switched, so a notebook's
+inline backend stays in charge and the CLI needs no display.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from twotower.data import RecipeData, Split
 
 
-def plot_training(history: list[dict[str, float]], path: Path) -> None:
+def _save(fig: Figure, path: Path | None) -> Figure:
+    fig.tight_layout()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110)
+    return fig
+
+
+def plot_training(history: list[dict[str, float]], path: Path | None = None) -> Figure:
     """Training loss and validation recall per epoch."""
     epochs = [h["epoch"] for h in history]
-    fig, (loss_ax, recall_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))
+    loss_ax, recall_ax = fig.subplots(1, 2)
     loss_ax.plot(epochs, [h["loss"] for h in history], marker="o")
     loss_ax.set(title="training loss", xlabel="epoch", ylabel="loss")
     for key in ("val_recall@10", "val_recall@100"):
@@ -21,30 +37,68 @@ def plot_training(history: list[dict[str, float]], path: Path) -> None:
             recall_ax.plot(epochs, [h[key] for h in history], marker="o", label=key.removeprefix("val_"))
     recall_ax.set(title="validation (full catalogue)", xlabel="epoch", ylabel="recall")
     recall_ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    for ax in (loss_ax, recall_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    return _save(fig, path)
 
 
-def plot_quality(results: dict[str, dict], ks: tuple[int, ...], out_dir: Path) -> None:
+def plot_data_overview(data: RecipeData, split: Split, path: Path | None = None) -> Figure:
+    """Rating values, ratings per user, item popularity (long tail) and genre counts."""
+    inter = data.interactions
+    fig = Figure(figsize=(12, 8))
+    (ratings_ax, users_ax), (items_ax, genres_ax) = fig.subplots(2, 2)
+    inter["rating"].value_counts().sort_index().plot.bar(ax=ratings_ax, color="tab:blue")
+    ratings_ax.set(title="rating values", xlabel="rating", ylabel="ratings")
+    per_user = inter.groupby("user_id").size()
+    users_ax.hist(per_user, bins=np.geomspace(per_user.min(), per_user.max() + 1, 40))
+    users_ax.set(title="ratings per user", xlabel="ratings (log)", ylabel="users", xscale="log")
+    popularity = split.train["item_id"].value_counts().to_numpy()
+    items_ax.loglog(np.arange(1, len(popularity) + 1), popularity)
+    items_ax.set(title="training positives per item, by rank", xlabel="item rank (log)", ylabel="positives (log)")
+    data.items["genres"].explode().value_counts().sort_values().plot.barh(ax=genres_ax, color="tab:green")
+    genres_ax.set(title="items per genre", xlabel="items")
+    return _save(fig, path)
+
+
+def plot_projection(
+    coords: np.ndarray, labels: pd.Series | np.ndarray, title: str, path: Path | None = None, top_labels: int = 8
+) -> Figure:
+    """2-D points coloured by label; the ``top_labels`` (at most 9) most frequent labels get
+    colours, the rest is light grey."""
+    palette = [colormaps["tab10"](i) for i in range(10) if i != 7]  # tab10 without its grey
+    if top_labels > len(palette):
+        raise ValueError(f"at most {len(palette)} labels can get distinct colours")
+    labels = pd.Series(np.asarray(labels))
+    shown = labels.value_counts().index[:top_labels]
+    fig = Figure(figsize=(8, 7))
+    ax = fig.subplots()
+    rest = ~labels.isin(shown).to_numpy()
+    if rest.any():
+        ax.scatter(coords[rest, 0], coords[rest, 1], s=4, color="lightgrey", label=f"other ({rest.sum()})")
+    for name, colour in zip(shown, palette):
+        mask = (labels == name).to_numpy()
+        ax.scatter(coords[mask, 0], coords[mask, 1], s=6, color=colour, label=f"{name} ({mask.sum()})")
+    ax.set(title=title, xlabel="component 1", ylabel="component 2")
+    ax.legend(markerscale=3, fontsize="small", loc="best")
+    return _save(fig, path)
+
+
+def plot_quality(results: dict[str, dict], ks: tuple[int, ...], out_dir: Path) -> tuple[Figure, Figure]:
     """Recall@K against K for every configuration, and training loss per epoch for the trained ones."""
-    fig, ax = plt.subplots(figsize=(6, 4))
+    recall = Figure(figsize=(6, 4))
+    ax = recall.subplots()
     for name, values in results.items():
         ax.plot(ks, [values[f"recall@{k}"] for k in ks], marker="o", label=name)
     ax.set(title="Recall@K, full catalogue", xlabel="K", ylabel="recall", xscale="log")
     ax.set_xticks(ks, [str(k) for k in ks])
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out_dir / "recall_at_k.png", dpi=110)
-    plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    loss = Figure(figsize=(6, 4))
+    ax = loss.subplots()
     for name, values in results.items():
         if "history" in values:
             ax.plot([h["epoch"] for h in values["history"]], [h["loss"] for h in values["history"]], marker="o", label=name)
     ax.set(title="training loss per epoch", xlabel="epoch", ylabel="loss")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out_dir / "training_loss.png", dpi=110)
-    plt.close(fig)
+    return _save(recall, out_dir / "recall_at_k.png"), _save(loss, out_dir / "training_loss.png")

@@ -70,7 +70,7 @@ def _baselines(config: RecipeConfig) -> dict[str, dict]:
     from twotower.train import load_item_vectors
 
     split = pipeline.load_split(config)
-    catalogue, _ = load_item_vectors(config.model_dir / "item_vectors.npz")
+    catalogue, _ = load_item_vectors(config.item_vectors_path)
     known = pd.concat([split.train, split.valid])
     test_set = build_eval_set(split.test, known, catalogue)
     started = time.perf_counter()

@@ -7,6 +7,7 @@ the ensemble runs TensorFlow inside Merlin's python executor model.
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import os
 import shutil
@@ -99,6 +100,8 @@ class TritonServer:
         return f"{self.config.host}:{self.config.grpc_port}"
 
     def start(self) -> "TritonServer":
+        if self.process is not None and self.process.poll() is None:
+            raise RuntimeError(f"tritonserver already running (pid {self.process.pid})")
         if not (self.model_repository / self.config.model_name / "config.pbtxt").exists():
             raise FileNotFoundError(f"no exported model {self.config.model_name!r} in {self.model_repository}; run the 'export' stage")
         install = find_triton()
@@ -112,6 +115,9 @@ class TritonServer:
                 env=server_environment(install),
                 start_new_session=True,
             )
+        # Its own session keeps Ctrl-C in a terminal or notebook from reaching it; this keeps
+        # it from outliving the Python process (or notebook kernel) that started it.
+        atexit.register(self.stop)
         self.wait_ready()
         return self
 
@@ -136,6 +142,7 @@ class TritonServer:
         raise TimeoutError(f"tritonserver not ready after {self.config.startup_timeout_s:.0f}s:\n{self.log_tail()}")
 
     def stop(self, timeout_s: float = 30.0) -> None:
+        atexit.unregister(self.stop)
         if self.process is None or self.process.poll() is not None:
             return
         self.process.send_signal(signal.SIGTERM)

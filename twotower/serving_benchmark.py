@@ -186,9 +186,9 @@ def export_reference(config: RecipeConfig, out_dir: Path) -> Path:
     from twotower.train import load_item_vectors
 
     index_path = out_dir / "reference_ivf32.faiss"
-    save_index(build_reference_index(*load_item_vectors(config.model_dir / "item_vectors.npz")), index_path)
+    save_index(build_reference_index(*load_item_vectors(config.item_vectors_path)), index_path)
     ensemble = build_reference_ensemble(
-        config.feature_repo_dir, config.workflow_dir / "user", config.model_dir / "query_tower", index_path,
+        config.feature_repo_dir, config.workflow_dir / "user", config.query_tower_dir, index_path,
         config.serve.top_k, config.serve.max_request_users,
     )
     return export_ensemble(ensemble, out_dir / "reference_models", config.serve.model_name)

@@ -183,8 +183,14 @@ def train_model(
     return model, early_stopping.history
 
 
-def save_query_tower(model: mm.RetrievalModelV2, path: Path) -> None:
-    model.query_encoder.save(str(path), include_optimizer=False)
+def save_tower(encoder: tf.keras.Model, path: Path) -> None:
+    """Save one tower (``model.query_encoder`` or ``model.candidate_encoder``) as a Keras SavedModel."""
+    encoder.save(str(path), include_optimizer=False)
+
+
+def load_tower(path: Path) -> tf.keras.Model:
+    """A saved tower as the Keras model it was (merlin.models is imported, so its layers resolve)."""
+    return tf.keras.models.load_model(str(path))
 
 
 def save_item_vectors(catalogue: Catalogue, vectors: np.ndarray, path: Path) -> None:
