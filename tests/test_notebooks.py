@@ -86,6 +86,9 @@ def test_every_notebook_runs_top_to_bottom_on_synthetic_data(tmp_path):
     assert "same as saved at training time: True" in _text(executed["03_embeddings.ipynb"])
     serving = _text(executed["05_ensemble_and_serving.ipynb"])
     assert "same as in process: True" in serving
-    assert "unknown user_id(s) not in the feature store: [-1]" in serving
+    assert "is_fallback: [False, True]" in serving  # an unknown user gets the flagged fallback
+    assert "user -1 gets the most popular items: True" in serving
+    assert "empty request: 'user_id' has no rows" in serving
+    assert "still ready: True" in serving
     assert "tritonserver exited with code 0" in serving
     assert {name: (NOTEBOOK_DIR / name).read_bytes() for name in NOTEBOOKS} == committed
