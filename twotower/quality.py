@@ -17,8 +17,9 @@ import numpy as np
 import pandas as pd
 
 from twotower import pipeline
-from twotower.config import RecipeConfig, config_to_dict, load_config
+from twotower.config import RecipeConfig, config_to_dict
 from twotower.evaluate import RECALL_KS
+from twotower.plots import plot_quality
 
 # The public NVIDIA example: MLP [128, 64], plain in-batch softmax, default embedding sizes, one epoch.
 REFERENCE = {
@@ -84,12 +85,6 @@ def _baselines(config: RecipeConfig) -> dict[str, dict]:
     }
 
 
-def _plot(results: dict[str, dict], path: Path) -> None:
-    from twotower.plots import plot_quality
-
-    plot_quality(results, RECALL_KS, path)
-
-
 def _table(results: dict[str, dict], columns: list[str]) -> str:
     lines = [f"{'configuration':<38}" + "".join(f"{c:>12}" for c in columns) + f"{'s/epoch':>10}"]
     for name, values in results.items():
@@ -127,7 +122,7 @@ def run_quality_benchmark(base: RecipeConfig, ablations: bool = True) -> Path:
     }
     json_path = out_dir / "quality.json"
     json_path.write_text(json.dumps(report, indent=2, default=float))
-    _plot({**configs, **ablation}, out_dir)
+    plot_quality({**configs, **ablation}, RECALL_KS, out_dir)
     print("\n" + _table(configs, columns))
     if ablation:
         print("\nablation (each option off, against tuned)\n" + _table({"tuned": tuned, **ablation}, columns))
@@ -135,7 +130,3 @@ def run_quality_benchmark(base: RecipeConfig, ablations: bool = True) -> Path:
     print(f"total {report['total_seconds'] / 60:.1f} min; plots in {out_dir}")
     print(json_path)
     return json_path
-
-
-def main(overrides: list[str] | None = None, config_path: Path | None = None, ablations: bool = True) -> Path:
-    return run_quality_benchmark(load_config(config_path, overrides), ablations=ablations)

@@ -20,12 +20,12 @@ from datetime import date
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from twotower import pipeline
 from twotower.config import RecipeConfig
+from twotower.serve import TritonServer
 
 
 @dataclass(frozen=True)
@@ -213,8 +213,6 @@ def run_serving_benchmark(config: RecipeConfig) -> Path:
     by_graph, soak_result = {}, None
     for graph, model_repository in graphs.items():
         print(f"[benchmark] {graph} graph from {model_repository}")
-        from twotower.serve import TritonServer
-
         with TritonServer(model_repository, out_dir / f"triton-{graph}", config.serve):
             by_graph[graph] = run_phases(config, url, metrics_url, users)
             if graph == "recipe":

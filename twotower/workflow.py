@@ -20,7 +20,6 @@ import nvtabular as nvt
 import pandas as pd
 from merlin.dag import postorder_iter_nodes
 from merlin.dag.ops.subgraph import Subgraph
-from merlin.schema import Tags
 
 from twotower.config import WorkflowConfig
 from twotower.data import ITEM_FEATURES, USER_FEATURES
@@ -145,7 +144,3 @@ def category_table(workflow: nvt.Workflow, column: str) -> pd.DataFrame:
         if isinstance(node.op, nvt.ops.Categorify) and column in node.op.categories:
             return pd.read_parquet(node.op.categories[column])
     raise KeyError(f"no Categorify vocabulary for column {column!r}")
-
-
-def item_id_column(workflow: nvt.Workflow) -> str:
-    return workflow.output_schema.select_by_tag(Tags.ITEM_ID).first.name
