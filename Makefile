@@ -11,7 +11,7 @@ COMPOSE := docker compose -f docker/docker-compose.yml
 NB_ARGS ?=
 LAB_PORT ?= 8888
 
-.PHONY: venv run test serve query export notebooks lab clean help benchmark-quality benchmark-serving docker-up docker-down docker-logs
+.PHONY: venv run test serve query export notebooks lab clean help benchmark-quality benchmark-serving perf-analyzer docker-up docker-down docker-logs
 
 help:
 	@echo "make run | test | serve | query USER=<id> | export | notebooks | lab | benchmark-quality | benchmark-serving | clean | docker-up | docker-down | docker-logs"
@@ -42,8 +42,22 @@ query: venv
 benchmark-quality: venv
 	$(TWOTOWER) benchmark-quality
 
-benchmark-serving: venv
-	$(TWOTOWER) benchmark-serving
+# Triton's perf_analyzer from tritonclient 2.51.0 (newer ones need glibc 2.38) in its own venv,
+# so it does not move the project's tritonclient pin; it needs Debian's libb64-0d.
+TOOLS_VENV ?= .venv-tools
+PERF_ANALYZER := $(TOOLS_VENV)/bin/perf_analyzer
+CUDART_LIB = $(wildcard $(TOOLS_VENV)/lib/python3*/site-packages/nvidia/cuda_runtime/lib)
+
+$(TOOLS_VENV)/.installed:
+	@ldconfig -p | grep -q libb64.so.0d || (echo "perf_analyzer needs the Debian package libb64-0d (apt-get install libb64-0d)"; exit 2)
+	$(PYTHON) -m venv $(TOOLS_VENV)
+	$(TOOLS_VENV)/bin/pip install --quiet --disable-pip-version-check "tritonclient[all]==2.51.0" nvidia-cuda-runtime-cu12==12.9.79
+	touch $@
+
+perf-analyzer: $(TOOLS_VENV)/.installed
+
+benchmark-serving: venv perf-analyzer
+	LD_LIBRARY_PATH=$(CUDART_LIB):$$LD_LIBRARY_PATH $(TWOTOWER) --set benchmark.perf_analyzer=$(abspath $(PERF_ANALYZER)) benchmark-serving
 
 test: venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

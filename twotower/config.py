@@ -82,6 +82,8 @@ class BenchmarkConfig:
     soak_seconds: float = 60.0
     soak_concurrency: int = 16
     batch_users: int = 64
+    perf_analyzer: str = ""  # path of Triton's perf_analyzer binary (make perf-analyzer installs one); "" skips it
+    perf_analyzer_interval_ms: int = 5000
 
 
 @dataclass

@@ -10,8 +10,10 @@ JSON file whose path is the last line printed.
 
 from __future__ import annotations
 
+import csv
 import json
 import re
+import subprocess
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -179,6 +181,34 @@ def in_process_latency(export_dir: Path, users: np.ndarray, count: int) -> dict[
     return {"p50_ms": float(p50), "p99_ms": float(p99), "requests": len(latencies)}
 
 
+def perf_analyzer_phases(config: RecipeConfig, url: str, users: np.ndarray, out_dir: Path) -> dict[str, dict]:
+    """Triton's own load generator against the served model, single users at concurrency 1, 4, 16."""
+    bench = config.benchmark
+    rng = np.random.default_rng(config.seed)
+    samples = [{"user_id": {"content": [int(u)], "shape": [1]}} for u in rng.choice(users, 500)]
+    input_path = out_dir / "perf_analyzer_users.json"
+    input_path.write_text(json.dumps({"data": samples}))
+    results = {}
+    for concurrency in (1, 4, 16):
+        report = out_dir / f"perf_analyzer_c{concurrency}.csv"
+        subprocess.run(
+            [bench.perf_analyzer, "-m", config.serve.model_name, "-u", url, "-i", "grpc", "--input-data", str(input_path),
+             "--concurrency-range", str(concurrency), "--measurement-interval", str(bench.perf_analyzer_interval_ms), "-f", str(report)],
+            check=True, capture_output=True, text=True,
+        )
+        with open(report) as handle:
+            row = next(csv.DictReader(handle))
+        results[f"c{concurrency}"] = {
+            "p50_ms": float(row["p50 latency"]) / 1000,
+            "p95_ms": float(row["p95 latency"]) / 1000,
+            "p99_ms": float(row["p99 latency"]) / 1000,
+            "qps": float(row["Inferences/Second"]),
+        }
+        print(f"  perf_analyzer c{concurrency}: p50 {results[f'c{concurrency}']['p50_ms']:.2f} ms  "
+              f"p99 {results[f'c{concurrency}']['p99_ms']:.2f} ms  {results[f'c{concurrency}']['qps']:.1f} req/s")
+    return results
+
+
 def export_reference(config: RecipeConfig, out_dir: Path) -> Path:
     """The NVIDIA example's graph over the same model: Feast SDK, per-request NVTabular, IVF32."""
     from twotower.ensemble import build_reference_ensemble, export_ensemble
@@ -210,12 +240,14 @@ def run_serving_benchmark(config: RecipeConfig) -> Path:
     metrics_url = f"http://{config.serve.host}:{config.serve.metrics_port}/metrics"
 
     graphs = {"recipe": config.export_dir, "reference": export_reference(config, out_dir)}
-    by_graph, soak_result = {}, None
+    by_graph, soak_result, perf_analyzer = {}, None, None
     for graph, model_repository in graphs.items():
         print(f"[benchmark] {graph} graph from {model_repository}")
         with TritonServer(model_repository, out_dir / f"triton-{graph}", config.serve):
             by_graph[graph] = run_phases(config, url, metrics_url, users)
             if graph == "recipe":
+                if config.benchmark.perf_analyzer:
+                    perf_analyzer = perf_analyzer_phases(config, url, users, out_dir)
                 soak_result = soak(config, url, users)
                 print(f"  soak {soak_result}")
     phases = {phase: {graph: by_graph[graph][phase] for graph in graphs} for phase in by_graph["recipe"]}
@@ -226,6 +258,7 @@ def run_serving_benchmark(config: RecipeConfig) -> Path:
         "phases": phases,
         "in_process": in_process_latency(config.export_dir, users, min(config.benchmark.requests_per_phase, 1000)),
         "soak": soak_result,
+        "perf_analyzer_recipe": perf_analyzer,
         "p50_ratio_reference_over_recipe_c1": phases["c1"]["reference"]["p50_ms"] / phases["c1"]["recipe"]["p50_ms"],
     }
     _print_table(phases)
