@@ -8,11 +8,16 @@ import tritonclient.grpc as grpcclient
 OUTPUTS = ("item_ids", "scores", "is_fallback")
 
 
+def user_id_request(user_ids: np.ndarray) -> grpcclient.InferInput:
+    """The ``user_id`` input tensor for a batch of INT64 dataset user ids."""
+    request = grpcclient.InferInput("user_id", list(user_ids.shape), "INT64")
+    request.set_data_from_numpy(user_ids)
+    return request
+
+
 def recommend(user_ids: list[int] | np.ndarray, url: str = "127.0.0.1:8001", model_name: str = "executor_model") -> dict[str, np.ndarray]:
     """Top-k dataset item ids, scores (best first) and the cold-start flag for each user id."""
-    ids = np.asarray(user_ids, dtype=np.int64).reshape(-1)
-    request = grpcclient.InferInput("user_id", list(ids.shape), "INT64")
-    request.set_data_from_numpy(ids)
+    request = user_id_request(np.asarray(user_ids, dtype=np.int64).reshape(-1))
     with grpcclient.InferenceServerClient(url) as client:
         result = client.infer(model_name, [request], outputs=[grpcclient.InferRequestedOutput(n) for n in OUTPUTS])
     return {name: result.as_numpy(name) for name in OUTPUTS}

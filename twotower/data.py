@@ -229,10 +229,12 @@ def causal_history(rows: pd.DataFrame, length: int) -> pd.Series:
     return pd.Series(history, index=rows.index, dtype=object)
 
 
-def latest_history(rows: pd.DataFrame, user_ids: np.ndarray, length: int) -> pd.Series:
-    """Each user's last ``length`` item ids in ``rows`` (oldest first), indexed by user id."""
+def latest_history(rows: pd.DataFrame, user_ids: np.ndarray, length: int | None) -> pd.Series:
+    """Each user's last ``length`` item ids in ``rows`` (all of them for None; oldest first),
+    indexed by user id; users without rows get an empty list."""
     ordered = rows.sort_values(["user_id", "timestamp", "item_id"], kind="stable")
-    latest = ordered.groupby("user_id")["item_id"].agg(lambda items: items.to_numpy()[-length:].tolist())
+    start = None if length is None else -length
+    latest = ordered.groupby("user_id")["item_id"].agg(lambda items: items.to_numpy()[start:].tolist())
     return latest.reindex(user_ids).map(lambda items: items if isinstance(items, list) else [])
 
 

@@ -19,6 +19,7 @@ from twotower.data import (
     RecipeData,
     Split,
     join_features,
+    latest_history,
     load_dataset,
     positives,
     split_by_time,
@@ -280,8 +281,7 @@ def feature_tables(config: RecipeConfig) -> tuple[RecipeData, pd.DataFrame, pd.D
     data, split = load_recipe_data(config), load_split(config)
     known = pd.concat([split.train, split.valid])
     users = user_rows(config, data, known)
-    seen = known.groupby("user_id")["item_id"].agg(list)
-    users = users.assign(seen_items=seen.reindex(users["user_id"]).map(lambda v: v if isinstance(v, list) else []).to_numpy())
+    users = users.assign(seen_items=latest_history(known, users["user_id"].to_numpy(), None).to_numpy())
     return data, users, encode_users(config, users)
 
 

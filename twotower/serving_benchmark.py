@@ -26,6 +26,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from twotower import pipeline
+from twotower.client import user_id_request
 from twotower.config import RecipeConfig
 from twotower.serve import TritonServer
 
@@ -37,12 +38,6 @@ class Phase:
     concurrency: int
 
 
-def _request(user_ids: np.ndarray) -> grpcclient.InferInput:
-    request = grpcclient.InferInput("user_id", list(user_ids.shape), "INT64")
-    request.set_data_from_numpy(user_ids)
-    return request
-
-
 def _drive(url: str, model: str, batches: list[np.ndarray], concurrency: int) -> tuple[np.ndarray, int, float]:
     """Send every batch, ``concurrency`` at a time; latencies (ms), error count, wall seconds."""
 
@@ -52,7 +47,7 @@ def _drive(url: str, model: str, batches: list[np.ndarray], concurrency: int) ->
             for user_ids in share:
                 started = time.perf_counter()
                 try:
-                    client.infer(model, [_request(user_ids)])
+                    client.infer(model, [user_id_request(user_ids)])
                     latencies.append((time.perf_counter() - started) * 1000)
                 except InferenceServerException:
                     errors += 1
@@ -132,8 +127,8 @@ def soak(config: RecipeConfig, url: str, users: np.ndarray) -> dict:
         return [request]
 
     malformed = [
-        lambda: [_request(np.array([], dtype=np.int64))],
-        lambda: [_request(np.arange(config.serve.max_request_users + 1, dtype=np.int64))],
+        lambda: [user_id_request(np.array([], dtype=np.int64))],
+        lambda: [user_id_request(np.arange(config.serve.max_request_users + 1, dtype=np.int64))],
         fp32_request,
     ]
     deadline = time.monotonic() + bench.soak_seconds
@@ -152,7 +147,7 @@ def soak(config: RecipeConfig, url: str, users: np.ndarray) -> dict:
                 else:
                     counts["good"] += 1
                     try:
-                        client.infer(model, [_request(rng.choice(users, 1).astype(np.int64))])
+                        client.infer(model, [user_id_request(rng.choice(users, 1).astype(np.int64))])
                     except InferenceServerException:
                         counts["good_errors"] += 1
         return counts
