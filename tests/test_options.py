@@ -6,13 +6,15 @@ import merlin.io
 import numpy as np
 import pandas as pd
 import pytest
+import tensorflow as tf
 from merlin.models.tf.inputs.embedding import EmbeddingTable
 from merlin.models.tf.transforms.bias import PopularityLogitsCorrection
 from merlin.schema import Tags
 
+from twotower import pipeline
 from twotower.baselines import ease_weights, evaluate_ease, evaluate_popularity, tune_ease
 from twotower.evaluate import build_eval_set
-from twotower.train import build_model, encode, item_frequencies, share_item_table
+from twotower.train import UniformCatalogueSampler, build_model, encode, item_frequencies, sampling_probabilities, share_item_table
 from twotower.workflow import category_table, load_workflow
 
 pytestmark = pytest.mark.smoke
@@ -26,9 +28,14 @@ def train_data(prepared):
     return dataset, item_frequencies(dataset.schema, vocabulary, train["item_id"])
 
 
-def _model(prepared, train_data, **options):
+@pytest.fixture(scope="module")
+def catalogue(prepared):
+    return pipeline.load_training_inputs(prepared).catalogue
+
+
+def _model(prepared, train_data, catalogue=None, **options):
     dataset, counts = train_data
-    return build_model(dataset.schema, counts, dataclasses.replace(prepared.train, **options))
+    return build_model(dataset.schema, counts, dataclasses.replace(prepared.train, **options), catalogue)
 
 
 def _layers(block):
@@ -72,6 +79,58 @@ def test_history_shares_the_item_embedding_table(prepared, train_data):
     query_tables = {id(t) for t in _layers(model.query_encoder) if isinstance(t, EmbeddingTable)}
     candidate_tables = {id(t) for t in _layers(model.candidate_encoder) if isinstance(t, EmbeddingTable)}
     assert item_tables <= query_tables and item_tables <= candidate_tables
+
+
+def _first_batch(dataset, batch_size=64):
+    import merlin.models.tf as mm
+
+    features, _ = next(iter(mm.Loader(dataset, batch_size=batch_size, shuffle=False)))
+    return features
+
+
+def test_sampling_probabilities_mix_popularity_and_uniform():
+    counts = np.array([1.0, 6.0, 2.0, 2.0])  # code 0 reserved, outside the catalogue
+    codes = np.array([1, 2, 3])
+    assert np.allclose(sampling_probabilities(counts, codes, batch_size=8, mixed_negatives=0), counts / counts.sum())
+    mixed = sampling_probabilities(counts, codes, batch_size=8, mixed_negatives=8)
+    assert np.isclose(mixed.sum(), 1.0)
+    assert np.allclose(mixed, 0.5 * counts / counts.sum() + 0.5 * np.array([0, 1, 1, 1]) / 3)
+
+
+@pytest.mark.parametrize("mixed_negatives", [0, 48])
+def test_mixed_negatives_widen_the_softmax(prepared, train_data, catalogue, mixed_negatives):
+    dataset, _ = train_data
+    model = _model(prepared, train_data, catalogue, mixed_negatives=mixed_negatives)
+    _fit_one_epoch(model, dataset)
+    in_batch_only = _model(prepared, train_data, catalogue, mixed_negatives=0)
+    _fit_one_epoch(in_batch_only, dataset)
+    # The sampler runs the model's own candidate tower: no weights of its own.
+    assert len(model.trainable_weights) == len(in_batch_only.trainable_weights)
+    logits = model(_first_batch(dataset), training=True).outputs
+    assert logits.shape[1] == 1 + 64 + mixed_negatives  # the positive, in-batch, uniform
+
+
+def test_mixed_negatives_are_catalogue_items_through_the_candidate_tower(prepared, train_data, catalogue):
+    from merlin.models.tf.outputs.sampling.base import Candidate
+
+    dataset, _ = train_data
+    model = _model(prepared, train_data, catalogue, mixed_negatives=500)
+    _fit_one_epoch(model, dataset)
+    sampler = next(layer for layer in _layers(model) if isinstance(layer, UniformCatalogueSampler))
+    positives = Candidate(id=tf.zeros([4, 1], tf.int64), metadata={})
+    sampled = sampler(positives, training=True)
+    ids = sampled.id.numpy()[:, 0]
+    codes = catalogue.features["item_id"].to_numpy()
+    assert ids.shape == (500,) and set(ids) <= set(codes)
+    assert len(set(ids)) > len(codes) // 2  # uniform over the catalogue, not the batch
+    rows = catalogue.features.set_index("item_id", drop=False).loc[ids]
+    expected = encode(model.candidate_encoder, rows, dataset.schema.select_by_tag(Tags.ITEM))
+    assert np.allclose(sampled.embedding.numpy(), expected, atol=1e-5)
+
+
+def test_mixed_negatives_need_the_catalogue(prepared, train_data):
+    with pytest.raises(ValueError, match="mixed_negatives"):
+        _model(prepared, train_data, None, mixed_negatives=8)
 
 
 def test_reference_setup_trains(prepared, train_data):

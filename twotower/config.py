@@ -44,6 +44,9 @@ class TrainConfig:
     tower_layers: list[int] = field(default_factory=lambda: [128, 64])
     temperature: float = 0.07
     logq_correction: bool = True
+    # Mixed negative sampling: this many catalogue items drawn uniformly per batch join
+    # the in-batch negatives (Yang et al. 2020); 0 keeps in-batch negatives only.
+    mixed_negatives: int = 0
     l2_normalize: bool = True
     early_stopping_patience: int = 2
     early_stopping_metric: str = "recall@100"

@@ -1,8 +1,9 @@
 """Stage 3: train merlin-models' TwoTowerModelV2 and save its query tower.
 
 Query tower over USER features, candidate tower over ITEM features, in-batch
-negatives with an optional logQ (sampling-bias) correction, L2-normalised outputs
-and a temperature. Early stopping watches full-catalogue recall on validation.
+negatives (optionally mixed with uniformly sampled catalogue items) with an optional
+logQ (sampling-bias) correction, L2-normalised outputs and a temperature. Early
+stopping watches full-catalogue recall on validation.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import tensorflow as tf
 import merlin.io
 import merlin.models.tf as mm
 from merlin.models.tf.outputs.base import DotProduct
+from merlin.models.tf.outputs.sampling.base import Candidate, CandidateSampler
 from merlin.models.tf.transforms.bias import PopularityLogitsCorrection
 from merlin.schema import Schema, Tags
 
@@ -50,6 +52,58 @@ def item_frequencies(schema: Schema, vocabulary: pd.DataFrame, train_item_ids: p
     return counts
 
 
+def sampling_probabilities(item_counts: np.ndarray, catalogue_codes: np.ndarray, batch_size: int, mixed_negatives: int) -> np.ndarray:
+    """Per code, the chance of landing among a batch's negatives: in-batch negatives follow
+    training popularity, mixed-in ones are uniform over the catalogue, so logQ uses the mixture."""
+    popularity = item_counts / item_counts.sum()
+    uniform = np.zeros_like(popularity)
+    uniform[catalogue_codes] = 1.0 / len(catalogue_codes)
+    return ((batch_size * popularity + mixed_negatives * uniform) / (batch_size + mixed_negatives)).astype(np.float32)
+
+
+def _feature_tensors(features: pd.DataFrame, schema: Schema) -> dict[str, tf.Tensor | tf.RaggedTensor]:
+    """Encoded feature columns as the tensors a tower takes: list columns ragged."""
+    tensors = {}
+    for column in schema:
+        values = features[column.name]
+        if column.is_list:
+            lengths = values.map(len).to_numpy()
+            flat = np.concatenate(values.to_numpy()) if lengths.sum() else np.zeros(0)
+            tensors[column.name] = tf.RaggedTensor.from_row_lengths(flat.astype(np.int64), lengths.astype(np.int64))
+        else:
+            tensors[column.name] = tf.constant(values.to_numpy().astype(np.int64))
+    return tensors
+
+
+class UniformCatalogueSampler(CandidateSampler):
+    """Mixed negative sampling (Yang et al. 2020): per batch, ``num_samples`` catalogue items
+    drawn uniformly (with replacement) and run through the candidate tower, so rarely seen
+    items, which in-batch negatives almost never include, are pushed away too."""
+
+    def __init__(self, catalogue_features: dict, item_id_column: str, candidate_tower: mm.Encoder, num_samples: int, **kwargs):
+        super().__init__(max_num_samples=num_samples, **kwargs)
+        self.catalogue_features = catalogue_features
+        self.item_id_column = item_id_column
+        self.catalogue_size = int(catalogue_features[item_id_column].shape[0])
+        self.candidate_tower = candidate_tower  # the model's own tower: shared weights, none added
+
+    def add(self, items: Candidate) -> None:
+        pass  # nothing to remember: samples come from the fixed catalogue, not from batches
+
+    def call(self, items: Candidate, features=None, targets=None, training=False, testing=False) -> Candidate:
+        sampled = self.sample()
+        ids = tf.expand_dims(sampled.id, -1) if items.id.shape.rank == 2 else sampled.id
+        return Candidate(id=tf.cast(ids, items.id.dtype), metadata=sampled.metadata)
+
+    def sample(self) -> Candidate:
+        rows = tf.random.uniform([self.max_num_samples], maxval=self.catalogue_size, dtype=tf.int64)
+        # Unknown row count, as in a real batch: the tower concatenates scalar and list
+        # columns and refuses a static row count that only some of them have.
+        rows = tf.compat.v1.placeholder_with_default(rows, shape=[None])
+        sampled = {name: tf.gather(values, rows) for name, values in self.catalogue_features.items()}
+        return Candidate(id=sampled[self.item_id_column], metadata={}).with_embedding(self.candidate_tower(sampled))
+
+
 def share_item_table(schema: Schema, column: str = "history") -> Schema:
     """Point ``column``'s domain at the item id's, so both use one embedding table."""
     if column not in schema.column_names:
@@ -75,21 +129,36 @@ def _tower(schema: Schema, embeddings: mm.Block, config: TrainConfig) -> mm.Enco
     return mm.Encoder(inputs, layers, post=mm.L2Norm() if config.l2_normalize else None)
 
 
-def build_model(schema: Schema, item_counts: np.ndarray, config: TrainConfig) -> mm.RetrievalModelV2:
+def build_model(
+    schema: Schema, item_counts: np.ndarray, config: TrainConfig, catalogue: Catalogue | None = None
+) -> mm.RetrievalModelV2:
+    """``catalogue`` is needed only for mixed negatives (``config.mixed_negatives > 0``)."""
     schema = share_item_table(schema)
     # One Embeddings block: tables are keyed by domain name, so history and item_id share one.
     embeddings = mm.Embeddings(schema.select_by_tag(Tags.CATEGORICAL), dim=config.embedding_dim)
     query = _tower(schema.select_by_tag(Tags.USER), _tables_for(schema.select_by_tag(Tags.USER), embeddings), config)
     candidate = _tower(schema.select_by_tag(Tags.ITEM), _tables_for(schema.select_by_tag(Tags.ITEM), embeddings), config)
+    samplers: list = ["in-batch"]
+    item_probabilities = item_counts / item_counts.sum()
+    if config.mixed_negatives:
+        if catalogue is None:
+            raise ValueError("train.mixed_negatives > 0 needs the catalogue's item features to sample from")
+        item_schema = schema.select_by_tag(Tags.ITEM)
+        item_id = schema.select_by_tag(Tags.ITEM_ID).first.name
+        samplers.append(
+            UniformCatalogueSampler(_feature_tensors(catalogue.features, item_schema), item_id, candidate, config.mixed_negatives)
+        )
+        codes = catalogue.features[item_id].to_numpy()
+        item_probabilities = sampling_probabilities(item_counts, codes, config.batch_size, config.mixed_negatives)
     post = None
     if config.logq_correction:
         # ContrastiveOutput divides by the temperature after `post`; scaling the
         # correction by it leaves logits/T - log(q) in the softmax.
-        post = PopularityLogitsCorrection(item_counts, schema=schema, reg_factor=config.temperature)
+        post = PopularityLogitsCorrection(item_probabilities, is_prob_distribution=True, schema=schema, reg_factor=config.temperature)
     output = mm.ContrastiveOutput(
         DotProduct(),
         schema=schema.select_by_tag(Tags.ITEM_ID),
-        negative_samplers="in-batch",
+        negative_samplers=samplers,
         logits_temperature=config.temperature,
         store_negative_ids=True,
         post=post,
@@ -177,7 +246,7 @@ def train_model(
     verbose: int = 1,
 ) -> tuple[mm.RetrievalModelV2, list[dict[str, float]]]:
     """Fit with Keras progress; returns the best epoch's model and per-epoch records."""
-    model = build_model(train_dataset.schema, item_counts, config)
+    model = build_model(train_dataset.schema, item_counts, config, early_stopping.catalogue)
     loader = mm.Loader(train_dataset, batch_size=config.batch_size, shuffle=True)
     model.fit(loader, epochs=config.epochs, callbacks=[early_stopping], verbose=verbose)
     return model, early_stopping.history
