@@ -24,13 +24,16 @@ STAGES = {
 
 
 def _serve(config) -> None:
+    """Triton in the foreground until Ctrl-C, SIGTERM or SIGHUP; the server stops with this process."""
     with pipeline.triton_server(config) as server:
-        print(f"Triton serving {config.export_dir} on grpc {server.grpc_url} (http {config.serve.http_port}); Ctrl-C stops it")
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        print(f"Triton serving {config.export_dir} on grpc {server.grpc_url} (http {server.ports.http}, "
+              f"metrics {server.ports.metrics}); Ctrl-C stops it", flush=True)
         try:
             server.process.wait()
         except KeyboardInterrupt:
             pass
+    if server.process.returncode not in (0, -signal.SIGTERM):
+        raise SystemExit(f"tritonserver exited with code {server.process.returncode}:\n{server.log_tail()}")
 
 
 def _query(config, users: list[int]) -> None:
@@ -43,7 +46,7 @@ def _run(config) -> None:
     users = pipeline.demo_users(config)
     with pipeline.triton_server(config) as server:
         print(f"[serve] Triton ready on grpc {server.grpc_url}; asking for users {users}")
-        pipeline.print_recommendations(config, users)
+        pipeline.print_recommendations(config, users, server.grpc_url)
     print("[serve] server stopped")
 
 

@@ -56,9 +56,11 @@ class TrainConfig:
 class ServeConfig:
     top_k: int = 10
     host: str = "127.0.0.1"
+    # 0 picks a free port at start (the tests and benchmarks do, so two runs never collide).
     grpc_port: int = 8001
     http_port: int = 8000
     metrics_port: int = 8002
+    client_timeout_s: float = 30.0  # every gRPC call the recipe makes gives up after this
     model_name: str = "executor_model"
     exclude_seen: bool = True  # drop items the user already had as positives
     max_request_users: int = 1024  # larger batches are refused with a clear error

@@ -34,6 +34,7 @@ from merlin.schema import ColumnSchema, Schema
 from merlin.systems.dag import Ensemble
 from merlin.table import TensorColumn, TensorTable
 
+from twotower.errors import RequestError
 from twotower.index import load_index, search
 
 log = logging.getLogger(__name__)
@@ -51,9 +52,9 @@ def _user_ids(transformable, max_users: int) -> np.ndarray:
     """The request's user ids, rejecting an empty or oversized batch."""
     user_ids = np.asarray(transformable["user_id"].values if isinstance(transformable, TensorTable) else transformable["user_id"]).reshape(-1)
     if len(user_ids) == 0:
-        raise ValueError("empty request: 'user_id' has no rows")
+        raise RequestError("empty request: 'user_id' has no rows")
     if len(user_ids) > max_users:
-        raise ValueError(f"request has {len(user_ids)} users; the maximum is {max_users} (serve.max_request_users)")
+        raise RequestError(f"request has {len(user_ids)} users; the maximum is {max_users} (serve.max_request_users)")
     return user_ids
 
 
@@ -242,7 +243,7 @@ class UserFeatureLookup(_FeatureRepoOperator):
         features = online_user_features(self.client, user_ids.tolist(), columns)
         unknown = features[columns].isna().any(axis=1).to_numpy()
         if unknown.any():
-            raise ValueError(f"unknown user_id(s) not in the feature store: {user_ids[unknown][:20].tolist()}")
+            raise RequestError(f"unknown user_id(s) not in the feature store: {user_ids[unknown][:20].tolist()}")
         scalars = {c.name: c.dtype.to_numpy for c in self.feature_schema if not c.is_list}
         return features.astype(scalars)
 

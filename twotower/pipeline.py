@@ -319,10 +319,11 @@ def recipe_ensemble(config: RecipeConfig, feature_repo: Path | None = None):
 
 def run_export(config: RecipeConfig) -> Path:
     from twotower.ensemble import export_ensemble
-    from twotower.triton_config import apply_serving_settings
+    from twotower.triton_config import apply_serving_settings, install_executor_model
 
     export_ensemble(recipe_ensemble(config), config.export_dir, config.serve.model_name)
     apply_serving_settings(config.export_dir / config.serve.model_name, config.serve)
+    install_executor_model(config.export_dir / config.serve.model_name)
     print(f"[export] Triton model repository written to {config.export_dir}")
     return config.export_dir
 
@@ -338,11 +339,13 @@ def triton_server(config: RecipeConfig):
     return TritonServer(config.export_dir, config.output_dir / "triton", config.serve)
 
 
-def print_recommendations(config: RecipeConfig, user_ids: list[int]) -> None:
+def print_recommendations(config: RecipeConfig, user_ids: list[int], url: str | None = None) -> None:
+    """Ask the server at ``url`` (default: the configured gRPC address) and print titles."""
     from twotower.client import recommend
 
     titles = load_recipe_data(config).items.set_index("item_id")["title"]
-    answer = recommend(user_ids, f"{config.serve.host}:{config.serve.grpc_port}", config.serve.model_name)
+    url = url or f"{config.serve.host}:{config.serve.grpc_port}"
+    answer = recommend(user_ids, url, config.serve.model_name, config.serve.client_timeout_s)
     for user_id, row_items, row_scores, fallback in zip(user_ids, answer["item_ids"], answer["scores"], answer["is_fallback"]):
         print(f"\nuser {user_id}{' (unknown: most popular items)' if fallback else ''}:")
         for rank, (item_id, score) in enumerate(zip(row_items, row_scores), start=1):

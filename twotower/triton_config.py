@@ -3,17 +3,21 @@
 merlin-systems writes ``executor_model/config.pbtxt`` with one instance of kind
 AUTO and no batching. After the export this step sets ``serve.instance_count``
 and, when ``serve.dynamic_batching`` is on, Triton's dynamic batcher, editing the
-configuration as the protobuf message Triton itself reads.
+configuration as the protobuf message Triton itself reads, and installs the recipe's
+executor ``model.py`` (``twotower/triton_executor_model.py``).
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from twotower.config import ServeConfig
+
+EXECUTOR_MODEL_SOURCE = Path(__file__).with_name("triton_executor_model.py")
 
 
 def _enable_dynamic_batching(config: model_config_pb2.ModelConfig, serve: ServeConfig) -> None:
@@ -52,3 +56,11 @@ def apply_serving_settings(model_dir: Path, serve: ServeConfig) -> model_config_
         _enable_dynamic_batching(config, serve)
     path.write_text(text_format.MessageToString(config))
     return config
+
+
+def install_executor_model(model_dir: Path) -> None:
+    """Replace Merlin's executor ``model.py`` with the recipe's, which maps the graph's errors
+    to gRPC statuses (INVALID_ARGUMENT for a client's mistake) without tracebacks."""
+    for version_dir in Path(model_dir).iterdir():
+        if (version_dir / "model.py").exists():
+            shutil.copy2(EXECUTOR_MODEL_SOURCE, version_dir / "model.py")

@@ -1,0 +1,46 @@
+"""The executor's Triton python-backend model, copied into the export as ``executor_model/1/model.py``.
+
+It runs only inside Triton's python backend stub. Merlin's own executor model answers
+every exception with INTERNAL and the full traceback, server file paths included.
+This one loads the graph the same way (it subclasses Merlin's) and answers:
+
+- ``RequestError`` (the client's mistake): INVALID_ARGUMENT with the error's one line;
+- ``ServiceUnavailable`` (e.g. the online store is down): UNAVAILABLE with its one line;
+- anything else: INTERNAL with a short message; the traceback goes to the server log only.
+"""
+
+import twotower  # noqa: F401  first: telemetry off (and the egress guard) before Feast is imported
+
+import traceback
+
+import triton_python_backend_utils as pb_utils
+from merlin.systems.dag.runtimes.triton import TritonExecutorRuntime
+from merlin.systems.triton.conversions import tensor_table_to_triton_response, triton_request_to_tensor_table
+from merlin.systems.triton.models.executor_model import TritonPythonModel as MerlinExecutorModel
+
+from twotower.errors import RequestError, ServiceUnavailable
+
+
+def _error_response(message: str, code) -> "pb_utils.InferenceResponse":
+    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message, code))
+
+
+class TritonPythonModel(MerlinExecutorModel):
+    def execute(self, requests):
+        return [self._respond(request) for request in requests]
+
+    def _respond(self, request):
+        try:
+            inputs = triton_request_to_tensor_table(request, self.ensemble.input_schema)
+            outputs = self.ensemble.transform(inputs, runtime=TritonExecutorRuntime())
+            return tensor_table_to_triton_response(outputs, self.ensemble.output_schema)
+        except RequestError as error:
+            return _error_response(str(error), pb_utils.TritonError.INVALID_ARG)
+        except ServiceUnavailable as error:
+            return _error_response(str(error), pb_utils.TritonError.UNAVAILABLE)
+        except Exception as error:  # noqa: BLE001 - any fault must become a response, not a dead model
+            pb_utils.Logger.log_error(f"executor_model: request failed:\n{traceback.format_exc()}")
+            return _error_response(
+                f"internal error in the serving graph ({type(error).__name__}); details are in the server log",
+                pb_utils.TritonError.INTERNAL,
+            )
