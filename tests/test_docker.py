@@ -87,6 +87,27 @@ def test_named_volumes_are_declared_and_used(compose):
     assert used == declared
 
 
+PUBLISHED = re.compile(r"^(?:\$\{(?P<variable>\w+):-(?P<default>[^}]+)\}|(?P<address>[\d.]+)):(?P<host>\d+):(?P<container>\d+)$")
+
+
+def test_ports_are_published_on_loopback_unless_explicitly_widened(compose):
+    """Triton has no authentication: by default every port is on the host's 127.0.0.1; the
+    only way to widen it is the documented TRITON_PUBLISH_ADDRESS variable."""
+    for name, service in compose["services"].items():
+        for entry in service.get("ports", []):
+            match = PUBLISHED.match(str(entry))
+            assert match, f"{name}: port {entry!r} has no explicit host address"
+            assert (match["address"] or match["default"]) == "127.0.0.1", f"{name}: {entry!r} is not on loopback"
+            assert match["variable"] in (None, "TRITON_PUBLISH_ADDRESS")
+    assert "TRITON_PUBLISH_ADDRESS" in (PROJECT_ROOT / "README.md").read_text()
+
+
+def test_no_telemetry_in_the_containers(compose):
+    for name in RECIPE_SERVICES:
+        assert compose["services"][name]["environment"]["FEAST_USAGE"] == "False"
+    assert re.search(r"^ENV FEAST_USAGE=False$", (DOCKER_DIR / "Dockerfile").read_text(), flags=re.M)
+
+
 def test_ports_are_published(compose):
     services = compose["services"]
     assert _published_ports(services["jupyter"]) == {8888}

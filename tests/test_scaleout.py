@@ -176,7 +176,7 @@ def test_triton_serves_two_instances_with_dynamic_batching(exported, tmp_path):
     shutil.copytree(exported.output_dir, tmp_path / "artifacts")
     shutil.copytree(exported.export_dir, tmp_path / "triton_models")
     serve = ServeConfig(
-        grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(),
+        grpc_port=0, http_port=0, metrics_port=0,
         top_k=exported.serve.top_k, instance_count=2, dynamic_batching=True, max_batch_size=32,
     )
     apply_serving_settings(tmp_path / "triton_models" / serve.model_name, serve)
@@ -185,15 +185,15 @@ def test_triton_serves_two_instances_with_dynamic_batching(exported, tmp_path):
 
     with TritonServer(tmp_path / "triton_models", tmp_path / "triton", serve) as server:
         with grpcclient.InferenceServerClient(server.grpc_url) as client:
-            served = client.get_model_config(serve.model_name).config
+            served = client.get_model_config(serve.model_name, client_timeout=30).config
             assert served.instance_group[0].count == 2 and served.max_batch_size == 32
             # with dynamic batching on, a request carries user_id as [n, 1]
             request = grpcclient.InferInput("user_id", [len(users), 1], "INT64")
             request.set_data_from_numpy(users.astype(np.int64).reshape(-1, 1))
-            result = client.infer(serve.model_name, [request])
+            result = client.infer(serve.model_name, [request], client_timeout=30)
             flat = grpcclient.InferInput("user_id", [len(users)], "INT64")
             flat.set_data_from_numpy(users.astype(np.int64))
             with pytest.raises(InferenceServerException, match="shape"):
-                client.infer(serve.model_name, [flat])
+                client.infer(serve.model_name, [flat], client_timeout=30)
     np.testing.assert_array_equal(result.as_numpy("item_ids"), expected["item_ids"])
     np.testing.assert_allclose(result.as_numpy("scores"), expected["scores"], rtol=1e-5, atol=1e-6)

@@ -1,6 +1,7 @@
 """End to end through a real Triton server started from the nvidia-pytriton wheel."""
 
 import dataclasses
+import re
 import shutil
 
 import numpy as np
@@ -12,15 +13,16 @@ from tritonclient.utils import InferenceServerException
 from twotower.client import recommend
 from twotower.config import ServeConfig
 from twotower.ensemble import load_exported_ensemble, recommend_in_process
-from twotower.serve import TritonServer
-
-from conftest import free_port
+from twotower import serve
+from twotower.serve import PortInUse, TritonServer
 
 pytestmark = pytest.mark.integration
+TIMEOUT_S = 30
 
 
-def _serve_config(model_name="executor_model") -> ServeConfig:
-    return ServeConfig(grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(), model_name=model_name, top_k=5)
+def _serve_config(model_name="executor_model", **ports) -> ServeConfig:
+    """Ports 0: the server picks free ones, so two test runs never collide."""
+    return ServeConfig(**{"grpc_port": 0, "http_port": 0, "metrics_port": 0, **ports}, model_name=model_name, top_k=5)
 
 
 @pytest.fixture(scope="module")
@@ -111,25 +113,48 @@ def test_a_running_server_refuses_a_second_start(server):
 def _infer(client, name, array, datatype):
     request = grpcclient.InferInput(name, list(array.shape), datatype)
     request.set_data_from_numpy(array)
-    return client.infer("executor_model", [request])
+    return client.infer("executor_model", [request], client_timeout=TIMEOUT_S)
 
 
 @pytest.mark.parametrize(
     "name, array, datatype, message",
     [
-        ("user_id", np.array([], dtype=np.int64), "INT64", "empty request"),
-        ("user_id", np.arange(2000, dtype=np.int64), "INT64", "request has 2000 users; the maximum is 1024"),
+        # the graph's own checks: exactly this one line, nothing else
+        ("user_id", np.array([], dtype=np.int64), "INT64", r"^empty request: 'user_id' has no rows$"),
+        ("user_id", np.arange(2000, dtype=np.int64), "INT64",
+         r"^request has 2000 users; the maximum is 1024 \(serve.max_request_users\)$"),
+        # Triton's own checks
         ("user_id", np.array([10.0], dtype=np.float32), "FP32", "FP32"),
         ("user_id", np.array([[10, 20]], dtype=np.int64), "INT64", "shape"),
         ("not_user_id", np.array([10], dtype=np.int64), "INT64", "user_id"),
     ],
     ids=["empty-batch", "oversized-batch", "wrong-dtype", "wrong-shape", "missing-input"],
 )
-def test_bad_requests_get_clear_errors_and_server_keeps_serving(exported, server, client, name, array, datatype, message):
-    with pytest.raises(InferenceServerException, match=message):
+def test_bad_requests_are_invalid_argument_in_one_line_and_server_keeps_serving(exported, server, client, name, array, datatype, message):
+    with pytest.raises(InferenceServerException) as raised:
         _infer(client, name, array, datatype)
-    assert client.is_server_ready() and client.is_model_ready("executor_model")
+    assert raised.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert re.search(message, raised.value.message())
+    assert "Traceback" not in raised.value.message() and ".py" not in raised.value.message()
+    assert client.is_server_ready(client_timeout=TIMEOUT_S) and client.is_model_ready("executor_model", client_timeout=TIMEOUT_S)
     assert recommend(_test_users(exported, 1), server.grpc_url)["item_ids"].shape == (1, 5)
+
+
+def test_a_port_held_by_another_triton_is_refused_naming_it(relocated, server, tmp_path):
+    decoy_port = server.ports.grpc
+    with pytest.raises(PortInUse, match=rf"grpc port {decoy_port} .* in use by pid {server.process.pid} \(tritonserver\)"):
+        TritonServer(relocated / "triton_models", tmp_path / "triton", _serve_config(grpc_port=decoy_port)).start()
+
+
+def test_readiness_never_comes_from_a_server_we_did_not_start(relocated, server, tmp_path, monkeypatch):
+    """Even if the free-port check is raced, the decoy answering 'ready' on the port is not taken
+    for the new server: the new one fails to bind and the start fails instead of succeeding."""
+    monkeypatch.setattr(serve, "check_ports_free", lambda host, ports: None)
+    started = TritonServer(relocated / "triton_models", tmp_path / "triton", _serve_config(grpc_port=server.ports.grpc))
+    with pytest.raises((PortInUse, RuntimeError)) as raised:
+        started.start()
+    assert "Address already in use" in str(raised.value) or "does not hold" in str(raised.value)
+    assert started.process.poll() is not None  # the failed server was stopped, not left behind
 
 
 def test_top_k_above_the_catalogue_is_capped(exported, tmp_path):

@@ -3,7 +3,6 @@ import json
 
 import pytest
 
-from conftest import free_port
 from twotower.serving_benchmark import run_serving_benchmark
 
 pytestmark = pytest.mark.smoke
@@ -11,7 +10,7 @@ pytestmark = pytest.mark.smoke
 
 def test_serving_benchmark_smoke_run_writes_its_report(exported):
     config = dataclasses.replace(exported)
-    config.serve = dataclasses.replace(exported.serve, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port())
+    config.serve = dataclasses.replace(exported.serve, grpc_port=0, http_port=0, metrics_port=0)
     config.benchmark = dataclasses.replace(exported.benchmark, requests_per_phase=20, warmup_requests=5, soak_seconds=2.0, soak_concurrency=4)
     report = json.loads(run_serving_benchmark(config).read_text())
     for phase in ("c1", "c4", "c16", "batch64_c1"):

@@ -11,6 +11,7 @@ JSON file whose path is the last line printed.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import re
 import subprocess
@@ -38,7 +39,7 @@ class Phase:
     concurrency: int
 
 
-def _drive(url: str, model: str, batches: list[np.ndarray], concurrency: int) -> tuple[np.ndarray, int, float]:
+def _drive(url: str, model: str, batches: list[np.ndarray], concurrency: int, timeout_s: float) -> tuple[np.ndarray, int, float]:
     """Send every batch, ``concurrency`` at a time; latencies (ms), error count, wall seconds."""
 
     def worker(share: list[np.ndarray]) -> tuple[list[float], int]:
@@ -47,7 +48,7 @@ def _drive(url: str, model: str, batches: list[np.ndarray], concurrency: int) ->
             for user_ids in share:
                 started = time.perf_counter()
                 try:
-                    client.infer(model, [user_id_request(user_ids)])
+                    client.infer(model, [user_id_request(user_ids)], client_timeout=timeout_s)
                     latencies.append((time.perf_counter() - started) * 1000)
                 except InferenceServerException:
                     errors += 1
@@ -102,13 +103,14 @@ def _user_batches(users: np.ndarray, count: int, size: int, seed: int) -> list[n
 def run_phases(config: RecipeConfig, url: str, metrics_url: str, users: np.ndarray) -> dict[str, dict]:
     bench, model = config.benchmark, config.serve.model_name
     phases = [Phase("c1", 1, 1), Phase("c4", 1, 4), Phase("c16", 1, 16), Phase(f"batch{bench.batch_users}_c1", bench.batch_users, 1)]
-    _drive(url, model, _user_batches(users, bench.warmup_requests, 1, config.seed), 1)
+    timeout_s = config.serve.client_timeout_s
+    _drive(url, model, _user_batches(users, bench.warmup_requests, 1, config.seed), 1, timeout_s)
     results = {}
     for phase in phases:
         count = bench.requests_per_phase if phase.users_per_request == 1 else max(bench.requests_per_phase // 10, 10)
         batches = _user_batches(users, count, phase.users_per_request, config.seed + 1)
         before = triton_model_stats(metrics_url, model)
-        latencies, errors, wall = _drive(url, model, batches, phase.concurrency)
+        latencies, errors, wall = _drive(url, model, batches, phase.concurrency, timeout_s)
         results[phase.name] = {
             **_summary(latencies, errors, wall, phase.users_per_request),
             "triton": _per_request_ms(before, triton_model_stats(metrics_url, model)),
@@ -132,6 +134,7 @@ def soak(config: RecipeConfig, url: str, users: np.ndarray) -> dict:
         fp32_request,
     ]
     deadline = time.monotonic() + bench.soak_seconds
+    timeout_s = config.serve.client_timeout_s
 
     def worker(worker_id: int) -> dict[str, int]:
         rng = np.random.default_rng(config.seed + worker_id)
@@ -141,13 +144,13 @@ def soak(config: RecipeConfig, url: str, users: np.ndarray) -> dict:
                 if rng.random() < 0.2:
                     counts["bad"] += 1
                     try:
-                        client.infer(model, malformed[rng.integers(len(malformed))]())
+                        client.infer(model, malformed[rng.integers(len(malformed))](), client_timeout=timeout_s)
                     except InferenceServerException:
                         counts["bad_rejected"] += 1
                 else:
                     counts["good"] += 1
                     try:
-                        client.infer(model, [user_id_request(rng.choice(users, 1).astype(np.int64))])
+                        client.infer(model, [user_id_request(rng.choice(users, 1).astype(np.int64))], client_timeout=timeout_s)
                     except InferenceServerException:
                         counts["good_errors"] += 1
         return counts
@@ -156,7 +159,7 @@ def soak(config: RecipeConfig, url: str, users: np.ndarray) -> dict:
         results = list(pool.map(worker, range(bench.soak_concurrency)))
     totals = {key: sum(r[key] for r in results) for key in results[0]}
     with grpcclient.InferenceServerClient(url) as client:
-        totals["ready_after"] = bool(client.is_server_ready() and client.is_model_ready(model))
+        totals["ready_after"] = bool(client.is_server_ready(client_timeout=timeout_s) and client.is_model_ready(model, client_timeout=timeout_s))
     totals["seconds"] = bench.soak_seconds
     return totals
 
@@ -234,15 +237,17 @@ def run_serving_benchmark(config: RecipeConfig) -> Path:
     out_dir = config.output_dir / "benchmark-serving"
     out_dir.mkdir(parents=True, exist_ok=True)
     users = pipeline.load_recipe_data(config).users["user_id"].to_numpy()
-    url = f"{config.serve.host}:{config.serve.grpc_port}"
-    metrics_url = f"http://{config.serve.host}:{config.serve.metrics_port}/metrics"
+    # Free ports picked at start: a stale server on the usual ports can never be measured instead.
+    serve = dataclasses.replace(config.serve, grpc_port=0, http_port=0, metrics_port=0)
 
     graphs = {"recipe": config.export_dir, "reference": export_reference(config, out_dir)}
     by_graph, soak_result, perf_analyzer = {}, None, None
     for graph, model_repository in graphs.items():
         print(f"[benchmark] {graph} graph from {model_repository}")
-        with TritonServer(model_repository, out_dir / f"triton-{graph}", config.serve):
-            by_graph[graph] = run_phases(config, url, metrics_url, users)
+        with TritonServer(model_repository, out_dir / f"triton-{graph}", serve) as server:
+            url = server.grpc_url
+            print(f"  tritonserver pid {server.process.pid} on {url}, serving {model_repository}")
+            by_graph[graph] = run_phases(config, url, server.metrics_url, users)
             if graph == "recipe":
                 if config.benchmark.perf_analyzer:
                     perf_analyzer = perf_analyzer_phases(config, url, users, out_dir)
