@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -19,17 +18,23 @@ SMALL_RUN = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def small_config(root: Path, *extra: str) -> RecipeConfig:
     config = load_config(overrides=[*SMALL_RUN, *extra])
     config.output_dir = root / "artifacts"
     config.export_dir = root / "triton_models"
     return config
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failing (or timed-out) test shows the log of every Triton server still running."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        from twotower.serve import running_servers
+
+        for server in running_servers():
+            report.sections.append((f"tritonserver pid {server.process.pid} log (last lines)", server.log_tail(80)))
 
 
 @pytest.fixture(scope="session")

@@ -57,6 +57,7 @@ def _text(notebook) -> str:
 
 
 @pytest.mark.smoke
+@pytest.mark.timeout(1200)
 def test_every_notebook_runs_top_to_bottom_on_synthetic_data(tmp_path):
     committed = {name: (NOTEBOOK_DIR / name).read_bytes() for name in NOTEBOOKS}
     parameters = {

@@ -5,7 +5,7 @@ import pytest
 from conftest import small_config
 from twotower.quality import run_quality_benchmark
 
-pytestmark = pytest.mark.smoke
+pytestmark = [pytest.mark.smoke, pytest.mark.timeout(900)]
 
 METRICS = ("recall@10", "recall@20", "recall@50", "recall@100", "ndcg@10", "mrr@100", "coverage@10")
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import time
 
 import numpy as np
 import pandas as pd
@@ -24,11 +22,12 @@ from twotower import pipeline
 from twotower.config import FeaturesConfig, ServeConfig
 from twotower.ensemble import load_exported_ensemble, recommend_in_process
 from twotower.feature_store import build_feature_store, online_user_features
+from twotower.redis_server import RedisServer
 from twotower.serve import TritonServer
 from twotower.triton_config import apply_serving_settings
 from twotower.workflow import category_table, load_workflow
 
-from conftest import free_port, small_config
+from conftest import small_config
 
 
 def _encoded_rows(config) -> pd.DataFrame:
@@ -69,34 +68,13 @@ def test_workflow_on_two_dask_workers_matches_single_process(prepared, tmp_path,
 @pytest.fixture(scope="module")
 def redis_port(tmp_path_factory):
     """A real redis-server on a free loopback port, without persistence, for this module."""
-    binary = shutil.which("redis-server")
-    if binary is None:
+    if shutil.which("redis-server") is None:
         message = "redis-server is not installed (Debian package redis-server; .ci/run installs it)"
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
-    import redis
-
-    port = free_port()
-    work_dir = tmp_path_factory.mktemp("redis")
-    command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(work_dir)]
-    with open(work_dir / "redis.log", "wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        client = redis.Redis(host="127.0.0.1", port=port)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server did not start:\n{(work_dir / 'redis.log').read_text()}")
-                time.sleep(0.05)
-        yield port
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
+    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
+        yield server.port
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import pytest
 
 from twotower.serving_benchmark import run_serving_benchmark
 
-pytestmark = pytest.mark.smoke
+pytestmark = [pytest.mark.smoke, pytest.mark.timeout(900)]
 
 
 def test_serving_benchmark_smoke_run_writes_its_report(exported):

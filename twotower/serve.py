@@ -191,7 +191,7 @@ def free_ports(host: str) -> ServerPorts:
             sock.close()
 
 
-def _set_parent_death_signal() -> None:
+def set_parent_death_signal() -> None:
     """In the child before exec: SIGTERM when the parent dies, even by SIGKILL (Linux).
 
     The kernel sends it when the thread that started the server exits, so start
@@ -286,7 +286,7 @@ class TritonServer:
                 stderr=subprocess.STDOUT,
                 env=server_environment(install),
                 start_new_session=True,
-                preexec_fn=_set_parent_death_signal,
+                preexec_fn=set_parent_death_signal,
             )
         _RUNNING.add(self)
         atexit.register(self.stop)
