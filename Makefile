@@ -11,10 +11,10 @@ COMPOSE := docker compose -f docker/docker-compose.yml
 NB_ARGS ?=
 LAB_PORT ?= 8888
 
-.PHONY: venv run test serve query export notebooks lab clean help benchmark-quality benchmark-serving perf-analyzer docker-up docker-down docker-logs
+.PHONY: venv run test serve query export notebooks lab clean help benchmark-quality benchmark-serving benchmark-faults perf-analyzer docker-up docker-down docker-logs
 
 help:
-	@echo "make run | test | serve | query USER=<id> | export | notebooks | lab | benchmark-quality | benchmark-serving | clean | docker-up | docker-down | docker-logs"
+	@echo "make run | test | serve | query USER=<id> | export | notebooks | lab | benchmark-quality | benchmark-serving | benchmark-faults | clean | docker-up | docker-down | docker-logs"
 
 $(STAMP): requirements/lock.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -69,6 +69,11 @@ benchmark-serving: venv
 		echo "perf_analyzer unavailable (above): benchmarking with the recipe's own load generator only"; \
 		$(TWOTOWER) benchmark-serving; \
 	fi
+
+# The served recipe under faults (Redis outage, Triton SIGKILL, a killed stage, a 10-minute soak);
+# needs an exported run (make export) and redis-server (Debian package redis-server).
+benchmark-faults: venv
+	$(TWOTOWER) benchmark-faults
 
 test: venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

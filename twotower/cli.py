@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="twotower", description=__doc__)
     parser.add_argument(
         "stage",
-        choices=[*STAGES, "run", "serve", "query", "benchmark-quality", "benchmark-serving"],
+        choices=[*STAGES, "run", "serve", "query", "benchmark-quality", "benchmark-serving", "benchmark-faults"],
         help="stage to run; 'run' is all stages plus a served demo",
     )
     parser.add_argument("--config", type=Path, help="YAML file overriding the defaults in twotower/config.py")
@@ -75,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
         from twotower.serving_benchmark import run_serving_benchmark
 
         run_serving_benchmark(config)
+    elif args.stage == "benchmark-faults":
+        from twotower.fault_benchmark import run_fault_benchmark
+
+        run_fault_benchmark(config)
     elif args.stage == "serve":
         _serve(config)
     elif args.stage == "query":

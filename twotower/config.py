@@ -89,6 +89,12 @@ class BenchmarkConfig:
     batch_users: int = 64
     perf_analyzer: str = ""  # path of Triton's perf_analyzer binary (make perf-analyzer installs one); "" skips it
     perf_analyzer_interval_ms: int = 5000
+    # make benchmark-faults (twotower/fault_benchmark.py)
+    fault_concurrency: int = 16
+    fault_gap_s: float = 10.0  # Redis is down this long, mid-soak
+    fault_soak_seconds: float = 600.0  # the memory soak
+    fault_sample_users: int = 200  # users whose answers are checked against the healthy server's
+    fault_stage_kill_after_s: float = 5.0  # 'features' is killed this long after it starts
 
 
 @dataclass

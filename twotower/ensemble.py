@@ -34,7 +34,7 @@ from merlin.schema import ColumnSchema, Schema
 from merlin.systems.dag import Ensemble
 from merlin.table import TensorColumn, TensorTable
 
-from twotower.errors import RequestError
+from twotower.errors import RequestError, ServiceUnavailable
 from twotower.index import load_index, search
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,18 @@ def _user_ids(transformable, max_users: int) -> np.ndarray:
 def _ragged(lists: list[list[int]]) -> TensorColumn:
     offsets = np.concatenate([[0], np.cumsum([len(v) for v in lists])]).astype(np.int32)
     return TensorColumn(np.fromiter((x for v in lists for x in v), dtype=np.int64, count=offsets[-1]), offsets=offsets)
+
+
+def read_online(reader, ids: np.ndarray) -> list:
+    """``reader.read(ids)``; an online store that cannot be reached is ServiceUnavailable (a
+    one-line UNAVAILABLE to the client), not an internal fault."""
+    import redis.exceptions
+
+    try:
+        return reader.read(ids)
+    except (ConnectionError, TimeoutError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ServiceUnavailable(f"online feature store unavailable: {reason}") from error
 
 
 class _ArtifactOperator(BaseOperator):
@@ -204,8 +216,8 @@ class OnlineQueryFeatures(_FeatureRepoOperator):
 
         user_ids = _user_ids(transformable, self.max_users)
         query_reader, user_reader = self.client
-        encoded = query_reader.read(user_ids)
-        raw = user_reader.read(user_ids)
+        encoded = read_online(query_reader, user_ids)
+        raw = read_online(user_reader, user_ids)
         known = np.array([row is not None for row in encoded])
         columns = {}
         for column in self.model_inputs:
