@@ -80,10 +80,14 @@ def answers(url: str, model: str, users: np.ndarray, timeout_s: float) -> np.nda
         return client.infer(model, [user_id_request(users.astype(np.int64))], client_timeout=timeout_s).as_numpy("item_ids")
 
 
-def soak(url: str, model: str, expected: dict[int, np.ndarray], seconds: float, concurrency: int, timeout_s: float, seed: int) -> list[Outcome]:
-    """Single-user requests for ``seconds``, each answer classified against ``expected``."""
+def soak(
+    url: str, model: str, expected: dict[int, np.ndarray], seconds: float, concurrency: int, timeout_s: float, seed: int,
+    started: float | None = None,
+) -> list[Outcome]:
+    """Single-user requests for ``seconds`` from ``started`` (a monotonic time; default now),
+    each answer classified against ``expected``."""
     users = np.array(sorted(expected))
-    started = time.monotonic()
+    started = time.monotonic() if started is None else started
 
     def worker(worker_id: int) -> list[Outcome]:
         rng = np.random.default_rng(seed + worker_id)
@@ -113,15 +117,16 @@ def counts(outcomes: list[Outcome]) -> dict[str, int]:
 def redis_gap(server: TritonServer, redis: RedisServer, config: RecipeConfig, expected: dict[int, np.ndarray]) -> dict:
     bench, serve = config.benchmark, config.serve
     gap = bench.fault_gap_s
+    started = time.monotonic()
     with ThreadPoolExecutor(1) as background:
         running = background.submit(soak, server.grpc_url, serve.model_name, expected, 3 * gap, bench.fault_concurrency,
-                                    serve.client_timeout_s, config.seed)
+                                    serve.client_timeout_s, config.seed, started)
         time.sleep(gap)
+        stopped_at = time.monotonic() - started
         redis.stop()
-        stopped_at = gap
-        time.sleep(gap)
+        time.sleep(max(gap - (time.monotonic() - started - stopped_at), 0))
         redis.start()
-        restarted_at = 2 * gap
+        restarted_at = time.monotonic() - started  # Redis answers again from here
         outcomes = running.result()
     before = [o for o in outcomes if o.at_s < stopped_at]
     during = [o for o in outcomes if stopped_at <= o.at_s < restarted_at]
@@ -133,6 +138,8 @@ def redis_gap(server: TritonServer, redis: RedisServer, config: RecipeConfig, ex
         "after": counts(after),
         "gap_error_p99_ms": float(np.percentile([o.latency_ms for o in gap_errors], 99)) if gap_errors else None,
         "gap_error_messages": sorted({o.message for o in gap_errors})[:5],
+        "stopped_at_s": stopped_at,
+        "restarted_at_s": restarted_at,
         "first_good_after_restart_s": next((o.at_s - restarted_at for o in after if o.kind == "good"), None),
         "timeline": [(round(o.at_s, 3), o.kind) for o in outcomes],
     }
@@ -183,14 +190,14 @@ def _copy_run(config: RecipeConfig, run_dir: Path, redis: RedisServer) -> Recipe
     return run
 
 
-def plot_faults(gap: dict, gap_s: float, rss: list[tuple[float, float]], path: Path) -> Figure:
+def plot_faults(gap: dict, rss: list[tuple[float, float]], path: Path) -> Figure:
     fig = Figure(figsize=(11, 4))
     outcome_ax, rss_ax = fig.subplots(1, 2)
     times = np.array([t for t, _ in gap["timeline"]])
-    bins = np.arange(0, max(times.max() if len(times) else 0, 3 * gap_s) + 1)
+    bins = np.arange(0, (times.max() if len(times) else 0) + 1)
     for kind in OUTCOMES:
         outcome_ax.hist(times[[k == kind for _, k in gap["timeline"]]], bins=bins, histtype="step", label=kind)
-    outcome_ax.axvspan(gap_s, 2 * gap_s, color="grey", alpha=0.2, label="Redis stopped")
+    outcome_ax.axvspan(gap["stopped_at_s"], gap["restarted_at_s"], color="grey", alpha=0.2, label="Redis stopped")
     outcome_ax.set(title="requests per second around a Redis outage", xlabel="seconds", ylabel="requests")
     outcome_ax.legend()
     rss_ax.plot([t / 60 for t, _ in rss], [mb for _, mb in rss], marker=".")
@@ -239,7 +246,7 @@ def run_fault_benchmark(config: RecipeConfig) -> Path:
         with TritonServer(run.export_dir, out_dir / "triton", run.serve) as server:
             rerun = answers(server.grpc_url, serve.model_name, np.array(users), serve.client_timeout_s)
         report["stage_killed"]["same_answers"] = bool(np.array_equal(rerun, baseline))
-    plot_faults(report["redis_gap"], bench.fault_gap_s, rss, out_dir / "faults.png")
+    plot_faults(report["redis_gap"], rss, out_dir / "faults.png")
     _print_report(report)
     path = out_dir / "faults.json"
     path.write_text(json.dumps(report, indent=2))
