@@ -175,3 +175,21 @@ def test_failing_start_reports_the_server_log(relocated, tmp_path):
     (broken / "executor_model" / "config.pbtxt").write_text("this is not a model config")
     with pytest.raises(RuntimeError, match="(?s)tritonserver exited.*executor_model"):
         TritonServer(broken, tmp_path / "triton", _serve_config()).start()
+
+
+def test_a_server_fault_is_internal_in_one_line_with_the_traceback_in_the_log_only(exported, relocated, tmp_path):
+    import sqlite3
+
+    run = tmp_path / "run"
+    shutil.copytree(relocated / "artifacts", run / "artifacts")
+    shutil.copytree(relocated / "triton_models", run / "triton_models")
+    with TritonServer(run / "triton_models", tmp_path / "triton", _serve_config()) as running:
+        with sqlite3.connect(run / "artifacts" / "feature_repo" / "data" / "online_store.db") as store:
+            store.execute("DROP TABLE twotower_user_query_features")  # the online store breaks under the server
+        with pytest.raises(InferenceServerException) as raised:
+            recommend(_test_users(exported, 1), running.grpc_url)
+        assert raised.value.status() == "StatusCode.INTERNAL"
+        assert raised.value.message() == "internal error in the serving graph (OperationalError); details are in the server log"
+        assert "Traceback" in running.log_path.read_text() and "no such table" in running.log_path.read_text()
+        with grpcclient.InferenceServerClient(running.grpc_url) as client:
+            assert client.is_model_ready("executor_model", client_timeout=TIMEOUT_S)
