@@ -10,6 +10,8 @@ PYTEST_ARGS ?=
 COMPOSE := docker compose -f docker/docker-compose.yml
 NB_ARGS ?=
 LAB_PORT ?= 8888
+# JupyterLab fetches a news feed and checks for updates on the internet unless told not to.
+LAB_OFFLINE := --LabApp.news_url=None --LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate
 
 .PHONY: venv run test serve query export notebooks lab clean help benchmark-quality benchmark-serving benchmark-faults perf-analyzer docker-up docker-down docker-logs
 
@@ -85,7 +87,7 @@ notebooks: venv
 
 # JupyterLab from .venv (its kernel is .venv's Python) on loopback, opened on the first notebook.
 lab: venv
-	$(BIN)/jupyter lab --ip 127.0.0.1 --port $(LAB_PORT) --no-browser --notebook-dir notebooks \
+	$(BIN)/jupyter lab --ip 127.0.0.1 --port $(LAB_PORT) --no-browser --notebook-dir notebooks $(LAB_OFFLINE) \
 		--LabApp.default_url=/lab/tree/01_data_and_nvtabular.ipynb $(if $(filter 0,$(shell id -u)),--allow-root)
 
 clean:

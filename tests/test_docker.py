@@ -106,6 +106,8 @@ def test_no_telemetry_in_the_containers(compose):
     for name in RECIPE_SERVICES:
         assert compose["services"][name]["environment"]["FEAST_USAGE"] == "False"
     assert re.search(r"^ENV FEAST_USAGE=False$", (DOCKER_DIR / "Dockerfile").read_text(), flags=re.M)
+    assert "--LabApp.news_url=None" in compose["services"]["jupyter"]["command"]
+    assert "--LabApp.news_url=None" in (PROJECT_ROOT / "Makefile").read_text()
 
 
 def test_ports_are_published(compose):
