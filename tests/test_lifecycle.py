@@ -16,39 +16,14 @@ from pathlib import Path
 import pytest
 
 from twotower.config import PROJECT_ROOT, ServeConfig
-from twotower.serve import PortInUse, TritonServer, check_ports_free, free_ports, listening_sockets
+from twotower.serve import (
+    PortInUse, TritonServer, check_ports_free, child_processes, free_ports, listening_sockets, process_group,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 TWOTOWER = PROJECT_ROOT / ".venv" / "bin" / "twotower"
 SERVING_LINE = re.compile(r"Triton serving .* on grpc [\d.]+:(\d+) \(http (\d+), metrics (\d+)\)")
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry))
-    return found
-
-
-def _group_members(group: int) -> list[int]:
-    members = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            fields = stat.rsplit(")", 1)[1].split()
-            if int(fields[2]) == group and fields[0] != "Z":
-                members.append(int(entry))
-    return members
 
 
 def _port_free(port: int) -> bool:
@@ -57,8 +32,8 @@ def _port_free(port: int) -> bool:
 
 def _start_serving(command: list[str], log: Path) -> tuple[subprocess.Popen, tuple[int, int, int]]:
     """Start ``command`` in a new session (as `setsid` would) and wait for the serving line."""
-    out = open(log, "w")
-    process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=PROJECT_ROOT)
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=PROJECT_ROOT)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         match = SERVING_LINE.search(log.read_text())
@@ -83,7 +58,7 @@ def _tritonserver_of(owner: subprocess.Popen) -> int:
     pending = [owner.pid]
     while pending:
         pid = pending.pop()
-        for child in _children(pid):
+        for child in child_processes(pid):
             if Path(f"/proc/{child}/comm").read_text().strip() == "tritonserver":
                 return child
             pending.append(child)
@@ -93,10 +68,10 @@ def _tritonserver_of(owner: subprocess.Popen) -> int:
 def _assert_all_gone(owner: subprocess.Popen, server_pid: int, ports: tuple[int, ...], within_s: float = 40.0) -> None:
     deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:
-        if owner.poll() is not None and not _group_members(server_pid) and all(_port_free(p) for p in ports):
+        if owner.poll() is not None and not process_group(server_pid) and all(_port_free(p) for p in ports):
             return
         time.sleep(0.2)
-    left = [(pid, Path(f"/proc/{pid}/comm").read_text().strip()) for pid in _group_members(server_pid)]
+    left = [(pid, Path(f"/proc/{pid}/comm").read_text().strip()) for pid in process_group(server_pid)]
     for group in (server_pid, owner.pid):  # a failing test must not leave servers behind either
         with contextlib.suppress(ProcessLookupError):
             os.killpg(group, signal.SIGKILL)
@@ -108,7 +83,7 @@ def _assert_all_gone(owner: subprocess.Popen, server_pid: int, ports: tuple[int,
 def test_a_signal_to_twotower_serve_takes_the_server_and_its_stubs(exported, tmp_path, signum):
     owner, ports = _start_serving([str(TWOTOWER), "serve", *_serve_args(exported)], tmp_path / "serve.log")
     server_pid = _tritonserver_of(owner)
-    assert [Path(f"/proc/{pid}/comm").read_text().strip() for pid in _group_members(server_pid)].count("triton_python_b") >= 1
+    assert [Path(f"/proc/{pid}/comm").read_text().strip() for pid in process_group(server_pid)].count("triton_python_b") >= 1
     os.killpg(owner.pid, signum)  # the whole group of the command, as a terminal or supervisor does
     _assert_all_gone(owner, server_pid, ports)
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -42,7 +41,7 @@ from twotower import pipeline
 from twotower.client import user_id_request
 from twotower.config import RecipeConfig
 from twotower.redis_server import RedisServer
-from twotower.serve import TritonServer
+from twotower.serve import TritonServer, process_group
 
 OUTCOMES = ("good", "clear_error", "wrong", "hang")
 CLEAR_ERROR_STATUSES = {"StatusCode.UNAVAILABLE", "StatusCode.INVALID_ARGUMENT", "StatusCode.INTERNAL"}
@@ -60,14 +59,9 @@ class Outcome:
 def group_rss_mb(leader_pid: int) -> float:
     """Resident memory of every live process in ``leader_pid``'s process group (server and stubs)."""
     total_kb = 0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    for pid in process_group(leader_pid):
         try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            if int(stat.rsplit(")", 1)[1].split()[2]) != leader_pid:
-                continue
-            status = Path(f"/proc/{entry}/status").read_text()
+            status = Path(f"/proc/{pid}/status").read_text()
         except OSError:
             continue
         total_kb += next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0)

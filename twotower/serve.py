@@ -22,6 +22,7 @@ import threading
 import time
 from dataclasses import astuple, dataclass
 from pathlib import Path
+from typing import Iterator
 
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
@@ -359,6 +360,25 @@ class TritonServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _process_stats() -> Iterator[tuple[int, list[str]]]:
+    """Every process as (pid, fields of /proc/<pid>/stat after its name: state, ppid, pgid, ...)."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                yield int(entry), Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:  # gone meanwhile
+                continue
+
+
+def process_group(group: int) -> list[int]:
+    """Live (not zombie) processes of a process group, e.g. a server and its backend stubs."""
+    return [pid for pid, fields in _process_stats() if int(fields[2]) == group and fields[0] != "Z"]
+
+
+def child_processes(pid: int) -> list[int]:
+    return [child for child, fields in _process_stats() if int(fields[1]) == pid]
 
 
 _RUNNING: set[TritonServer] = set()
