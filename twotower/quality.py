@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from twotower import pipeline
-from twotower.config import RecipeConfig, config_to_dict
+from twotower.config import RecipeConfig, config_to_dict, set_value
 from twotower.evaluate import RECALL_KS
 from twotower.plots import plot_quality
 
@@ -46,8 +46,7 @@ def _variant(base: RecipeConfig, name: str, overrides: dict) -> RecipeConfig:
     config = copy.deepcopy(base)
     config.output_dir = base.output_dir / "benchmark-quality" / name.replace(" ", "_").replace("+", "and")
     for key, value in overrides.items():
-        section, field = key.split(".")
-        setattr(getattr(config, section), field, value)
+        set_value(config, key, value)
     return config
 
 
