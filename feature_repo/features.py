@@ -9,6 +9,8 @@ the deployed copy of this folder; the online store holds the latest row per id.
 - ``user_query_features``: the same user features already encoded by the saved
   NVTabular user workflow, so a request needs no per-request transform.
 - ``item_features``: titles and side features of the movies.
+- ``recipe_run``: one row, the fingerprint of the NVTabular workflow whose codes the store
+  holds; the serving graph compares it with its own at load (twotower/manifest.py).
 """
 
 from datetime import timedelta
@@ -18,11 +20,14 @@ from feast import Entity, FeatureView, Field, FileSource
 from feast.types import Array, Int64, String
 from feast.value_type import ValueType
 
+# Feast records absolute source paths; the pipeline builds the repository in a staging folder
+# and runs this file as if it were already in its final folder (feature_store.load_definitions).
 DATA_DIR = Path(__file__).resolve().parent / "data"
 STATIC = timedelta(0)  # profile features never expire
 
 user = Entity(name="user", join_keys=["user_id"], value_type=ValueType.INT64, description="dataset user id")
 item = Entity(name="item", join_keys=["item_id"], value_type=ValueType.INT64, description="dataset item id")
+run = Entity(name="run", join_keys=["run_id"], value_type=ValueType.INT64, description="always 0: the store's one run")
 
 
 def _source(name: str) -> FileSource:
@@ -71,5 +76,14 @@ item_features = FeatureView(
         Field(name="genres", dtype=Array(String)),
     ],
     source=_source("item_features"),
+    online=True,
+)
+
+recipe_run = FeatureView(
+    name="recipe_run",
+    entities=[run],
+    ttl=STATIC,
+    schema=[Field(name="workflow_fingerprint", dtype=String)],
+    source=_source("recipe_run"),
     online=True,
 )

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,7 @@ from merlin.table import TensorColumn, TensorTable
 
 from twotower.errors import RequestError, ServiceUnavailable
 from twotower.index import load_index, search
+from twotower.manifest import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -191,17 +193,27 @@ class OnlineQueryFeatures(_FeatureRepoOperator):
 
     Unknown users get pad codes, no seen items and ``known = False``: the
     retrieval step answers them with the fallback list.
+
+    On connecting (at load) it refuses an online store materialized from another
+    workflow than ``workflow_fingerprint``, the one the query tower was trained on:
+    its codes would mean other values.
     """
 
-    def __init__(self, feature_repo: Path, model_inputs: Schema, max_users: int):
+    def __init__(self, feature_repo: Path, model_inputs: Schema, max_users: int, workflow_fingerprint: str):
         super().__init__(feature_repo)
         self.model_inputs = model_inputs
         self.max_users = max_users
+        self.workflow_fingerprint = workflow_fingerprint
 
     def _connect(self, repo: Path):
-        from twotower.feature_store import QUERY_VIEW, USER_VIEW, OnlineReader
+        from twotower.feature_store import QUERY_VIEW, USER_VIEW, OnlineReader, check_materialized_from
 
-        return OnlineReader(repo, QUERY_VIEW), OnlineReader(repo, USER_VIEW)
+        # One store for both views: the check opens its online-store connection and every
+        # request reads through it, so requests read the store that was checked (a SQLite file
+        # replaced by a later 'features' run is only picked up when the model reloads).
+        query = OnlineReader(repo, QUERY_VIEW)
+        check_materialized_from(query.store, self.workflow_fingerprint)
+        return query, OnlineReader(query.store, USER_VIEW)
 
     def compute_output_schema(self, input_schema: Schema, col_selector: ColumnSelector, prev_output_schema: Schema = None) -> Schema:
         return self.model_inputs + Schema(
@@ -374,10 +386,12 @@ def build_ensemble(
     fallback: tuple[np.ndarray, np.ndarray],
     exclude_seen: bool,
     max_users: int,
+    workflow_fingerprint: str,
 ) -> Ensemble:
-    """The recipe's serving graph."""
+    """The recipe's serving graph; ``workflow_fingerprint`` is the workflow the query tower was
+    trained on, which the online store's features must come from."""
     model_inputs = _signature_schema(PredictQueryTower(query_tower_dir))
-    lookup = OnlineQueryFeatures(feature_repo, model_inputs, max_users)
+    lookup = OnlineQueryFeatures(feature_repo, model_inputs, max_users, workflow_fingerprint)
     retrieval_inputs = lookup.compute_output_schema(Schema(), None).select_by_name(["seen_items", "known"])
     graph = (
         ["user_id"]
@@ -426,14 +440,36 @@ def _signature_schema(tower: PredictQueryTower) -> Schema:
     return Schema(list(columns.values()))
 
 
-def export_ensemble(ensemble: Ensemble, export_dir: Path, model_name: str = MODEL_NAME) -> Path:
-    """Write the Triton model repository (replacing an older export of that model)."""
-    target = export_dir / model_name
-    if target.exists():
-        shutil.rmtree(target)
-    export_dir.mkdir(parents=True, exist_ok=True)
-    ensemble.export(str(export_dir), name=model_name)
+def export_ensemble(
+    ensemble: Ensemble, export_dir: Path, model_name: str = MODEL_NAME, finish: Callable[[Path], None] | None = None
+) -> Path:
+    """Write the model ``model_name`` into the Triton model repository ``export_dir``, replacing an
+    older export of it whole: it is built in a staging folder, completed there by ``finish(model_dir)``,
+    then swapped in, so a failed or killed export leaves the previous model in place.
+
+    The staging folder sits inside ``export_dir``, at the model's own depth: operators record
+    paths relative to it (the Feast repository), and ``export_dir`` may be a volume of its own,
+    so a folder outside it could not be renamed in. Triton takes any folder of the repository
+    for a model, so one left by a killed export stops a server from starting (``failed to load
+    all models``) until the next export removes it.
+    """
+    with atomic_dir(export_dir / model_name) as model_dir:
+        ensemble.export(str(export_dir), name=model_dir.name)
+        _name_model(model_dir, model_name)
+        if finish is not None:
+            finish(model_dir)
     return export_dir
+
+
+def _name_model(model_dir: Path, name: str) -> None:
+    """Set the model name in ``config.pbtxt`` (merlin-systems writes the folder's, the staging name)."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    path = model_dir / "config.pbtxt"
+    config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+    config.name = name
+    path.write_text(text_format.MessageToString(config))
 
 
 def load_exported_ensemble(export_dir: Path, model_name: str = MODEL_NAME) -> Ensemble:

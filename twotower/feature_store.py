@@ -6,12 +6,18 @@ online store beside it: SQLite by default, Redis with ``features.online_store``.
 Serving reads the online store through Feast's own online-store interface
 (``OnlineReader``), skipping the SDK's per-request registry and response
 assembly; materialization goes through the SDK unchanged.
+
+A new copy is built in a staging folder and swapped in whole, so re-running the stage
+never deletes the SQLite store under a running server: the server's open connection
+keeps reading the file it opened (unlinked, still readable) until it reloads. The store
+also holds the fingerprint of the workflow its codes come from (``recipe_run``), which
+the serving graph checks at load.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
+import types
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -20,16 +26,20 @@ import pandas as pd
 import yaml
 from feast import Entity, FeatureStore, FeatureView
 from feast.data_source import DataSource
+from feast.errors import FeatureViewNotFoundException
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey
 from feast.protos.feast.types.Value_pb2 import Value
 
 from twotower.config import PROJECT_ROOT, FeaturesConfig
 from twotower.data import USER_FEATURES, RecipeData
+from twotower.manifest import ArtifactMismatch, atomic_dir
 
 TEMPLATE_DIR = PROJECT_ROOT / "feature_repo"
 USER_VIEW = "user_features"
 QUERY_VIEW = "user_query_features"
 ITEM_VIEW = "item_features"
+RUN_VIEW = "recipe_run"
+RUN_ID = 0  # the one row of RUN_VIEW
 ENCODED_PREFIX = "encoded_"
 DEFINITION_FILES = ("feature_store.yaml", "features.py")
 # Feature rows are stamped with one fixed time so that runs are reproducible.
@@ -46,11 +56,9 @@ def online_store_settings(features: FeaturesConfig) -> dict | None:
 
 
 def deploy_repo(repo_dir: Path, features: FeaturesConfig | None = None) -> Path:
-    """Copy the definitions into ``repo_dir`` (a fresh copy each run), online store as configured."""
+    """Copy the definitions into ``repo_dir`` (a new, empty folder), online store as configured."""
     online_store = online_store_settings(features or FeaturesConfig())
-    if repo_dir.exists():
-        shutil.rmtree(repo_dir)
-    (repo_dir / "data").mkdir(parents=True)
+    (repo_dir / "data").mkdir(parents=True, exist_ok=True)
     for name in DEFINITION_FILES:
         shutil.copy2(TEMPLATE_DIR / name, repo_dir / name)
     if online_store is not None:
@@ -61,11 +69,11 @@ def deploy_repo(repo_dir: Path, features: FeaturesConfig | None = None) -> Path:
     return repo_dir
 
 
-def write_sources(data: RecipeData, users: pd.DataFrame, encoded_users: pd.DataFrame, repo_dir: Path) -> None:
-    """Parquet sources of the three feature views.
+def write_sources(data: RecipeData, users: pd.DataFrame, encoded_users: pd.DataFrame, workflow_fingerprint: str, repo_dir: Path) -> None:
+    """Parquet sources of the feature views.
 
     ``users``: raw profile with ``history`` and ``seen_items`` lists; ``encoded_users``:
-    the user workflow's output for the same rows.
+    the user workflow's output for the same rows; ``workflow_fingerprint``: that workflow's.
     """
     stamp = pd.Timestamp(FEATURE_TIMESTAMP)
     empty_lists = pd.Series([[]] * len(users), index=users.index)
@@ -83,30 +91,56 @@ def write_sources(data: RecipeData, users: pd.DataFrame, encoded_users: pd.DataF
     raw.to_parquet(repo_dir / "data" / f"{USER_VIEW}.parquet", index=False)
     encoded.assign(event_timestamp=stamp).to_parquet(repo_dir / "data" / f"{QUERY_VIEW}.parquet", index=False)
     items.to_parquet(repo_dir / "data" / f"{ITEM_VIEW}.parquet", index=False)
+    run = pd.DataFrame({"run_id": [RUN_ID], "workflow_fingerprint": [workflow_fingerprint], "event_timestamp": [stamp]})
+    run.to_parquet(repo_dir / "data" / f"{RUN_VIEW}.parquet", index=False)
 
 
-def load_definitions(repo_dir: Path) -> list:
-    """The Feast objects the definitions file declares (what ``feast apply`` collects)."""
-    spec = importlib.util.spec_from_file_location("twotower_feature_definitions", repo_dir / "features.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+def load_definitions(repo_dir: Path, located_at: Path | None = None) -> list:
+    """The Feast objects the definitions file declares (what ``feast apply`` collects).
+
+    ``located_at``: run the file as if it were in that folder, so the source paths it
+    derives from its own location name that folder.
+    """
+    path = (located_at or repo_dir) / "features.py"
+    module = types.ModuleType("twotower_feature_definitions")
+    module.__file__ = str(path)
+    exec(compile((repo_dir / "features.py").read_text(), str(path), "exec"), module.__dict__)
     return [value for value in vars(module).values() if isinstance(value, (Entity, FeatureView, DataSource))]
 
 
-def apply_and_materialize(repo_dir: Path) -> FeatureStore:
-    """``feast apply`` then ``feast materialize`` (Feast shows a progress bar per view)."""
+def apply_and_materialize(repo_dir: Path, final_dir: Path | None = None) -> FeatureStore:
+    """``feast apply`` then ``feast materialize`` (Feast shows a progress bar per view).
+
+    A repository built in a staging folder for ``final_dir`` is applied once more as if it
+    were there: Feast 0.31 keeps the sources' absolute paths in its registry, and after the
+    swap they must name the final folder. Re-applying unchanged views keeps their rows.
+    """
     store = FeatureStore(repo_path=str(repo_dir))
     store.apply(load_definitions(repo_dir))
     store.materialize(FEATURE_TIMESTAMP - timedelta(days=1), datetime.now(timezone.utc))
+    if final_dir is not None:
+        store.apply(load_definitions(repo_dir, located_at=final_dir))
     return store
 
 
 def build_feature_store(
-    data: RecipeData, users: pd.DataFrame, encoded_users: pd.DataFrame, repo_dir: Path, features: FeaturesConfig | None = None
+    data: RecipeData,
+    users: pd.DataFrame,
+    encoded_users: pd.DataFrame,
+    workflow_fingerprint: str,
+    repo_dir: Path,
+    features: FeaturesConfig | None = None,
 ) -> FeatureStore:
-    deploy_repo(repo_dir, features)
-    write_sources(data, users, encoded_users, repo_dir)
-    return apply_and_materialize(repo_dir)
+    """Deploy, write the sources, apply and materialize in a staging folder, then swap it in at
+    ``repo_dir``. With SQLite the old store file stays readable to connections already open on it.
+    With Redis the online store is shared, not swapped: materializing overwrites its rows in place,
+    so a server running on the previous run's model reads the new rows; its load-time check only
+    catches that when it restarts."""
+    with atomic_dir(repo_dir) as staging:
+        deploy_repo(staging, features)
+        write_sources(data, users, encoded_users, workflow_fingerprint, staging)
+        apply_and_materialize(staging, final_dir=repo_dir)
+    return FeatureStore(repo_path=str(repo_dir))
 
 
 def online_user_features(store: FeatureStore, user_ids: list[int], columns: list[str] | None = None) -> pd.DataFrame:
@@ -131,11 +165,12 @@ class OnlineReader:
     """Reads one feature view straight from the configured online store (SQLite or Redis).
 
     Uses the provider's ``online_read`` (what the SDK calls underneath) with the
-    feature view resolved once, so a request costs one store query.
+    feature view resolved once, so a request costs one store query. ``source`` is the
+    repository folder, or an open store whose online-store connection to share.
     """
 
-    def __init__(self, repo_dir: Path, view_name: str):
-        self.store = FeatureStore(repo_path=str(repo_dir))
+    def __init__(self, source: Path | FeatureStore, view_name: str):
+        self.store = source if isinstance(source, FeatureStore) else FeatureStore(repo_path=str(source))
         self.view = self.store.get_feature_view(view_name)
         self.online_store = self.store._get_provider().online_store
         self.join_key = self.view.entity_columns[0].name
@@ -145,3 +180,20 @@ class OnlineReader:
         keys = [EntityKey(join_keys=[self.join_key], entity_values=[Value(int64_val=int(i))]) for i in ids]
         rows = self.online_store.online_read(self.store.config, self.view, keys)
         return [None if values is None else {name: _python_value(v) for name, v in values.items()} for _, values in rows]
+
+
+def check_materialized_from(store: FeatureStore, workflow_fingerprint: str) -> None:
+    """Raise ArtifactMismatch unless the online store's rows were materialized from the workflow
+    with ``workflow_fingerprint``. Reading it opens the online-store connection (SQLite: the
+    file as it is now), which later reads through ``store`` keep using."""
+    try:
+        (row,) = OnlineReader(store, RUN_VIEW).read(np.array([RUN_ID]))
+    except FeatureViewNotFoundException:
+        row = None
+    found = row["workflow_fingerprint"] if row else None
+    if found != workflow_fingerprint:
+        origin = f"workflow {found[:12]}" if found else "no recorded workflow"
+        raise ArtifactMismatch(
+            f"the Feast online store of {store.repo_path} holds features encoded by {origin}, but this model "
+            f"was exported for workflow {workflow_fingerprint[:12]}: run `twotower export` again, it names the stages to re-run first"
+        )

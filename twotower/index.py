@@ -7,6 +7,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from twotower.manifest import atomic_file
+
 # Up to this many items an exact inner-product scan is both fastest to build and
 # cheap to query (3.7k ML-1M movies: well under a millisecond per query).
 EXACT_SEARCH_MAX_ITEMS = 200_000
@@ -35,8 +37,9 @@ def build_index(item_ids: np.ndarray, vectors: np.ndarray, exact_max_items: int 
 
 
 def save_index(index: faiss.Index, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    faiss.write_index(index, str(path))
+    """Written aside and renamed over ``path``: a reader never sees half an index."""
+    with atomic_file(path) as staging:
+        faiss.write_index(index, str(staging))
 
 
 def load_index(path: Path) -> faiss.Index:

@@ -1,6 +1,8 @@
 """The recipe's stages wired together; each reads and writes under the output folder.
 
 Stages: data -> workflow -> train -> index -> features -> export, then serve/query.
+Each stage writes its outputs atomically and records what it consumed and produced in
+the run manifest; the export refuses parts that come from different runs (manifest.py).
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -25,9 +27,21 @@ from twotower.data import (
     split_by_time,
     users_with_history,
 )
+from twotower.manifest import (
+    EXPORT_RECORD,
+    STAGES,
+    atomic_dir,
+    atomic_file,
+    check_export,
+    fingerprint,
+    fingerprints,
+    record_stage,
+    recorded_stage,
+)
 
 if TYPE_CHECKING:  # heavy imports stay lazy: the CLI loads TensorFlow only for stages that need it
     import merlin.io
+    from feast import FeatureStore
 
     from twotower.train import Catalogue
 
@@ -38,8 +52,8 @@ SPLITS = ("train", "valid", "test")
 
 # ---------------------------------------------------------------- stage helpers
 def _save_frame(frame: pd.DataFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    frame.to_parquet(path, index=False)
+    with atomic_file(path) as staging:
+        frame.to_parquet(staging, index=False)
 
 
 def load_recipe_data(config: RecipeConfig) -> RecipeData:
@@ -50,7 +64,7 @@ def load_recipe_data(config: RecipeConfig) -> RecipeData:
 
 
 def load_split(config: RecipeConfig) -> Split:
-    return Split(*(pd.read_parquet(config.data_dir / "splits" / f"{name}.parquet") for name in SPLITS))
+    return Split(*(pd.read_parquet(config.splits_dir / f"{name}.parquet") for name in SPLITS))
 
 
 # ----------------------------------------------------------------------- stages
@@ -59,10 +73,12 @@ def run_data(config: RecipeConfig) -> Split:
     dc = config.data
     data = load_dataset(dc.dataset, dc.synthetic_users, dc.synthetic_items, dc.synthetic_interactions_per_user, config.seed)
     split = split_by_time(positives(data.interactions, dc.min_rating), dc.test_fraction, dc.validation_fraction)
-    for name, frame in (("interactions", data.interactions), ("users", data.users), ("items", data.items)):
-        _save_frame(frame, config.data_dir / f"{name}.parquet")
-    for name in SPLITS:
-        _save_frame(getattr(split, name), config.data_dir / "splits" / f"{name}.parquet")
+    with recorded_stage(config, "data"):
+        for name, frame in (("interactions", data.interactions), ("users", data.users), ("items", data.items)):
+            _save_frame(frame, config.data_dir / f"{name}.parquet")
+        with atomic_dir(config.splits_dir) as splits_dir:
+            for name in SPLITS:
+                getattr(split, name).to_parquet(splits_dir / f"{name}.parquet", index=False)
     print(
         f"[data] {dc.dataset}: {len(data.interactions):,} interactions, {len(data.users):,} users, "
         f"{len(data.items):,} items; positives train/valid/test = "
@@ -75,12 +91,19 @@ def run_workflow(config: RecipeConfig) -> None:
     """Fit the NVTabular workflow on the training split; write encoded training parquet."""
     from twotower.workflow import dask_execution, fit_workflow, save_workflows, transform_to_parquet
 
-    data, split = load_recipe_data(config), load_split(config)
-    train_rows = join_features(split.train, data, config.train.history_length)
-    with dask_execution(config.workflow) as partitions:
-        workflow = fit_workflow(train_rows, config.workflow_dir / "fit", partitions)
-        save_workflows(workflow, config.workflow_dir)
-        transform_to_parquet(workflow, train_rows, config.data_dir / "train_encoded", partitions)
+    with recorded_stage(config, "workflow"):
+        data, split = load_recipe_data(config), load_split(config)
+        train_rows = join_features(split.train, data, config.train.history_length)
+        # Both folders are built aside and swapped in at the end: the fitted vocabularies
+        # (fit/) and the encoded rows are only replaced together with the saved workflows.
+        with (
+            dask_execution(config.workflow) as partitions,
+            atomic_dir(config.workflow_dir) as workflow_dir,
+            atomic_dir(config.train_encoded_dir) as encoded_dir,
+        ):
+            workflow = fit_workflow(train_rows, workflow_dir / "fit", partitions)
+            save_workflows(workflow, workflow_dir)
+            transform_to_parquet(workflow, train_rows, encoded_dir, partitions)
     print(f"[workflow] fitted on {len(train_rows):,} training rows in {partitions} partition(s); saved to {config.workflow_dir}")
 
 
@@ -123,6 +146,7 @@ class TrainingInputs:
     """What training and evaluation read, all encoded by the saved workflows."""
 
     split: Split
+    consumed: dict[str, str]  # fingerprints of the artifacts these were read from (run manifest)
     train_dataset: merlin.io.Dataset  # encoded training positives, with their Merlin schema
     catalogue: Catalogue
     valid_users: pd.DataFrame  # encoded, history from training positives
@@ -140,11 +164,13 @@ def load_training_inputs(config: RecipeConfig) -> TrainingInputs:
     from twotower.train import item_frequencies
     from twotower.workflow import category_table, load_workflow
 
+    consumed = fingerprints(config, STAGES["train"].consumes)
     data, split = load_recipe_data(config), load_split(config)
-    train_dataset = merlin.io.Dataset(str(config.data_dir / "train_encoded"), engine="parquet")
+    train_dataset = merlin.io.Dataset(str(config.train_encoded_dir), engine="parquet")
     vocabulary = category_table(load_workflow(config.workflow_dir, "item"), "item_id")
     return TrainingInputs(
         split=split,
+        consumed=consumed,
         train_dataset=train_dataset,
         catalogue=encoded_catalogue(config, data),
         valid_users=encoded_users(config, data, split.train),
@@ -191,19 +217,24 @@ def evaluate_on_test(inputs: TrainingInputs, model) -> dict[str, dict[str, float
 
 
 def save_training(config: RecipeConfig, inputs: TrainingInputs, model, stopper, results: dict) -> dict:
-    """Both towers as SavedModels, catalogue item vectors, history, curves and metrics.json."""
+    """Both towers as SavedModels, catalogue item vectors, history, curves and metrics.json;
+    the model folder is replaced whole, then the run manifest records the stage."""
     from merlin.schema import Tags
 
     from twotower.plots import plot_training
     from twotower.train import encode, save_history, save_item_vectors, save_tower
 
-    config.model_dir.mkdir(parents=True, exist_ok=True)
-    save_tower(model.query_encoder, config.query_tower_dir)
-    save_tower(model.candidate_encoder, config.candidate_tower_dir)
     item_vectors = encode(model.candidate_encoder, inputs.catalogue.features, inputs.schema.select_by_tag(Tags.ITEM))
-    save_item_vectors(inputs.catalogue, item_vectors, config.item_vectors_path)
-    save_history(stopper.history, config.model_dir / "history.json")
-    plot_training(stopper.history, config.output_dir / "training_curves.png")
+    with atomic_dir(config.model_dir) as model_dir:
+        query_dir, candidate_dir, vectors_path = (
+            model_dir / path.relative_to(config.model_dir) for path in (config.query_tower_dir, config.candidate_tower_dir, config.item_vectors_path)
+        )
+        save_tower(model.query_encoder, query_dir)
+        save_tower(model.candidate_encoder, candidate_dir)
+        save_item_vectors(inputs.catalogue, item_vectors, vectors_path)
+        save_history(stopper.history, model_dir / "history.json")
+    with atomic_file(config.output_dir / "training_curves.png") as staging:
+        plot_training(stopper.history, staging)
     metrics = {
         "dataset": config.data.dataset,
         "protocol": "full catalogue, earlier positives excluded, per-user temporal holdout",
@@ -214,7 +245,9 @@ def save_training(config: RecipeConfig, inputs: TrainingInputs, model, stopper, 
         "history": stopper.history,
         "config": config_to_dict(config),
     }
-    config.metrics_path.write_text(json.dumps(metrics, indent=2))
+    with atomic_file(config.metrics_path) as staging:
+        staging.write_text(json.dumps(metrics, indent=2))
+    record_stage(config, "train", inputs.consumed)
     return metrics
 
 
@@ -263,9 +296,10 @@ def run_index(config: RecipeConfig) -> None:
     from twotower.index import build_index, save_index
     from twotower.train import load_item_vectors
 
-    item_ids, vectors = load_item_vectors(config.item_vectors_path)
-    index = build_index(item_ids, vectors)
-    save_index(index, config.index_path)
+    with recorded_stage(config, "index"):
+        item_ids, vectors = load_item_vectors(config.item_vectors_path)
+        index = build_index(item_ids, vectors)
+        save_index(index, config.index_path)
     print(f"[index] {type(faiss_base(index)).__name__} over {index.ntotal:,} items -> {config.index_path}")
 
 
@@ -275,21 +309,33 @@ def faiss_base(index):
     return faiss.downcast_index(index.index) if hasattr(index, "index") else index
 
 
-def feature_tables(config: RecipeConfig) -> tuple[RecipeData, pd.DataFrame, pd.DataFrame]:
-    """What Feast serves, from what is known before the test period: raw profiles with the
-    latest history and every earlier positive, and the same users encoded by the saved workflow."""
+class FeatureTables(NamedTuple):
+    """What Feast serves (in ``build_feature_store``'s argument order)."""
+
+    data: RecipeData
+    users: pd.DataFrame  # raw profiles, latest history, every earlier positive
+    encoded_users: pd.DataFrame  # the same users encoded by the saved user workflow
+    workflow_fingerprint: str  # of that workflow, stored with the rows
+
+
+def feature_tables(config: RecipeConfig) -> FeatureTables:
+    """What Feast serves, from what is known before the test period."""
+    workflow_fingerprint = fingerprint(config.workflow_dir)
     data, split = load_recipe_data(config), load_split(config)
     known = pd.concat([split.train, split.valid])
     users = user_rows(config, data, known)
     users = users.assign(seen_items=latest_history(known, users["user_id"].to_numpy(), None).to_numpy())
-    return data, users, encode_users(config, users)
+    return FeatureTables(data, users, encode_users(config, users), workflow_fingerprint)
 
 
-def run_features(config: RecipeConfig) -> None:
+def run_features(config: RecipeConfig) -> FeatureStore:
+    """Build the run's Feast repository aside and swap it in; the store it returns is the new one."""
     from twotower.feature_store import build_feature_store
 
-    build_feature_store(*feature_tables(config), config.feature_repo_dir, config.features)
+    with recorded_stage(config, "features"):
+        store = build_feature_store(*feature_tables(config), config.feature_repo_dir, config.features)
     print(f"[features] Feast repository applied at {config.feature_repo_dir}, materialized into {config.features.online_store}")
+    return store
 
 
 def popular_items(config: RecipeConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -314,16 +360,24 @@ def recipe_ensemble(config: RecipeConfig, feature_repo: Path | None = None):
         popular_items(config),
         exclude_seen=config.serve.exclude_seen,
         max_users=config.serve.max_request_users,
+        workflow_fingerprint=fingerprint(config.workflow_dir),
     )
 
 
 def run_export(config: RecipeConfig) -> Path:
+    """Check that the run's artifacts agree (``ArtifactMismatch`` names the stages to re-run),
+    then write the model with its serving settings and the fingerprints it packaged."""
     from twotower.ensemble import export_ensemble
     from twotower.triton_config import apply_serving_settings, install_executor_model
 
-    export_ensemble(recipe_ensemble(config), config.export_dir, config.serve.model_name)
-    apply_serving_settings(config.export_dir / config.serve.model_name, config.serve)
-    install_executor_model(config.export_dir / config.serve.model_name)
+    packaged = check_export(config)
+
+    def finish(model_dir: Path) -> None:
+        apply_serving_settings(model_dir, config.serve)
+        install_executor_model(model_dir)
+        (model_dir / EXPORT_RECORD).write_text(json.dumps(packaged, indent=2, sort_keys=True))
+
+    export_ensemble(recipe_ensemble(config), config.export_dir, config.serve.model_name, finish)
     print(f"[export] Triton model repository written to {config.export_dir}")
     return config.export_dir
 

@@ -1,0 +1,299 @@
+"""The run manifest: what each stage consumed and produced, so artifacts cannot silently disagree.
+
+Every stage writes its outputs atomically (a staging file or folder beside the target,
+renamed into place only once complete) and then records, in ``output_dir/manifest.json``,
+a content fingerprint of each input it read and each output it wrote::
+
+    {"train": {"consumed": {"workflow": "<sha256>", ...}, "produced": {"query_tower": ...},
+               "finished": "2026-11-28T09:30:00+00:00"}, ...}
+
+``check_export`` compares them: a stage that used another run's inputs, or whose outputs
+on disk are no longer what it wrote, must run again, and so must every stage after it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from twotower.config import RecipeConfig
+
+CHUNK_BYTES = 1 << 20
+STAGING_MARK = ".tmp-"  # staging names: .<target name>.tmp-<pid>-<random>[suffix]
+# Written into the exported model folder: the fingerprints of what the export packaged.
+EXPORT_RECORD = "run_fingerprints.json"
+
+
+class ArtifactMismatch(RuntimeError):
+    """Artifacts from different runs would be served together; the message names the stages to re-run."""
+
+
+@dataclass(frozen=True)
+class StageIO:
+    consumes: tuple[str, ...]
+    produces: tuple[str, ...]
+
+
+DATA = ("users", "items", "splits")
+# In pipeline order; each artifact name is produced by exactly one stage.
+STAGES: dict[str, StageIO] = {
+    "data": StageIO((), DATA),
+    "workflow": StageIO(DATA, ("workflow", "train_encoded")),
+    "train": StageIO((*DATA, "workflow", "train_encoded"), ("query_tower", "candidate_tower", "item_vectors")),
+    "index": StageIO(("item_vectors",), ("index",)),
+    # the encoded user features come from the saved user workflow
+    "features": StageIO((*DATA, "workflow"), ("feature_store",)),
+}
+PRODUCER = {name: stage for stage, io in STAGES.items() for name in io.produces}
+# What the export packages or checks: the query tower, the index and its catalogue, the Feast
+# repository, the training split (most-popular fallback) and the workflow the store must match.
+EXPORT_CONSUMES = ("splits", "workflow", "query_tower", "item_vectors", "index", "feature_store")
+
+
+def artifact_paths(config: RecipeConfig) -> dict[str, Path]:
+    return {
+        "users": config.data_dir / "users.parquet",
+        "items": config.data_dir / "items.parquet",
+        "splits": config.splits_dir,
+        "workflow": config.workflow_dir,
+        "train_encoded": config.train_encoded_dir,
+        "query_tower": config.query_tower_dir,
+        "candidate_tower": config.candidate_tower_dir,
+        "item_vectors": config.item_vectors_path,
+        "index": config.index_path,
+        "feature_store": config.feature_repo_dir,
+    }
+
+
+# ------------------------------------------------------------------ fingerprints
+def fingerprint(path: Path) -> str:
+    """sha256 of a file's bytes, or of a folder's files (relative path and bytes, sorted by path).
+
+    Only relative paths enter, so a copied or moved run keeps its fingerprints.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no artifact at {path}")
+    digest = hashlib.sha256()
+    files = [(Path(), path)] if path.is_file() else sorted((p.relative_to(path), p) for p in path.rglob("*") if p.is_file())
+    for relative, file in files:
+        # name and size delimit each file, so no two different folders hash the same stream
+        digest.update(f"{relative.as_posix()}\0{file.stat().st_size}\0".encode())
+        with open(file, "rb") as handle:
+            while chunk := handle.read(CHUNK_BYTES):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fingerprint_or_none(path: Path) -> str | None:
+    try:
+        return fingerprint(path)
+    except FileNotFoundError:
+        return None
+
+
+def fingerprints(config: RecipeConfig, names: tuple[str, ...]) -> dict[str, str]:
+    paths = artifact_paths(config)
+    return {name: fingerprint(paths[name]) for name in names}
+
+
+# ---------------------------------------------------------------- atomic writes
+def _staging_prefix(target: Path) -> str:
+    return f".{target.name}{STAGING_MARK}"
+
+
+def _staging_path(target: Path) -> Path:
+    """A new name beside ``target`` carrying this process's id, so a later run can tell
+    whether its writer is still alive. (Not tempfile's: its 0700/0600 modes would outlive
+    the rename; ``os.mkdir``/``os.open`` keep the umask's.)"""
+    return target.with_name(f"{_staging_prefix(target)}{os.getpid()}-{secrets.token_hex(4)}{target.suffix}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        pass
+    return True
+
+
+def _remove_stale_staging(target: Path) -> None:
+    """Remove staging files and folders for ``target`` left by processes that died (a killed stage);
+    those of a live process are its work in progress."""
+    pattern = re.compile(re.escape(_staging_prefix(target)) + r"(\d+)-")
+    for candidate in target.parent.glob(_staging_prefix(target) + "*"):
+        match = pattern.match(candidate.name)
+        if match and not _pid_alive(int(match.group(1))):
+            if candidate.is_dir() and not candidate.is_symlink():
+                shutil.rmtree(candidate, ignore_errors=True)
+            else:
+                candidate.unlink(missing_ok=True)
+
+
+_RENAME_EXCHANGE = 2  # from <linux/fs.h>
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> None:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        raise OSError(errno.ENOSYS, "renameat2 is not available")
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), str(a))
+
+
+def _swap_in(staging: Path, target: Path) -> None:
+    """Put the complete ``staging`` folder at ``target``; the old folder ends up at ``staging`` or is removed."""
+    if not target.exists():
+        os.rename(staging, target)
+        return
+    try:
+        _exchange(staging, target)
+    except OSError as error:
+        if error.errno not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+            raise
+        # A filesystem that cannot exchange: move the old folder aside, then the new one in.
+        # For that instant ``target`` is missing; a kill right there makes the export ask for a re-run.
+        aside = _staging_path(target)
+        os.rename(target, aside)
+        os.rename(staging, target)
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+@contextmanager
+def atomic_dir(target: Path) -> Iterator[Path]:
+    """A staging folder beside ``target`` to build the new folder in; on success it replaces
+    ``target`` whole, so at every instant ``target`` is the old complete folder or the new one.
+
+    On an exception the staging folder is removed and ``target`` is untouched; one left by a
+    killed process is removed the next time a stage writes ``target``.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_staging(target)
+    staging = _staging_path(target)
+    staging.mkdir()
+    try:
+        yield staging
+        _swap_in(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # the failed build, or the old folder after the swap
+
+
+@contextmanager
+def atomic_file(target: Path, durable: bool = False) -> Iterator[Path]:
+    """A staging path beside ``target`` (same suffix) to write the new file to; on success it
+    replaces ``target`` in one rename. ``durable`` also fsyncs the file and its folder."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_staging(target)
+    staging = _staging_path(target)
+    os.close(os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    try:
+        yield staging
+        if durable:
+            _fsync(staging)
+        os.replace(staging, target)
+        if durable:
+            _fsync(target.parent)
+    finally:
+        staging.unlink(missing_ok=True)
+
+
+def _fsync(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+# --------------------------------------------------------------------- manifest
+def read_manifest(config: RecipeConfig) -> dict[str, dict]:
+    try:
+        return json.loads(config.manifest_path.read_text())
+    except FileNotFoundError:
+        return {}
+
+
+@contextmanager
+def _manifest_lock(config: RecipeConfig) -> Iterator[None]:
+    """Stages run as separate processes may finish together: one read-modify-write at a time."""
+    config.output_dir.mkdir(parents=True, exist_ok=True)
+    with open(config.output_dir / ".manifest.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def record_stage(config: RecipeConfig, stage: str, consumed: dict[str, str]) -> None:
+    """Record that ``stage`` finished: what it consumed, and the fingerprints of its outputs now."""
+    produced = fingerprints(config, STAGES[stage].produces)
+    with _manifest_lock(config):
+        entries = read_manifest(config)
+        entries[stage] = {"consumed": consumed, "produced": produced, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        with atomic_file(config.manifest_path, durable=True) as staging:
+            staging.write_text(json.dumps(entries, indent=2, sort_keys=True))
+
+
+@contextmanager
+def recorded_stage(config: RecipeConfig, stage: str) -> Iterator[dict[str, str]]:
+    """Fingerprint ``stage``'s inputs before it reads them (yielded), record it once it succeeds."""
+    consumed = fingerprints(config, STAGES[stage].consumes)
+    yield consumed
+    record_stage(config, stage, consumed)
+
+
+def _stale_reason(stage: str, entries: dict[str, dict], on_disk: dict[str, str | None], stale: dict[str, str]) -> str | None:
+    entry = entries.get(stage)
+    if entry is None:
+        return "it has not run (no entry in the run manifest)"
+    io = STAGES[stage]
+    for name in io.consumes:
+        producer = PRODUCER[name]
+        if producer in stale:
+            return f"it reads the {name} of '{producer}', which must run again first"
+        if entry["consumed"].get(name) != entries[producer]["produced"].get(name):
+            return f"it used the {name} of an earlier '{producer}' run"
+    for name in io.produces:
+        if on_disk[name] is None:
+            return f"its {name} is missing"
+        if entry["produced"].get(name) != on_disk[name]:
+            return f"its {name} on disk is not what it wrote (changed since, or the stage was interrupted)"
+    return None
+
+
+def check_export(config: RecipeConfig) -> dict[str, str]:
+    """Refuse (ArtifactMismatch) unless every stage ran on the outputs of the stages before it and
+    its outputs are still on disk as it wrote them. Returns the fingerprints the export packages."""
+    entries = read_manifest(config)
+    on_disk = {name: _fingerprint_or_none(path) for name, path in artifact_paths(config).items()}
+    stale: dict[str, str] = {}
+    for stage in STAGES:  # in order: a stage after a stale one is stale too
+        reason = _stale_reason(stage, entries, on_disk, stale)
+        if reason is not None:
+            stale[stage] = reason
+    if stale:
+        lines = "\n".join(f"  {stage}: {reason}" for stage, reason in stale.items())
+        rerun = ", ".join(f"twotower {stage}" for stage in stale)
+        raise ArtifactMismatch(
+            f"export refused: the artifacts under {config.output_dir} come from different runs.\n{lines}\n"
+            f"Re-run, in this order: {rerun}; then twotower export."
+        )
+    return {name: on_disk[name] for name in EXPORT_CONSUMES}
