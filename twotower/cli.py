@@ -11,6 +11,8 @@ from pathlib import Path
 
 from twotower import pipeline
 from twotower.config import ConfigError, load_config
+from twotower.manifest import ArtifactMismatch
+from twotower.serve import PortInUse
 
 STAGES = {
     "data": pipeline.run_data,
@@ -68,28 +70,31 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config, args.overrides)
     except ConfigError as error:  # the user's input, so a message rather than a traceback
         parser.exit(2, f"twotower: configuration error: {error}\n")
-    if args.stage == "run":
-        _run(config)
-    elif args.stage == "benchmark-quality":
-        from twotower.quality import run_quality_benchmark
+    try:
+        if args.stage == "run":
+            _run(config)
+        elif args.stage == "benchmark-quality":
+            from twotower.quality import run_quality_benchmark
 
-        run_quality_benchmark(config)
-    elif args.stage == "benchmark-serving":
-        from twotower.serving_benchmark import run_serving_benchmark
+            run_quality_benchmark(config)
+        elif args.stage == "benchmark-serving":
+            from twotower.serving_benchmark import run_serving_benchmark
 
-        run_serving_benchmark(config)
-    elif args.stage == "benchmark-faults":
-        from twotower.fault_benchmark import run_fault_benchmark
+            run_serving_benchmark(config)
+        elif args.stage == "benchmark-faults":
+            from twotower.fault_benchmark import run_fault_benchmark
 
-        run_fault_benchmark(config)
-    elif args.stage == "serve":
-        _serve(config)
-    elif args.stage == "query":
-        if not args.users:
-            parser.error("query needs at least one --user")
-        _query(config, args.users)
-    else:
-        STAGES[args.stage](config)
+            run_fault_benchmark(config)
+        elif args.stage == "serve":
+            _serve(config)
+        elif args.stage == "query":
+            if not args.users:
+                parser.error("query needs at least one --user")
+            _query(config, args.users)
+        else:
+            STAGES[args.stage](config)
+    except (ArtifactMismatch, PortInUse) as error:  # what the user must act on, not a crash
+        parser.exit(2, f"twotower: {error}\n")
     return 0
 
 

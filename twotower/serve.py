@@ -94,7 +94,9 @@ class ServerPorts:
         return [("grpc", self.grpc), ("http", self.http), ("metrics", self.metrics)]
 
 
-def server_command(install: TritonInstall, model_repository: Path, backend_dir: Path, host: str, ports: ServerPorts) -> list[str]:
+def server_command(
+    install: TritonInstall, model_repository: Path, backend_dir: Path, host: str, ports: ServerPorts, model_name: str
+) -> list[str]:
     return [
         str(install.binary),
         f"--model-repository={model_repository}",
@@ -107,6 +109,10 @@ def server_command(install: TritonInstall, model_repository: Path, backend_dir: 
         f"--metrics-port={ports.metrics}",
         "--allow-gpu-metrics=false",
         "--disable-auto-complete-config",
+        # Only the recipe's model: anything else in the folder (an interrupted export's staging
+        # folder, another project's model) is never loaded or served.
+        "--model-control-mode=explicit",
+        f"--load-model={model_name}",
         # On SIGTERM Triton waits this long for in-flight requests before it exits anyway.
         f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
     ]
@@ -282,7 +288,7 @@ class TritonServer:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
-                server_command(install, self.model_repository, backend_dir, self.config.host, self.ports),
+                server_command(install, self.model_repository, backend_dir, self.config.host, self.ports, self.config.model_name),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=server_environment(install),
