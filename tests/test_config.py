@@ -111,24 +111,19 @@ def test_every_early_stopping_metric_is_one_evaluation_reports():
     assert set(get_args(get_type_hints(TrainConfig)["early_stopping_metric"])) <= set(metrics)
 
 
-def test_yaml_file_with_an_unknown_key_is_refused(tmp_path):
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("trian:\n  epochs: 3\n", r"recipe\.yaml: unknown configuration key 'trian'.*did you mean 'train'"),
+        ("train:\n  epochs: 3\n  batch_size: many\n", r"recipe\.yaml: train\.batch_size: expected int, got 'many'"),
+        ("train:\n  epochs:\n    max: 3\n", r"train\.epochs: expected int, got \{'max': 3\}"),
+    ],
+    ids=["unknown-key", "mistyped-value", "mapping-for-a-setting"],
+)
+def test_a_bad_yaml_file_is_refused(tmp_path, text, message):
     path = tmp_path / "recipe.yaml"
-    path.write_text("trian:\n  epochs: 3\n")
-    with pytest.raises(ConfigError, match=r"recipe\.yaml: unknown configuration key 'trian'.*did you mean 'train'"):
-        load_config(path)
-
-
-def test_yaml_file_with_a_mistyped_value_is_refused(tmp_path):
-    path = tmp_path / "recipe.yaml"
-    path.write_text("train:\n  epochs: 3\n  batch_size: many\n")
-    with pytest.raises(ConfigError, match=r"recipe\.yaml: train\.batch_size: expected int, got 'many'"):
-        load_config(path)
-
-
-def test_yaml_file_with_a_mapping_for_a_setting_is_refused(tmp_path):
-    path = tmp_path / "recipe.yaml"
-    path.write_text("train:\n  epochs:\n    max: 3\n")
-    with pytest.raises(ConfigError, match=r"train\.epochs: expected int, got \{'max': 3\}"):
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
         load_config(path)
 
 
