@@ -19,4 +19,4 @@ def test_serving_benchmark_smoke_run_writes_its_report(exported):
             assert result["errors"] == 0 and result["p50_ms"] > 0 and result["qps"] > 0
     assert report["soak"]["good_errors"] == 0 and report["soak"]["ready_after"]
     assert report["soak"]["bad_rejected"] == report["soak"]["bad"]
-    assert report["in_process"]["p50_ms"] > 0
+    assert report["in_process"]["recipe"]["p50_ms"] > 0 and report["in_process"]["reference"]["p50_ms"] > 0
