@@ -449,13 +449,16 @@ def export_ensemble(
 
     The staging folder sits inside ``export_dir``, at the model's own depth: operators record
     paths relative to it (the Feast repository), and ``export_dir`` may be a volume of its own,
-    so a folder outside it could not be renamed in. Triton takes any folder of the repository
-    for a model, so one left by a killed export stops a server from starting (``failed to load
-    all models``) until the next export removes it.
+    so a folder outside it could not be renamed in. One left by a killed export is removed by
+    the next; the recipe's servers load only ``model_name`` (explicit model control) meanwhile.
+    Every export gets the recipe's executor ``model.py`` (its error statuses).
     """
+    from twotower.triton_config import install_executor_model
+
     with atomic_dir(export_dir / model_name) as model_dir:
         ensemble.export(str(export_dir), name=model_dir.name)
         _name_model(model_dir, model_name)
+        install_executor_model(model_dir)
         if finish is not None:
             finish(model_dir)
     return export_dir

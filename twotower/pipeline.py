@@ -368,13 +368,12 @@ def run_export(config: RecipeConfig) -> Path:
     """Check that the run's artifacts agree (``ArtifactMismatch`` names the stages to re-run),
     then write the model with its serving settings and the fingerprints it packaged."""
     from twotower.ensemble import export_ensemble
-    from twotower.triton_config import apply_serving_settings, install_executor_model
+    from twotower.triton_config import apply_serving_settings
 
     packaged = check_export(config)
 
     def finish(model_dir: Path) -> None:
         apply_serving_settings(model_dir, config.serve)
-        install_executor_model(model_dir)
         (model_dir / EXPORT_RECORD).write_text(json.dumps(packaged, indent=2, sort_keys=True))
 
     export_ensemble(recipe_ensemble(config), config.export_dir, config.serve.model_name, finish)

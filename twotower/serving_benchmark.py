@@ -217,7 +217,6 @@ def export_reference(config: RecipeConfig, out_dir: Path) -> Path:
     from twotower.ensemble import build_reference_ensemble, export_ensemble
     from twotower.index import build_reference_index, save_index
     from twotower.train import load_item_vectors
-    from twotower.triton_config import install_executor_model
 
     index_path = out_dir / "reference_ivf32.faiss"
     save_index(build_reference_index(*load_item_vectors(config.item_vectors_path)), index_path)
@@ -225,9 +224,7 @@ def export_reference(config: RecipeConfig, out_dir: Path) -> Path:
         config.feature_repo_dir, config.workflow_dir / "user", config.query_tower_dir, index_path,
         config.serve.top_k, config.serve.max_request_users,
     )
-    export_dir = export_ensemble(ensemble, out_dir / "reference_models", config.serve.model_name)
-    install_executor_model(export_dir / config.serve.model_name)
-    return export_dir
+    return export_ensemble(ensemble, out_dir / "reference_models", config.serve.model_name)
 
 
 def _print_table(phases: dict[str, dict]) -> None:
