@@ -10,7 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from twotower.serve import ServerPorts, check_ports_free, free_ports, set_parent_death_signal
+from twotower.serve import check_port_free, free_port_numbers, set_parent_death_signal
 
 START_TIMEOUT_S = 10.0
 
@@ -26,7 +26,7 @@ class RedisServer:
         self.binary = binary
         self.work_dir = Path(work_dir)
         self.persistent = persistent
-        self.port = port or free_ports("127.0.0.1").grpc
+        self.port = port or free_port_numbers("127.0.0.1", 1)[0]
         self.process: subprocess.Popen | None = None
 
     @property
@@ -37,7 +37,7 @@ class RedisServer:
     def start(self) -> "RedisServer":
         import redis
 
-        check_ports_free("127.0.0.1", ServerPorts(self.port, self.port, self.port))
+        check_port_free("127.0.0.1", "redis", self.port, "RedisServer(port=...)")
         self.work_dir.mkdir(parents=True, exist_ok=True)
         persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else ["--appendonly", "no"]
         command = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *persistence, "--dir", str(self.work_dir)]

@@ -164,38 +164,47 @@ def port_holder(port: int) -> str | None:
     return ", ".join(_describe(pid) for pid in holders) or None
 
 
+def check_port_free(host: str, name: str, port: int, setting: str) -> None:
+    """PortInUse naming the holder if ``port`` is taken; ``setting`` is the key that chooses it."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        # As a server binds: a port left in TIME_WAIT by a stopped server counts as free.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+            busy = bool(listening_sockets(port))  # e.g. a listener on another address
+        except OSError:
+            busy = True
+    if busy:
+        holder = port_holder(port)
+        raise PortInUse(
+            f"{name} port {port} on {host} is already in use"
+            f"{f' by {holder}' if holder else ''}; stop that process or choose another port "
+            f"({setting}, 0 picks a free one)"
+        )
+
+
 def check_ports_free(host: str, ports: ServerPorts) -> None:
     for name, port in ports.items():
-        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-            # As a server binds: a port left in TIME_WAIT by a stopped server counts as free.
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind((host, port))
-                busy = bool(listening_sockets(port))  # e.g. a listener on another address
-            except OSError:
-                busy = True
-        if busy:
-            holder = port_holder(port)
-            raise PortInUse(
-                f"{name} port {port} on {host} is already in use"
-                f"{f' by {holder}' if holder else ''}; stop that process or choose another port "
-                f"(serve.{name}_port, 0 picks a free one)"
-            )
+        check_port_free(host, name, port, f"serve.{name}_port")
 
 
-def free_ports(host: str) -> ServerPorts:
-    """Three ports the kernel reports free now (another process may still take one before the
-    server binds it: ``TritonServer.start`` then retries with new ones)."""
+def free_port_numbers(host: str, count: int) -> list[int]:
+    """Ports the kernel reports free now (another process may still take one before the server
+    binds it: ``TritonServer.start`` then retries with new ones)."""
     sockets = []
     try:
-        for _ in range(3):
+        for _ in range(count):
             sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
             sock.bind((host, 0))
             sockets.append(sock)
-        return ServerPorts(*(sock.getsockname()[1] for sock in sockets))
+        return [sock.getsockname()[1] for sock in sockets]
     finally:
         for sock in sockets:
             sock.close()
+
+
+def free_ports(host: str) -> ServerPorts:
+    return ServerPorts(*free_port_numbers(host, 3))
 
 
 def set_parent_death_signal() -> None:
