@@ -17,6 +17,7 @@ from feast import FeatureStore
 
 from twotower import pipeline
 from twotower.config import RecipeConfig
+from twotower.data import load_split
 from twotower.ensemble import load_exported_ensemble, recommend_in_process
 from twotower.feature_store import QUERY_VIEW, RUN_VIEW, OnlineReader
 from twotower.manifest import (
@@ -49,7 +50,7 @@ def _stage_command(config: RecipeConfig, stage: str) -> list[str]:
 
 
 def _test_users(config: RecipeConfig, count: int = 4) -> np.ndarray:
-    return pipeline.load_split(config).test["user_id"].drop_duplicates().head(count).to_numpy()
+    return load_split(config.splits_dir).test["user_id"].drop_duplicates().head(count).to_numpy()
 
 
 def _refusal(config: RecipeConfig) -> str:

@@ -11,10 +11,13 @@ from merlin.models.tf.inputs.embedding import EmbeddingTable
 from merlin.models.tf.transforms.bias import PopularityLogitsCorrection
 from merlin.schema import Tags
 
-from twotower import pipeline
 from twotower.baselines import ease_weights, evaluate_ease, evaluate_popularity, tune_ease
 from twotower.evaluate import build_eval_set
-from twotower.train import UniformCatalogueSampler, build_model, encode, item_frequencies, sampling_probabilities, share_item_table
+from twotower.config import ModelConfig
+from twotower.models import builder
+from twotower.models.base import TrainingStats, encode, share_item_table
+from twotower.models.losses import UniformCatalogueSampler, sampling_probabilities
+from twotower.train import item_frequencies, load_training_inputs
 from twotower.workflow import category_table, load_workflow
 
 pytestmark = pytest.mark.smoke
@@ -30,12 +33,14 @@ def train_data(prepared):
 
 @pytest.fixture(scope="module")
 def catalogue(prepared):
-    return pipeline.load_training_inputs(prepared).catalogue
+    return load_training_inputs(prepared).catalogue
 
 
-def _model(prepared, train_data, catalogue=None, **options):
+def _model(prepared, train_data, catalogue, **options):
+    """The default model (two_tower) as merlin-models' Keras model, with ``train`` options changed."""
     dataset, counts = train_data
-    return build_model(dataset.schema, counts, dataclasses.replace(prepared.train, **options), catalogue)
+    stats = TrainingStats(counts, catalogue.features)
+    return builder("two_tower")(dataset.schema, stats, dataclasses.replace(prepared.train, **options), ModelConfig()).keras
 
 
 def _layers(block):
@@ -51,28 +56,28 @@ def _fit_one_epoch(model, dataset):
 
 
 @pytest.mark.parametrize("logq", [True, False])
-def test_logq_correction_is_applied_only_when_configured(prepared, train_data, logq):
-    model = _model(prepared, train_data, logq_correction=logq)
+def test_logq_correction_is_applied_only_when_configured(prepared, train_data, catalogue, logq):
+    model = _model(prepared, train_data, catalogue, logq_correction=logq)
     _fit_one_epoch(model, train_data[0])
     corrections = [layer for layer in _layers(model) if isinstance(layer, PopularityLogitsCorrection)]
     assert bool(corrections) == logq
 
 
 @pytest.mark.parametrize("l2_normalize", [True, False])
-def test_l2_normalised_towers(prepared, train_data, l2_normalize):
+def test_l2_normalised_towers(prepared, train_data, catalogue, l2_normalize):
     dataset, _ = train_data
-    model = _model(prepared, train_data, l2_normalize=l2_normalize, temperature=0.07 if l2_normalize else 1.0)
+    model = _model(prepared, train_data, catalogue, l2_normalize=l2_normalize, temperature=0.07 if l2_normalize else 1.0)
     _fit_one_epoch(model, dataset)
     rows = dataset.to_ddf().head(50)
     norms = np.linalg.norm(encode(model.query_encoder, rows, dataset.schema.select_by_tag(Tags.USER)), axis=1)
     assert np.allclose(norms, 1.0, atol=1e-4) == l2_normalize
 
 
-def test_history_shares_the_item_embedding_table(prepared, train_data):
+def test_history_shares_the_item_embedding_table(prepared, train_data, catalogue):
     dataset, _ = train_data
     shared = share_item_table(dataset.schema)
     assert shared["history"].int_domain.name == shared["item_id"].int_domain.name
-    model = _model(prepared, train_data)
+    model = _model(prepared, train_data, catalogue)
     _fit_one_epoch(model, dataset)
     item_tables = {id(t) for t in _layers(model) if isinstance(t, EmbeddingTable) and t.table_name == "item_id"}
     assert len(item_tables) == 1
@@ -128,13 +133,8 @@ def test_mixed_negatives_are_catalogue_items_through_the_candidate_tower(prepare
     assert np.allclose(sampled.embedding.numpy(), expected, atol=1e-5)
 
 
-def test_mixed_negatives_need_the_catalogue(prepared, train_data):
-    with pytest.raises(ValueError, match="mixed_negatives"):
-        _model(prepared, train_data, None, mixed_negatives=8)
-
-
 def test_reference_setup_trains(prepared, train_data):
-    model = _model(prepared, train_data, l2_normalize=False, temperature=1.0, logq_correction=False, embedding_dim=None)
+    model = _model(prepared, train_data, catalogue, l2_normalize=False, temperature=1.0, logq_correction=False, embedding_dim=None)
     _fit_one_epoch(model, train_data[0])
 
 

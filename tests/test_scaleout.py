@@ -20,8 +20,8 @@ from tritonclient.utils import InferenceServerException
 
 from twotower import pipeline
 from twotower.config import FeaturesConfig, ServeConfig
-from twotower.ensemble import load_exported_ensemble, recommend_in_process
-from twotower.feature_store import build_feature_store, online_user_features
+from twotower.ensemble import load_exported_ensemble, recipe_ensemble, recommend_in_process
+from twotower.feature_store import build_feature_store, feature_tables, online_user_features
 from twotower.redis_server import RedisServer
 from twotower.serve import TritonServer
 from twotower.triton_config import apply_serving_settings
@@ -82,7 +82,7 @@ def redis_repo(exported, redis_port, tmp_path_factory):
     """The run's Feast repository deployed again with its online store on Redis."""
     repo = tmp_path_factory.mktemp("redis-feast") / "feature_repo"
     features = FeaturesConfig(online_store="redis", redis_connection=f"127.0.0.1:{redis_port}")
-    build_feature_store(*pipeline.feature_tables(exported), repo, features)
+    build_feature_store(*feature_tables(exported), repo, features)
     return repo
 
 
@@ -105,7 +105,7 @@ def test_redis_online_store_serves_materialized_rows(exported, redis_port, redis
 @pytest.mark.integration
 def test_ensemble_answers_the_same_with_redis_as_with_sqlite(exported, redis_repo):
     users = _test_users(exported)
-    sqlite, redis = (recommend_in_process(pipeline.recipe_ensemble(exported, repo), users) for repo in (exported.feature_repo_dir, redis_repo))
+    sqlite, redis = (recommend_in_process(recipe_ensemble(exported, repo), users) for repo in (exported.feature_repo_dir, redis_repo))
     assert sqlite["item_ids"].shape == (len(users), exported.serve.top_k)
     for name in ("item_ids", "scores", "is_fallback"):
         np.testing.assert_array_equal(redis[name], sqlite[name])

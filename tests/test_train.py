@@ -29,7 +29,7 @@ def test_index_covers_the_catalogue(exported):
 
 
 def test_served_path_gives_the_training_side_metrics(exported):
-    from twotower.pipeline import serving_side_metrics
+    from twotower.evaluate import serving_side_metrics
 
     training_side = json.loads(exported.metrics_path.read_text())["test"]["two_tower"]
     served = serving_side_metrics(exported)
@@ -37,21 +37,19 @@ def test_served_path_gives_the_training_side_metrics(exported):
 
 
 def test_saved_towers_reload_without_retraining(exported):
-    import merlin.io
-    from merlin.schema import Tags
+    from twotower.data import load_recipe_data
+    from twotower.ensemble import call_signature, load_serving_signature
+    from twotower.evaluate import saved_query_vectors
+    from twotower.workflow import encoded_catalogue, load_saved_workflows
 
-    from twotower import pipeline
-    from twotower.train import encode, load_tower
-
-    data = pipeline.load_recipe_data(exported)
-    catalogue = pipeline.encoded_catalogue(exported, data)
-    schema = merlin.io.Dataset(str(exported.data_dir / "train_encoded"), engine="parquet").schema
+    data = load_recipe_data(exported.data_dir)
+    catalogue = encoded_catalogue(load_saved_workflows(exported.workflow_dir), data.items)
     item_ids, vectors = load_item_vectors(exported.item_vectors_path)
-    reloaded = encode(load_tower(exported.candidate_tower_dir), catalogue.features, schema.select_by_tag(Tags.ITEM))
+    reloaded = call_signature(load_serving_signature(exported.candidate_tower_dir), catalogue.features)
     np.testing.assert_array_equal(item_ids, catalogue.item_ids)
     np.testing.assert_allclose(reloaded, vectors, atol=1e-5)
 
     users = data.users["user_id"].head(3).to_numpy()
-    query = pipeline.saved_query_vectors(exported, users)
+    query = saved_query_vectors(exported, users)
     assert query.shape == (3, vectors.shape[1])
     assert np.allclose(np.linalg.norm(query, axis=1), 1.0, atol=1e-4)

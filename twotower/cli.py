@@ -10,9 +10,10 @@ import sys
 from pathlib import Path
 
 from twotower import pipeline
+from twotower.client import demo_users, print_recommendations
 from twotower.config import ConfigError, load_config
 from twotower.manifest import ArtifactMismatch
-from twotower.serve import PortInUse
+from twotower.serve import PortInUse, triton_server
 
 STAGES = {
     "data": pipeline.run_data,
@@ -27,7 +28,7 @@ STAGES = {
 
 def _serve(config) -> None:
     """Triton in the foreground until Ctrl-C, SIGTERM or SIGHUP; the server stops with this process."""
-    with pipeline.triton_server(config) as server:
+    with triton_server(config) as server:
         print(f"Triton serving {config.export_dir} on grpc {server.grpc_url} (http {server.ports.http}, "
               f"metrics {server.ports.metrics}); Ctrl-C stops it", flush=True)
         try:
@@ -39,16 +40,16 @@ def _serve(config) -> None:
 
 
 def _query(config, users: list[int]) -> None:
-    pipeline.print_recommendations(config, users)
+    print_recommendations(config, users)
 
 
 def _run(config) -> None:
     """Every stage, then a real Triton server answering a few users over gRPC."""
     pipeline.run_all(config)
-    users = pipeline.demo_users(config)
-    with pipeline.triton_server(config) as server:
+    users = demo_users(config)
+    with triton_server(config) as server:
         print(f"[serve] Triton ready on grpc {server.grpc_url}; asking for users {users}")
-        pipeline.print_recommendations(config, users, server.grpc_url)
+        print_recommendations(config, users, server.grpc_url)
     print("[serve] server stopped")
 
 
@@ -56,13 +57,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="twotower", description=__doc__)
     parser.add_argument(
         "stage",
-        choices=[*STAGES, "run", "serve", "query", "benchmark-quality", "benchmark-serving", "benchmark-faults"],
-        help="stage to run; 'run' is all stages plus a served demo",
+        choices=[*STAGES, "run", "serve", "query", "models", "benchmark-quality", "benchmark-models", "benchmark-serving", "benchmark-faults"],
+        help="stage to run; 'run' is all stages plus a served demo; 'models' lists the registered models",
     )
     parser.add_argument("--config", type=Path, help="YAML file overriding the defaults in twotower/config.py")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override one setting, e.g. train.epochs=3")
     parser.add_argument("--user", dest="users", type=int, action="append", default=[], help="user id for 'query' (repeatable)")
     args = parser.parse_args(argv)
+    if args.stage == "models":
+        from twotower.models import model_names
+
+        print("\n".join(model_names()))
+        return 0
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -77,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
             from twotower.quality import run_quality_benchmark
 
             run_quality_benchmark(config)
+        elif args.stage == "benchmark-models":
+            from twotower.model_benchmark import run_model_benchmark
+
+            run_model_benchmark(config)
         elif args.stage == "benchmark-serving":
             from twotower.serving_benchmark import run_serving_benchmark
 

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import tritonclient.grpc as grpcclient
+
+if TYPE_CHECKING:
+    from twotower.config import RecipeConfig
 
 OUTPUTS = ("item_ids", "scores", "is_fallback")
 DEFAULT_TIMEOUT_S = 30.0
@@ -33,3 +38,23 @@ def recommend(
             model_name, [request], outputs=[grpcclient.InferRequestedOutput(n) for n in OUTPUTS], client_timeout=timeout_s
         )
     return {name: result.as_numpy(name) for name in OUTPUTS}
+
+
+def print_recommendations(config: RecipeConfig, user_ids: list[int], url: str | None = None) -> None:
+    """Ask the server at ``url`` (default: the configured gRPC address) and print titles."""
+    from twotower.data import load_recipe_data
+
+    titles = load_recipe_data(config.data_dir).items.set_index("item_id")["title"]
+    url = url or f"{config.serve.host}:{config.serve.grpc_port}"
+    answer = recommend(user_ids, url, config.serve.model_name, config.serve.client_timeout_s)
+    for user_id, row_items, row_scores, fallback in zip(user_ids, answer["item_ids"], answer["scores"], answer["is_fallback"]):
+        print(f"\nuser {user_id}{' (unknown: most popular items)' if fallback else ''}:")
+        for rank, (item_id, score) in enumerate(zip(row_items, row_scores), start=1):
+            print(f"  {rank:>2}. [{item_id:>5}] {titles.get(item_id, '?'):<60} {score:7.4f}")
+
+
+def demo_users(config: RecipeConfig, count: int = 3) -> list[int]:
+    """The first ``count`` test users: known to the service, with held-out positives."""
+    from twotower.data import load_split
+
+    return load_split(config.splits_dir).test["user_id"].drop_duplicates().head(count).astype(int).tolist()

@@ -58,6 +58,43 @@ class TrainConfig:
     early_stopping_metric: Literal["recall@10", "recall@20", "recall@50", "recall@100", "ndcg@10", "mrr@100"] = "recall@100"
 
 
+# The registered models (twotower/models/__init__.py keeps the builders; a test checks both agree).
+ModelName = Literal["two_tower", "dat", "seq_attention", "seq_gru"]
+
+
+@dataclass
+class DATConfig:
+    """Dual Augmented Two-tower (Yu et al. 2021): each part can be switched off for the ablation."""
+
+    user_mimic_weight: float = 0.5  # ||a_u - stop_gradient(p_v)||^2 on positive pairs; 0 turns it off
+    item_mimic_weight: float = 0.5  # ||a_v - stop_gradient(p_u)||^2
+    alignment_weight: float = 1.0  # category alignment loss over the item categories; 0 turns it off
+    category_column: str = "genres"  # the item feature whose values are the categories
+    augmented: bool = True  # False: no augmented vectors at all (a plain two-tower model with DAT's code path)
+
+
+@dataclass
+class SequenceConfig:
+    """The query tower's history encoder for seq_attention (a causal transformer block) and seq_gru."""
+
+    heads: int = 2  # attention heads (seq_attention)
+    blocks: int = 1  # transformer blocks (seq_attention)
+    dropout: float = 0.1
+
+
+@dataclass
+class ModelConfig:
+    name: ModelName = "two_tower"  # `twotower models` lists them
+    # Learning approach, with any model: softmax (contrastive over in-batch, optionally
+    # mixed, negatives with logQ), bpr (pairwise) or bce (pointwise) against the same negatives.
+    loss: Literal["softmax", "bpr", "bce"] = "softmax"
+    # Field gating on each tower's field embeddings before its MLP: SENet or IntTower's Light-SE.
+    gating: Literal["none", "senet", "light_se"] = "none"
+    senet_reduction: int = 2  # SENet's squeeze ratio: fields -> fields // ratio -> fields
+    dat: DATConfig = field(default_factory=DATConfig)
+    sequence: SequenceConfig = field(default_factory=SequenceConfig)
+
+
 @dataclass
 class ServeConfig:
     top_k: int = 10
@@ -111,6 +148,7 @@ class RecipeConfig:
     data: DataConfig = field(default_factory=DataConfig)
     workflow: WorkflowConfig = field(default_factory=WorkflowConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)

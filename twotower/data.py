@@ -259,3 +259,25 @@ def join_features(interactions: pd.DataFrame, data: RecipeData, history_length: 
     if missing.any():
         raise ValueError(f"{int(missing.sum())} interactions reference users or items without features")
     return joined
+
+
+# ------------------------------------------------------- the data stage's outputs
+SPLITS = ("train", "valid", "test")
+TABLES = ("interactions", "users", "items")
+
+
+def load_recipe_data(data_dir: Path) -> RecipeData:
+    """The tables the 'data' stage wrote under ``data_dir``."""
+    try:
+        return RecipeData(*(pd.read_parquet(data_dir / f"{name}.parquet") for name in TABLES))
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"{error.filename} missing: run the 'data' stage first") from error
+
+
+def load_split(splits_dir: Path) -> Split:
+    return Split(*(pd.read_parquet(splits_dir / f"{name}.parquet") for name in SPLITS))
+
+
+def known_before_test(split: Split) -> pd.DataFrame:
+    """Positives before the test period: the history the server and the test evaluation see."""
+    return pd.concat([split.train, split.valid])

@@ -8,10 +8,8 @@ The recipe's graph:
                excluded, most-popular fallback for unknown users)
             -> item_ids, scores, is_fallback
 
-The reference graph, as the public NVIDIA example builds it, for comparison:
-
-    user_id -> UserFeatureLookup (Feast SDK, raw features) -> EncodeUserFeatures
-               (NVTabular per request) -> PredictQueryTower -> RetrieveTopK (IVF32)
+The reference graph the serving benchmark compares against (the public NVIDIA example's)
+lives beside that benchmark, in ``twotower/reference_graph.py``.
 
 Every operator runs inside Merlin's python-backend executor model, so the export
 loads on a Triton server without the TensorFlow backend (the one PyPI ships).
@@ -26,6 +24,7 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -38,6 +37,9 @@ from merlin.table import TensorColumn, TensorTable
 from twotower.errors import RequestError, ServiceUnavailable
 from twotower.index import load_index, search
 from twotower.manifest import atomic_dir
+
+if TYPE_CHECKING:
+    from twotower.config import RecipeConfig
 
 log = logging.getLogger(__name__)
 
@@ -240,55 +242,6 @@ class OnlineQueryFeatures(_FeatureRepoOperator):
         return TensorTable(columns)
 
 
-class UserFeatureLookup(_FeatureRepoOperator):
-    """Reference graph: raw online user features through the Feast SDK.
-
-    Rejects an empty batch and ids the feature store does not know, naming them.
-    """
-
-    def __init__(self, feature_repo: Path, feature_schema: Schema, max_users: int):
-        super().__init__(feature_repo)
-        self.feature_schema = feature_schema
-        self.max_users = max_users
-
-    def _connect(self, repo: Path):
-        from feast import FeatureStore
-
-        return FeatureStore(repo_path=str(repo))
-
-    def compute_output_schema(self, input_schema: Schema, col_selector: ColumnSelector, prev_output_schema: Schema = None) -> Schema:
-        return self.feature_schema
-
-    def transform(self, col_selector: ColumnSelector, transformable):
-        from twotower.feature_store import online_user_features
-
-        user_ids = _user_ids(transformable, self.max_users)
-        columns = [c for c in self.feature_schema.column_names if c != "user_id"]
-        features = online_user_features(self.client, user_ids.tolist(), columns)
-        unknown = features[columns].isna().any(axis=1).to_numpy()
-        if unknown.any():
-            raise RequestError(f"unknown user_id(s) not in the feature store: {user_ids[unknown][:20].tolist()}")
-        scalars = {c.name: c.dtype.to_numpy for c in self.feature_schema if not c.is_list}
-        return features.astype(scalars)
-
-
-class EncodeUserFeatures(_ArtifactOperator):
-    """Reference graph: the saved NVTabular user workflow, run per request."""
-
-    artifact_name = "user_workflow"
-
-    def _load(self, path: Path):
-        from twotower.workflow import load_workflow
-
-        return load_workflow(path.parent, path.name)
-
-    def compute_output_schema(self, input_schema: Schema, col_selector: ColumnSelector, prev_output_schema: Schema = None) -> Schema:
-        return self.resource.output_schema
-
-    def transform(self, col_selector: ColumnSelector, transformable):
-        return TensorTable.from_df(self.resource._transform_df(_as_frame(transformable)))
-
-
 class PredictQueryTower(_ArtifactOperator):
     """The query tower's SavedModel, called through its serving signature in process.
 
@@ -402,22 +355,6 @@ def build_ensemble(
     return Ensemble(graph, Schema([ColumnSchema("user_id", dtype=np.int64)]))
 
 
-def build_reference_ensemble(
-    feature_repo: Path, user_workflow_dir: Path, query_tower_dir: Path, index_path: Path, top_k: int, max_users: int
-) -> Ensemble:
-    """The public NVIDIA example's graph: SDK lookup, per-request NVTabular, IVF index."""
-    encode = EncodeUserFeatures(user_workflow_dir)
-    empty = (np.empty(0, np.int64), np.empty(0, np.float32))
-    graph = (
-        ["user_id"]
-        >> UserFeatureLookup(feature_repo, encode.resource.input_schema, max_users)
-        >> encode
-        >> PredictQueryTower(query_tower_dir)
-        >> RetrieveTopK(index_path, top_k, *empty, exclude_seen=False)
-    )
-    return Ensemble(graph, Schema([ColumnSchema("user_id", dtype=np.int64)]))
-
-
 def _single_threaded_tensorflow() -> None:
     """A single-user forward pass is small: extra TensorFlow threads only add scheduling latency."""
     import tensorflow as tf
@@ -438,6 +375,33 @@ def _signature_schema(tower: PredictQueryTower) -> Schema:
         dims = (None, None) if part else None
         columns[column] = ColumnSchema(column, dtype=np.int64, dims=dims)
     return Schema(list(columns.values()))
+
+
+def popular_items(config: RecipeConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Cold-start answer: catalogue items by training count, scores as a share of the top item's."""
+    from twotower.data import load_split
+    from twotower.train import load_item_vectors
+
+    catalogue, _ = load_item_vectors(config.item_vectors_path)
+    counts = load_split(config.splits_dir).train["item_id"].value_counts()
+    counts = counts[counts.index.isin(catalogue)].head(config.serve.top_k)
+    return counts.index.to_numpy(dtype=np.int64), (counts / counts.iloc[0]).to_numpy(dtype=np.float32)
+
+
+def recipe_ensemble(config: RecipeConfig, feature_repo: Path | None = None) -> Ensemble:
+    """The serving graph over this run's artifacts (``feature_repo`` defaults to the run's)."""
+    from twotower.manifest import fingerprint
+
+    return build_ensemble(
+        feature_repo or config.feature_repo_dir,
+        config.query_tower_dir,
+        config.index_path,
+        config.serve.top_k,
+        popular_items(config),
+        exclude_seen=config.serve.exclude_seen,
+        max_users=config.serve.max_request_users,
+        workflow_fingerprint=fingerprint(config.workflow_dir),
+    )
 
 
 def export_ensemble(

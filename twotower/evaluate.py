@@ -15,6 +15,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from twotower.config import RecipeConfig
+
 RECALL_KS = (10, 20, 50, 100)
 
 
@@ -108,3 +110,30 @@ def evaluate_index(index, query_vectors: np.ndarray, eval_set: EvalSet, catalogu
         return dense
 
     return evaluate_scores(score_users, eval_set)
+
+
+def saved_query_vectors(config: RecipeConfig, user_ids) -> np.ndarray:
+    """Query vectors for dataset user ids from what is on disk, as the server computes them:
+    features (history: everything before the test period) encoded by the saved user workflow,
+    embedded by the query tower's serving signature."""
+    from twotower.data import known_before_test, load_recipe_data, load_split, users_with_history
+    from twotower.ensemble import call_signature, load_serving_signature
+    from twotower.workflow import encode_users, load_saved_workflows
+
+    data, split = load_recipe_data(config.data_dir), load_split(config.splits_dir)
+    users = users_with_history(data.users, known_before_test(split), config.train.history_length)
+    encoded = encode_users(load_saved_workflows(config.workflow_dir), users)
+    return call_signature(load_serving_signature(config.query_tower_dir), encoded.loc[np.asarray(user_ids)])
+
+
+def serving_side_metrics(config: RecipeConfig) -> dict[str, float]:
+    """Test metrics through the saved query tower and the FAISS index (the served path)."""
+    from twotower.data import known_before_test, load_split
+    from twotower.index import load_index
+    from twotower.train import load_item_vectors
+
+    split = load_split(config.splits_dir)
+    catalogue_ids, _ = load_item_vectors(config.item_vectors_path)
+    test_set = build_eval_set(split.test, known_before_test(split), catalogue_ids)
+    vectors = saved_query_vectors(config, test_set.user_ids)
+    return evaluate_index(load_index(config.index_path), vectors, test_set, catalogue_ids)

@@ -38,7 +38,7 @@ from matplotlib.figure import Figure
 from tritonclient.utils import InferenceServerException
 
 from twotower import pipeline
-from twotower.client import user_id_request
+from twotower.client import demo_users, user_id_request
 from twotower.config import RecipeConfig
 from twotower.redis_server import RedisServer
 from twotower.serve import TritonServer, process_group
@@ -218,7 +218,7 @@ def memory_soak(server: TritonServer, config: RecipeConfig, expected: dict[int, 
 def run_fault_benchmark(config: RecipeConfig) -> Path:
     out_dir = config.output_dir / "benchmark-faults"
     bench, serve = config.benchmark, config.serve
-    users = pipeline.demo_users(config, bench.fault_sample_users)
+    users = demo_users(config, bench.fault_sample_users)
     report: dict = {"date": date.today().isoformat(), "dataset": config.data.dataset, "concurrency": bench.fault_concurrency}
     with RedisServer(out_dir / "redis", persistent=True) as redis:
         print(f"[faults] copying the run and materializing Feast into redis-server pid {redis.process.pid}", flush=True)

@@ -30,7 +30,9 @@ from feast.errors import FeatureViewNotFoundException
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey
 from feast.protos.feast.types.Value_pb2 import Value
 
-from twotower.config import PROJECT_ROOT, FeaturesConfig
+from typing import NamedTuple
+
+from twotower.config import PROJECT_ROOT, FeaturesConfig, RecipeConfig
 from twotower.data import USER_FEATURES, RecipeData
 from twotower.manifest import ArtifactMismatch, atomic_dir
 
@@ -121,6 +123,29 @@ def apply_and_materialize(repo_dir: Path, final_dir: Path | None = None) -> Feat
     if final_dir is not None:
         store.apply(load_definitions(repo_dir, located_at=final_dir))
     return store
+
+
+class FeatureTables(NamedTuple):
+    """What Feast serves (in ``build_feature_store``'s argument order)."""
+
+    data: RecipeData
+    users: pd.DataFrame  # raw profiles, latest history, every earlier positive
+    encoded_users: pd.DataFrame  # the same users encoded by the saved user workflow
+    workflow_fingerprint: str  # of that workflow, stored with the rows
+
+
+def feature_tables(config: RecipeConfig) -> FeatureTables:
+    """What Feast serves, from what is known before the test period."""
+    from twotower.data import known_before_test, latest_history, load_recipe_data, load_split, users_with_history
+    from twotower.manifest import fingerprint
+    from twotower.workflow import encode_users, load_saved_workflows
+
+    workflow_fingerprint = fingerprint(config.workflow_dir)
+    data, split = load_recipe_data(config.data_dir), load_split(config.splits_dir)
+    known = known_before_test(split)
+    users = users_with_history(data.users, known, config.train.history_length)
+    users = users.assign(seen_items=latest_history(known, users["user_id"].to_numpy(), None).to_numpy())
+    return FeatureTables(data, users, encode_users(load_saved_workflows(config.workflow_dir), users), workflow_fingerprint)
 
 
 def build_feature_store(

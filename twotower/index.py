@@ -81,3 +81,8 @@ def overlap_at_k(found: np.ndarray, expected: np.ndarray) -> float:
     if found.shape != expected.shape:
         raise ValueError(f"shapes differ: {found.shape} vs {expected.shape}")
     return float(np.mean([len(set(f) & set(e)) / len(e) for f, e in zip(found, expected)]))
+
+
+def faiss_base(index: faiss.Index) -> faiss.Index:
+    """The index inside an id map (what kind of search it runs)."""
+    return faiss.downcast_index(index.index) if hasattr(index, "index") else index

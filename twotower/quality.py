@@ -19,6 +19,7 @@ import pandas as pd
 
 from twotower import pipeline
 from twotower.config import RecipeConfig, config_to_dict, set_value
+from twotower.data import load_split
 from twotower.evaluate import RECALL_KS
 from twotower.plots import plot_quality
 
@@ -57,7 +58,7 @@ def _train_variant(config: RecipeConfig) -> dict:
     metrics = pipeline.run_train(config)
     history = metrics["history"]
     return {
-        **metrics["test"]["two_tower"],
+        **metrics["test"][config.model.name],
         "settings": config_to_dict(config)["train"],
         "epochs_run": len(history),
         "best_epoch": metrics["best_epoch"],
@@ -72,7 +73,7 @@ def _baselines(config: RecipeConfig) -> dict[str, dict]:
     from twotower.evaluate import build_eval_set
     from twotower.train import load_item_vectors
 
-    split = pipeline.load_split(config)
+    split = load_split(config.splits_dir)
     catalogue, _ = load_item_vectors(config.item_vectors_path)
     known = pd.concat([split.train, split.valid])
     test_set = build_eval_set(split.test, known, catalogue)

@@ -27,7 +27,7 @@ from typing import Iterator
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from twotower.config import ServeConfig
+from twotower.config import RecipeConfig, ServeConfig
 from twotower.offline import TELEMETRY_OFF
 
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
@@ -375,6 +375,11 @@ class TritonServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def triton_server(config: RecipeConfig) -> TritonServer:
+    """A server (not started) for this run's exported model repository, logging under the run."""
+    return TritonServer(config.export_dir, config.output_dir / "triton", config.serve)
 
 
 def _process_stats() -> Iterator[tuple[int, list[str]]]:

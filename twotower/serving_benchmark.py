@@ -26,9 +26,9 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from twotower import pipeline
 from twotower.client import user_id_request
 from twotower.config import RecipeConfig
+from twotower.data import load_recipe_data
 from twotower.serve import TritonServer
 
 
@@ -214,7 +214,8 @@ def perf_analyzer_phases(config: RecipeConfig, url: str, users: np.ndarray, out_
 
 def export_reference(config: RecipeConfig, out_dir: Path) -> Path:
     """The NVIDIA example's graph over the same model: Feast SDK, per-request NVTabular, IVF32."""
-    from twotower.ensemble import build_reference_ensemble, export_ensemble
+    from twotower.ensemble import export_ensemble
+    from twotower.reference_graph import build_reference_ensemble
     from twotower.index import build_reference_index, save_index
     from twotower.train import load_item_vectors
 
@@ -238,7 +239,7 @@ def _print_table(phases: dict[str, dict]) -> None:
 def run_serving_benchmark(config: RecipeConfig) -> Path:
     out_dir = config.output_dir / "benchmark-serving"
     out_dir.mkdir(parents=True, exist_ok=True)
-    users = pipeline.load_recipe_data(config).users["user_id"].to_numpy()
+    users = load_recipe_data(config.data_dir).users["user_id"].to_numpy()
     # Free ports picked at start: a stale server on the usual ports can never be measured instead.
     serve = dataclasses.replace(config.serve, grpc_port=0, http_port=0, metrics_port=0)
 

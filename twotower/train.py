@@ -1,9 +1,10 @@
-"""Stage 3: train merlin-models' TwoTowerModelV2 and save its query tower.
+"""Stage 3: train the configured model of the family (``twotower.models``) and save its towers.
 
-Query tower over USER features, candidate tower over ITEM features, in-batch
-negatives (optionally mixed with uniformly sampled catalogue items) with an optional
-logQ (sampling-bias) correction, L2-normalised outputs and a temperature. Early
-stopping watches full-catalogue recall on validation.
+The model comes from the registry (``model.name``); whatever it is, training fits it on
+the encoded training positives, early stopping watches full-catalogue recall on the
+validation split, and the test split is scored over the whole catalogue with earlier
+positives excluded. Only the model interface (``query_vectors``, ``item_vectors``, tower
+save) is used here.
 """
 
 from __future__ import annotations
@@ -20,27 +21,21 @@ import tensorflow as tf
 
 import merlin.io
 import merlin.models.tf as mm
-from merlin.models.tf.outputs.base import DotProduct
-from merlin.models.tf.outputs.sampling.base import Candidate, CandidateSampler
-from merlin.models.tf.transforms.bias import PopularityLogitsCorrection
 from merlin.schema import Schema, Tags
 
-from twotower.config import TrainConfig
-from twotower.evaluate import EvalSet, evaluate_embeddings
+from twotower.config import RecipeConfig, config_to_dict
+from twotower.data import Split, known_before_test, load_recipe_data, load_split, users_with_history
+from twotower.evaluate import EvalSet, build_eval_set, evaluate_embeddings
+from twotower.manifest import STAGES, atomic_dir, atomic_file, fingerprints, record_stage
+from twotower.models import builder
+from twotower.models.base import RetrievalModel, TrainingStats
+from twotower.workflow import Catalogue, SavedWorkflows, category_table, encode_users, encoded_catalogue, load_saved_workflows
 
 
 def set_seeds(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     tf.random.set_seed(seed)
-
-
-@dataclass
-class Catalogue:
-    """The retrievable items: those in the fitted item vocabulary, in one fixed order."""
-
-    item_ids: np.ndarray  # dataset ids
-    features: pd.DataFrame  # encoded item features, rows aligned with item_ids
 
 
 def item_frequencies(schema: Schema, vocabulary: pd.DataFrame, train_item_ids: pd.Series) -> np.ndarray:
@@ -52,146 +47,64 @@ def item_frequencies(schema: Schema, vocabulary: pd.DataFrame, train_item_ids: p
     return counts
 
 
-def sampling_probabilities(item_counts: np.ndarray, catalogue_codes: np.ndarray, batch_size: int, mixed_negatives: int) -> np.ndarray:
-    """Per code, the chance of landing among a batch's negatives: in-batch negatives follow
-    training popularity, mixed-in ones are uniform over the catalogue, so logQ uses the mixture."""
-    popularity = item_counts / item_counts.sum()
-    uniform = np.zeros_like(popularity)
-    uniform[catalogue_codes] = 1.0 / len(catalogue_codes)
-    return ((batch_size * popularity + mixed_negatives * uniform) / (batch_size + mixed_negatives)).astype(np.float32)
+@dataclass
+class TrainingInputs:
+    """What training and evaluation read, all encoded by the saved workflows."""
+
+    split: Split
+    consumed: dict[str, str]  # fingerprints of the artifacts these were read from (run manifest)
+    train_dataset: merlin.io.Dataset  # encoded training positives, with their Merlin schema
+    catalogue: Catalogue
+    valid_users: pd.DataFrame  # encoded, history from training positives
+    test_users: pd.DataFrame  # encoded, history from everything before the test period
+    item_counts: np.ndarray  # training positives per encoded item id (for the logQ correction)
+
+    @property
+    def schema(self) -> Schema:
+        return self.train_dataset.schema
+
+    @property
+    def stats(self) -> TrainingStats:
+        return TrainingStats(self.item_counts, self.catalogue.features)
 
 
-def _feature_tensors(features: pd.DataFrame, schema: Schema) -> dict[str, tf.Tensor | tf.RaggedTensor]:
-    """Encoded feature columns as the tensors a tower takes: list columns ragged."""
-    tensors = {}
-    for column in schema:
-        values = features[column.name]
-        if column.is_list:
-            lengths = values.map(len).to_numpy()
-            flat = np.concatenate(values.to_numpy()) if lengths.sum() else np.zeros(0)
-            tensors[column.name] = tf.RaggedTensor.from_row_lengths(flat.astype(np.int64), lengths.astype(np.int64))
-        else:
-            tensors[column.name] = tf.constant(values.to_numpy().astype(np.int64))
-    return tensors
+def encoded_users(workflows: SavedWorkflows, users: pd.DataFrame, history_rows: pd.DataFrame, history_length: int) -> pd.DataFrame:
+    """Every user's encoded features, history (latest ``history_length``) taken from ``history_rows``."""
+    return encode_users(workflows, users_with_history(users, history_rows, history_length))
 
 
-class UniformCatalogueSampler(CandidateSampler):
-    """Mixed negative sampling (Yang et al. 2020): per batch, ``num_samples`` catalogue items
-    drawn uniformly (with replacement) and run through the candidate tower, so rarely seen
-    items, which in-batch negatives almost never include, are pushed away too."""
-
-    def __init__(self, catalogue_features: dict, item_id_column: str, candidate_tower: mm.Encoder, num_samples: int, **kwargs):
-        super().__init__(max_num_samples=num_samples, **kwargs)
-        self.catalogue_features = catalogue_features
-        self.item_id_column = item_id_column
-        self.catalogue_size = int(catalogue_features[item_id_column].shape[0])
-        self.candidate_tower = candidate_tower  # the model's own tower: shared weights, none added
-
-    def add(self, items: Candidate) -> None:
-        pass  # nothing to remember: samples come from the fixed catalogue, not from batches
-
-    def call(self, items: Candidate, features=None, targets=None, training=False, testing=False) -> Candidate:
-        sampled = self.sample()
-        ids = tf.expand_dims(sampled.id, -1) if items.id.shape.rank == 2 else sampled.id
-        return Candidate(id=tf.cast(ids, items.id.dtype), metadata=sampled.metadata)
-
-    def sample(self) -> Candidate:
-        rows = tf.random.uniform([self.max_num_samples], maxval=self.catalogue_size, dtype=tf.int64)
-        # Unknown row count, as in a real batch: the tower concatenates scalar and list
-        # columns and refuses a static row count that only some of them have.
-        rows = tf.compat.v1.placeholder_with_default(rows, shape=[None])
-        sampled = {name: tf.gather(values, rows) for name, values in self.catalogue_features.items()}
-        return Candidate(id=sampled[self.item_id_column], metadata={}).with_embedding(self.candidate_tower(sampled))
-
-
-def share_item_table(schema: Schema, column: str = "history") -> Schema:
-    """Point ``column``'s domain at the item id's, so both use one embedding table."""
-    if column not in schema.column_names:
-        return schema
-    item_domain = schema.select_by_tag(Tags.ITEM_ID).first.properties["domain"]
-    shared = schema[column].with_properties({**schema[column].properties, "domain": dict(item_domain)})
-    return Schema([shared if c.name == column else c for c in schema])
-
-
-def _tables_for(tower_schema: Schema, embeddings: mm.ParallelBlock) -> mm.ParallelBlock:
-    """The tables a tower's categorical columns use, picked by table (domain) name.
-
-    Selecting by tag would drop the shared item table from the query tower: that
-    table's own schema is the item id's, tagged ITEM only.
-    """
-    names = dict.fromkeys(c.int_domain.name or c.name for c in tower_schema.select_by_tag(Tags.CATEGORICAL))
-    return mm.ParallelBlock({name: embeddings.parallel_dict[name] for name in names}, schema=tower_schema)
-
-
-def _tower(schema: Schema, embeddings: mm.Block, config: TrainConfig) -> mm.Encoder:
-    inputs = mm.InputBlockV2(schema, categorical=embeddings)
-    layers = mm.MLPBlock(config.tower_layers, no_activation_last_layer=True)
-    return mm.Encoder(inputs, layers, post=mm.L2Norm() if config.l2_normalize else None)
-
-
-def build_model(
-    schema: Schema, item_counts: np.ndarray, config: TrainConfig, catalogue: Catalogue | None = None
-) -> mm.RetrievalModelV2:
-    """``catalogue`` is needed only for mixed negatives (``config.mixed_negatives > 0``)."""
-    schema = share_item_table(schema)
-    # One Embeddings block: tables are keyed by domain name, so history and item_id share one.
-    embeddings = mm.Embeddings(schema.select_by_tag(Tags.CATEGORICAL), dim=config.embedding_dim)
-    query = _tower(schema.select_by_tag(Tags.USER), _tables_for(schema.select_by_tag(Tags.USER), embeddings), config)
-    candidate = _tower(schema.select_by_tag(Tags.ITEM), _tables_for(schema.select_by_tag(Tags.ITEM), embeddings), config)
-    samplers: list = ["in-batch"]
-    item_probabilities = item_counts / item_counts.sum()
-    if config.mixed_negatives:
-        if catalogue is None:
-            raise ValueError("train.mixed_negatives > 0 needs the catalogue's item features to sample from")
-        item_schema = schema.select_by_tag(Tags.ITEM)
-        item_id = schema.select_by_tag(Tags.ITEM_ID).first.name
-        samplers.append(
-            UniformCatalogueSampler(_feature_tensors(catalogue.features, item_schema), item_id, candidate, config.mixed_negatives)
-        )
-        codes = catalogue.features[item_id].to_numpy()
-        item_probabilities = sampling_probabilities(item_counts, codes, config.batch_size, config.mixed_negatives)
-    post = None
-    if config.logq_correction:
-        # ContrastiveOutput divides by the temperature after `post`; scaling the
-        # correction by it leaves logits/T - log(q) in the softmax.
-        post = PopularityLogitsCorrection(item_probabilities, is_prob_distribution=True, schema=schema, reg_factor=config.temperature)
-    output = mm.ContrastiveOutput(
-        DotProduct(),
-        schema=schema.select_by_tag(Tags.ITEM_ID),
-        negative_samplers=samplers,
-        logits_temperature=config.temperature,
-        store_negative_ids=True,
-        post=post,
+def load_training_inputs(config: RecipeConfig) -> TrainingInputs:
+    consumed = fingerprints(config, STAGES["train"].consumes)
+    data, split = load_recipe_data(config.data_dir), load_split(config.splits_dir)
+    workflows = load_saved_workflows(config.workflow_dir)
+    train_dataset = merlin.io.Dataset(str(config.train_encoded_dir), engine="parquet")
+    history_length = config.train.history_length
+    return TrainingInputs(
+        split=split,
+        consumed=consumed,
+        train_dataset=train_dataset,
+        catalogue=encoded_catalogue(workflows, data.items),
+        valid_users=encoded_users(workflows, data.users, split.train, history_length),
+        test_users=encoded_users(workflows, data.users, known_before_test(split), history_length),
+        item_counts=item_frequencies(train_dataset.schema, category_table(workflows.item, "item_id"), split.train["item_id"]),
     )
-    model = mm.TwoTowerModelV2(query, candidate, outputs=output)
-    model.compile(optimizer=tf.keras.optimizers.Adam(config.learning_rate), metrics=[])
-    return model
 
 
-def encode(encoder: tf.keras.Model, features: pd.DataFrame, schema: Schema, batch_size: int = 4096) -> np.ndarray:
-    """Run a tower over encoded feature rows, in order."""
-    dataset = merlin.io.Dataset(features[schema.column_names].reset_index(drop=True), schema=schema)
-    loader = mm.Loader(dataset, batch_size=batch_size, shuffle=False)
-    return np.concatenate([encoder(batch).numpy() for batch, _ in loader], axis=0)
+def evaluate_model(model: RetrievalModel, eval_set: EvalSet, user_features: pd.DataFrame, catalogue: Catalogue) -> dict[str, float]:
+    """Ranking metrics of ``model`` over the whole catalogue; ``user_features`` is indexed by user id."""
+    users = model.query_vectors(user_features.loc[eval_set.user_ids])
+    return evaluate_embeddings(users, model.item_vectors(catalogue.features), eval_set)
 
 
 class FullCatalogueEarlyStopping(tf.keras.callbacks.Callback):
     """Validation metrics over the whole catalogue after each epoch; keeps the best weights."""
 
-    def __init__(
-        self,
-        eval_set: EvalSet,
-        user_features: pd.DataFrame,
-        catalogue: Catalogue,
-        schema: Schema,
-        metric: str,
-        patience: int,
-    ):
+    def __init__(self, model: RetrievalModel, eval_set: EvalSet, user_features: pd.DataFrame, catalogue: Catalogue, metric: str, patience: int):
         super().__init__()
+        self.retrieval_model = model
         self.eval_set = eval_set
         self.user_features = user_features
         self.catalogue = catalogue
-        self.schema = schema
         self.metric = metric
         self.patience = patience
         self.history: list[dict[str, float]] = []
@@ -204,7 +117,7 @@ class FullCatalogueEarlyStopping(tf.keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         train_seconds = time.perf_counter() - self._epoch_start
-        metrics = evaluate_towers(self.model, self.eval_set, self.user_features, self.catalogue, self.schema)
+        metrics = evaluate_model(self.retrieval_model, self.eval_set, self.user_features, self.catalogue)
         record = {
             "epoch": epoch + 1,
             "loss": float((logs or {}).get("loss", np.nan)),
@@ -224,42 +137,91 @@ class FullCatalogueEarlyStopping(tf.keras.callbacks.Callback):
             self.model.set_weights(self._best_weights)
 
 
-def user_vectors_for(model: mm.RetrievalModelV2, user_ids: np.ndarray, user_features: pd.DataFrame, schema: Schema) -> np.ndarray:
-    """Query-tower outputs for ``user_ids``; ``user_features`` is indexed by dataset user id."""
-    rows = user_features.loc[user_ids]
-    return encode(model.query_encoder, rows, schema.select_by_tag(Tags.USER))
+def build_model(config: RecipeConfig, inputs: TrainingInputs) -> RetrievalModel:
+    """The configured model of the family, compiled, from the schema and training statistics."""
+    return builder(config.model.name)(inputs.schema, inputs.stats, config.train, config.model)
 
 
-def evaluate_towers(
-    model: mm.RetrievalModelV2, eval_set: EvalSet, user_features: pd.DataFrame, catalogue: Catalogue, schema: Schema
-) -> dict[str, float]:
-    users = user_vectors_for(model, eval_set.user_ids, user_features, schema)
-    items = encode(model.candidate_encoder, catalogue.features, schema.select_by_tag(Tags.ITEM))
-    return evaluate_embeddings(users, items, eval_set)
+def fit_model(config: RecipeConfig, inputs: TrainingInputs, verbose: int = 1) -> tuple[RetrievalModel, FullCatalogueEarlyStopping]:
+    """Build and fit the configured model with full-catalogue early stopping on the validation
+    split. Returns the model (best epoch's weights) and the callback, whose ``history`` and
+    ``best_epoch`` describe the run."""
+    set_seeds(config.seed)
+    model = build_model(config, inputs)
+    split = inputs.split
+    stopper = FullCatalogueEarlyStopping(
+        model,
+        build_eval_set(split.valid, split.train, inputs.catalogue.item_ids),
+        inputs.valid_users,
+        inputs.catalogue,
+        config.train.early_stopping_metric,
+        config.train.early_stopping_patience,
+    )
+    loader = mm.Loader(inputs.train_dataset, batch_size=config.train.batch_size, shuffle=True)
+    model.keras.fit(loader, epochs=config.train.epochs, callbacks=[stopper], verbose=verbose)
+    return model, stopper
 
 
-def train_model(
-    train_dataset: merlin.io.Dataset,
-    item_counts: np.ndarray,
-    config: TrainConfig,
-    early_stopping: FullCatalogueEarlyStopping,
-    verbose: int = 1,
-) -> tuple[mm.RetrievalModelV2, list[dict[str, float]]]:
-    """Fit with Keras progress; returns the best epoch's model and per-epoch records."""
-    model = build_model(train_dataset.schema, item_counts, config, early_stopping.catalogue)
-    loader = mm.Loader(train_dataset, batch_size=config.batch_size, shuffle=True)
-    model.fit(loader, epochs=config.epochs, callbacks=[early_stopping], verbose=verbose)
-    return model, early_stopping.history
+def evaluate_on_test(config: RecipeConfig, inputs: TrainingInputs, model: RetrievalModel) -> dict[str, dict[str, float]]:
+    """Test metrics of the model (under its name) and of popularity, full catalogue, earlier
+    positives excluded."""
+    from twotower.baselines import evaluate_popularity
+
+    split = inputs.split
+    test_set = build_eval_set(split.test, known_before_test(split), inputs.catalogue.item_ids)
+    return {
+        config.model.name: evaluate_model(model, test_set, inputs.test_users, inputs.catalogue),
+        "popularity": evaluate_popularity(split.train, test_set, inputs.catalogue.item_ids),
+    }
 
 
-def save_tower(encoder: tf.keras.Model, path: Path) -> None:
-    """Save one tower (``model.query_encoder`` or ``model.candidate_encoder``) as a Keras SavedModel."""
-    encoder.save(str(path), include_optimizer=False)
+def save_training(config: RecipeConfig, inputs: TrainingInputs, model: RetrievalModel, stopper: FullCatalogueEarlyStopping, results: dict) -> dict:
+    """Both towers as SavedModels, catalogue item vectors, history, curves and metrics.json;
+    the model folder is replaced whole, then the run manifest records the stage."""
+    from twotower.plots import plot_training
+
+    item_vectors = model.item_vectors(inputs.catalogue.features)
+    with atomic_dir(config.model_dir) as model_dir:
+        query_dir, candidate_dir, vectors_path = (
+            model_dir / path.relative_to(config.model_dir) for path in (config.query_tower_dir, config.candidate_tower_dir, config.item_vectors_path)
+        )
+        model.save_query_tower(query_dir)
+        model.save_item_tower(candidate_dir)
+        save_item_vectors(inputs.catalogue, item_vectors, vectors_path)
+        save_history(stopper.history, model_dir / "history.json")
+    with atomic_file(config.output_dir / "training_curves.png") as staging:
+        plot_training(stopper.history, staging)
+    metrics = {
+        "dataset": config.data.dataset,
+        "model": config.model.name,
+        "protocol": "full catalogue, earlier positives excluded, per-user temporal holdout",
+        "test_users": int(inputs.split.test["user_id"].nunique()),
+        "catalogue_items": int(len(inputs.catalogue.item_ids)),
+        "trainable_parameters": model.parameter_count(),
+        "best_epoch": stopper.best_epoch,
+        "test": results,
+        "history": stopper.history,
+        "config": config_to_dict(config),
+    }
+    with atomic_file(config.metrics_path) as staging:
+        staging.write_text(json.dumps(metrics, indent=2))
+    record_stage(config, "train", inputs.consumed)
+    return metrics
 
 
-def load_tower(path: Path) -> tf.keras.Model:
-    """A saved tower as the Keras model it was (merlin.models is imported, so its layers resolve)."""
-    return tf.keras.models.load_model(str(path))
+def train_and_save(config: RecipeConfig, verbose: int = 1) -> tuple[RetrievalModel, dict]:
+    """The train stage: fit, evaluate on the test split, save; the model and its metrics."""
+    inputs = load_training_inputs(config)
+    model, stopper = fit_model(config, inputs, verbose=verbose)
+    metrics = save_training(config, inputs, model, stopper, evaluate_on_test(config, inputs, model))
+    return model, metrics
+
+
+def print_metrics(results: dict[str, dict[str, float]]) -> None:
+    names = list(next(iter(results.values())))
+    print(f"{'model':<14}" + "".join(f"{n:>13}" for n in names))
+    for model_name, values in results.items():
+        print(f"{model_name:<14}" + "".join(f"{values[n]:>13.4f}" for n in names))
 
 
 def save_item_vectors(catalogue: Catalogue, vectors: np.ndarray, path: Path) -> None:

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import dask.dataframe
 import merlin.io
+import numpy as np
 import nvtabular as nvt
 import pandas as pd
 from merlin.dag import postorder_iter_nodes
@@ -144,3 +146,37 @@ def category_table(workflow: nvt.Workflow, column: str) -> pd.DataFrame:
         if isinstance(node.op, nvt.ops.Categorify) and column in node.op.categories:
             return pd.read_parquet(node.op.categories[column])
     raise KeyError(f"no Categorify vocabulary for column {column!r}")
+
+
+# ------------------------------------------- encoding with the saved workflows
+@dataclass
+class SavedWorkflows:
+    """The fitted user and item subworkflows, loaded once per stage."""
+
+    user: nvt.Workflow
+    item: nvt.Workflow
+
+
+def load_saved_workflows(workflow_dir: Path) -> SavedWorkflows:
+    return SavedWorkflows(load_workflow(workflow_dir, USER_SUBGRAPH), load_workflow(workflow_dir, ITEM_SUBGRAPH))
+
+
+@dataclass
+class Catalogue:
+    """The retrievable items: those in the fitted item vocabulary, in one fixed order."""
+
+    item_ids: np.ndarray  # dataset ids
+    features: pd.DataFrame  # encoded item features, rows aligned with item_ids
+
+
+def encoded_catalogue(workflows: SavedWorkflows, items: pd.DataFrame) -> Catalogue:
+    """The retrievable items (the fitted item vocabulary, sorted by dataset id) with their
+    features encoded by the saved item workflow (no refit)."""
+    item_ids = np.sort(category_table(workflows.item, "item_id")["item_id"].to_numpy())
+    catalogue_items = items[items["item_id"].isin(item_ids)].sort_values("item_id")
+    return Catalogue(item_ids=item_ids, features=transform_frame(workflows.item, catalogue_items))
+
+
+def encode_users(workflows: SavedWorkflows, users: pd.DataFrame) -> pd.DataFrame:
+    """``users`` encoded by the saved user workflow, indexed by dataset user id."""
+    return transform_frame(workflows.user, users).set_index(users["user_id"].to_numpy())

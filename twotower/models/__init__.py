@@ -1,0 +1,31 @@
+"""The two-tower family: one registry from ``model.name`` to a builder.
+
+Every builder has the signature ``build(schema, stats, train, model) -> RetrievalModel``
+(``twotower.models.base``); evaluation, the index, the feature store and the export use
+only that interface. Adding a model means one module here and one line below (and its
+name in ``config.ModelName``). Modules are imported on demand: listing the names does
+not load TensorFlow.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+# model name -> module whose ``build`` makes it (a module may build several variants)
+REGISTRY: dict[str, str] = {
+    "two_tower": "twotower.models.two_tower",
+    "dat": "twotower.models.dat",
+    "seq_attention": "twotower.models.sequence",
+    "seq_gru": "twotower.models.sequence",
+}
+
+
+def model_names() -> list[str]:
+    return list(REGISTRY)
+
+
+def builder(name: str) -> Callable:
+    if name not in REGISTRY:
+        raise KeyError(f"unknown model {name!r}; registered: {', '.join(REGISTRY)}")
+    return importlib.import_module(REGISTRY[name]).build

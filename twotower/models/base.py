@@ -1,0 +1,134 @@
+"""The interface every model of the family implements, and the tower parts they share.
+
+A builder turns the training schema and statistics into a ``RetrievalModel``: a compiled
+merlin-models retrieval model whose ``query_encoder`` and ``candidate_encoder`` are the two
+towers. The rest of the recipe calls ``query_vectors``, ``item_vectors`` and the tower
+save/load below and never asks which model it is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+
+import merlin.io
+import merlin.models.tf as mm
+from merlin.schema import Schema, Tags
+
+from twotower.config import ModelConfig, TrainConfig
+
+HISTORY = "history"  # the query feature that shares the item id's table
+
+
+@dataclass
+class TrainingStats:
+    """What a builder may learn from the training data besides the schema."""
+
+    item_counts: np.ndarray  # training positives per encoded item id (index = code)
+    catalogue_features: pd.DataFrame  # encoded features of every retrievable item
+
+
+def encode(encoder: tf.keras.Model, features: pd.DataFrame, schema: Schema, batch_size: int = 4096) -> np.ndarray:
+    """Run a tower over encoded feature rows, in order."""
+    dataset = merlin.io.Dataset(features[schema.column_names].reset_index(drop=True), schema=schema)
+    loader = mm.Loader(dataset, batch_size=batch_size, shuffle=False)
+    return np.concatenate([encoder(batch).numpy() for batch, _ in loader], axis=0)
+
+
+class RetrievalModel:
+    """A two-tower model as the recipe sees it: ``keras`` is what merlin-models fits."""
+
+    def __init__(self, keras_model: mm.RetrievalModelV2, schema: Schema):
+        self.keras = keras_model
+        self.schema = schema
+
+    @property
+    def query_schema(self) -> Schema:
+        return self.schema.select_by_tag(Tags.USER)
+
+    @property
+    def item_schema(self) -> Schema:
+        return self.schema.select_by_tag(Tags.ITEM)
+
+    def query_vectors(self, features: pd.DataFrame) -> np.ndarray:
+        """Query-tower outputs for encoded user rows (USER columns), in order."""
+        return encode(self.keras.query_encoder, features, self.query_schema)
+
+    def item_vectors(self, features: pd.DataFrame) -> np.ndarray:
+        """Candidate-tower outputs for encoded item rows (ITEM columns), in order."""
+        return encode(self.keras.candidate_encoder, features, self.item_schema)
+
+    def save_query_tower(self, path: Path) -> None:
+        """The query tower as a SavedModel whose ``serving_default`` the server calls."""
+        self.keras.query_encoder.save(str(path), include_optimizer=False)
+
+    def save_item_tower(self, path: Path) -> None:
+        self.keras.candidate_encoder.save(str(path), include_optimizer=False)
+
+    @staticmethod
+    def load_query_tower(path: Path):
+        """A saved query tower's serving signature (plain TensorFlow, as the server runs it)."""
+        from twotower.ensemble import load_serving_signature
+
+        return load_serving_signature(path)
+
+    def parameter_count(self) -> int:
+        """Trainable parameters, shared tables counted once."""
+        variables = {id(v): v for v in self.keras.trainable_variables}
+        return int(sum(np.prod(v.shape) for v in variables.values()))
+
+
+def share_item_table(schema: Schema, column: str = HISTORY) -> Schema:
+    """Point ``column``'s domain at the item id's, so both use one embedding table."""
+    if column not in schema.column_names:
+        return schema
+    item_domain = schema.select_by_tag(Tags.ITEM_ID).first.properties["domain"]
+    shared = schema[column].with_properties({**schema[column].properties, "domain": dict(item_domain)})
+    return Schema([shared if c.name == column else c for c in schema])
+
+
+def shared_embeddings(schema: Schema, dim: int | None) -> mm.ParallelBlock:
+    """One Embeddings block over both towers' categorical columns: tables are keyed by
+    domain name, so ``history`` and ``item_id`` share one (see ``share_item_table``)."""
+    return mm.Embeddings(schema.select_by_tag(Tags.CATEGORICAL), dim=dim)
+
+
+def tables_for(tower_schema: Schema, embeddings: mm.ParallelBlock) -> mm.ParallelBlock:
+    """The tables a tower's categorical columns use, picked by table (domain) name.
+
+    Selecting by tag would drop the shared item table from the query tower: that
+    table's own schema is the item id's, tagged ITEM only.
+    """
+    names = dict.fromkeys(c.int_domain.name or c.name for c in tower_schema.select_by_tag(Tags.CATEGORICAL))
+    return mm.ParallelBlock({name: embeddings.parallel_dict[name] for name in names}, schema=tower_schema)
+
+
+def tower(inputs: tf.keras.layers.Layer, train: TrainConfig, model: ModelConfig, extra: tuple = ()) -> mm.Encoder:
+    """``inputs`` (concatenated features, or per-field embeddings when gated), the configured
+    field gating, ``extra`` blocks (such as DAT's augmented vector), the MLP, then L2 norm."""
+    from twotower.models.gating import field_gate
+
+    blocks = [] if model.gating == "none" else [field_gate(model)]
+    blocks += [*extra, mm.MLPBlock(train.tower_layers, no_activation_last_layer=True)]
+    return mm.Encoder(inputs, *blocks, post=mm.L2Norm() if train.l2_normalize else None)
+
+
+def field_inputs(schema: Schema, tables: mm.ParallelBlock, model: ModelConfig) -> mm.Block:
+    """A tower's input block: concatenated embeddings, or a dict of field embeddings to gate."""
+    return mm.InputBlockV2(schema, categorical=tables, aggregation="concat" if model.gating == "none" else None)
+
+
+def compile_model(keras_model: mm.RetrievalModelV2, schema: Schema, train: TrainConfig, model: ModelConfig) -> RetrievalModel:
+    from twotower.models.losses import loss_for
+
+    keras_model.compile(optimizer=tf.keras.optimizers.Adam(train.learning_rate), loss=loss_for(model.loss), metrics=[])
+    return RetrievalModel(keras_model, schema)
+
+
+def check_field_dims(train: TrainConfig, model: ModelConfig) -> None:
+    if model.gating != "none" and train.embedding_dim is None:
+        raise ValueError(f"model.gating={model.gating} weighs fields of one size: set train.embedding_dim")
