@@ -13,10 +13,10 @@ LAB_PORT ?= 8888
 # JupyterLab fetches a news feed and checks for updates on the internet unless told not to.
 LAB_OFFLINE := --LabApp.news_url=None --LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate
 
-.PHONY: venv run test serve query export notebooks lab clean help benchmark-quality benchmark-serving benchmark-faults perf-analyzer docker-up docker-down docker-logs
+.PHONY: venv run test serve query export notebooks lab clean help benchmark-quality benchmark-models benchmark-serving benchmark-faults perf-analyzer docker-up docker-down docker-logs
 
 help:
-	@echo "make run | test | serve | query USER=<id> | export | notebooks | lab | benchmark-quality | benchmark-serving | benchmark-faults | clean | docker-up | docker-down | docker-logs"
+	@echo "make run | test | serve | query USER=<id> | export | notebooks | lab | benchmark-quality | benchmark-models | benchmark-serving | benchmark-faults | clean | docker-up | docker-down | docker-logs"
 
 $(STAMP): requirements/lock.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ query: venv
 
 benchmark-quality: venv
 	$(TWOTOWER) benchmark-quality
+
+# Every model of the family and learning approach on ML-1M, served through Triton (about 1.5 h on 2 cores).
+benchmark-models: venv
+	$(TWOTOWER) benchmark-models
 
 # Triton's perf_analyzer from tritonclient 2.51.0 (newer ones need glibc 2.38) in its own venv,
 # so it does not move the project's tritonclient pin. It needs Debian's libb64-0d: installed here

@@ -138,6 +138,11 @@ class BenchmarkConfig:
     fault_soak_seconds: float = 600.0  # the memory soak
     fault_sample_users: int = 200  # users whose answers are checked against the healthy server's
     fault_stage_kill_after_s: float = 5.0  # 'features' is killed this long after it starts
+    # make benchmark-models (twotower/model_benchmark.py)
+    model_variants: list[str] = field(default_factory=list)  # names from model_benchmark.VARIANTS; empty: all
+    model_seed_rows: int = 1  # the best rows (validation) trained again with each extra seed
+    model_extra_seeds: list[int] = field(default_factory=lambda: [43, 44])
+    model_serving_requests: int = 300  # single-user requests at concurrency 1 through Triton, per model
 
 
 @dataclass

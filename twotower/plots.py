@@ -102,3 +102,19 @@ def plot_quality(results: dict[str, dict], ks: tuple[int, ...], out_dir: Path) -
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize=7)
     return _save(recall, out_dir / "recall_at_k.png"), _save(loss, out_dir / "training_loss.png")
+
+
+def plot_model_tradeoff(rows: dict[str, dict], path: Path | None = None) -> Figure:
+    """Recall@100 against serving p50 and against trainable parameters, one point per model."""
+    fig = Figure(figsize=(12, 4.5))
+    latency_ax, params_ax = fig.subplots(1, 2)
+    for name, row in rows.items():
+        if row.get("serving_p50_ms") is not None:
+            latency_ax.scatter(row["serving_p50_ms"], row["recall@100"])
+            latency_ax.annotate(name, (row["serving_p50_ms"], row["recall@100"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        if row.get("params"):
+            params_ax.scatter(row["params"], row["recall@100"])
+            params_ax.annotate(name, (row["params"], row["recall@100"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    latency_ax.set(title="effectiveness vs serving latency", xlabel="Triton p50, single user, concurrency 1 (ms)", ylabel="test Recall@100")
+    params_ax.set(title="effectiveness vs size", xlabel="trainable parameters (log)", ylabel="test Recall@100", xscale="log")
+    return _save(fig, path)

@@ -39,7 +39,7 @@ class Phase:
     concurrency: int
 
 
-def _drive(url: str, model: str, batches: list[np.ndarray], concurrency: int, timeout_s: float) -> tuple[np.ndarray, int, float]:
+def drive_requests(url: str, model: str, batches: list[np.ndarray], concurrency: int, timeout_s: float) -> tuple[np.ndarray, int, float]:
     """Send every batch, ``concurrency`` at a time; latencies (ms), error count, wall seconds."""
 
     def worker(share: list[np.ndarray]) -> tuple[list[float], int]:
@@ -62,7 +62,7 @@ def _drive(url: str, model: str, batches: list[np.ndarray], concurrency: int, ti
     return np.array([ms for lat, _ in results for ms in lat]), sum(e for _, e in results), wall
 
 
-def _summary(latencies: np.ndarray, errors: int, wall: float, users_per_request: int) -> dict[str, float]:
+def latency_summary(latencies: np.ndarray, errors: int, wall: float, users_per_request: int) -> dict[str, float]:
     ok = len(latencies)
     p50, p95, p99 = np.percentile(latencies, [50, 95, 99]) if ok else (np.nan,) * 3
     return {
@@ -95,7 +95,7 @@ def _per_request_ms(before: dict[str, float], after: dict[str, float]) -> dict[s
     }
 
 
-def _user_batches(users: np.ndarray, count: int, size: int, seed: int) -> list[np.ndarray]:
+def user_batches(users: np.ndarray, count: int, size: int, seed: int) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     return [rng.choice(users, size, replace=False).astype(np.int64) for _ in range(count)]
 
@@ -104,15 +104,15 @@ def run_phases(config: RecipeConfig, url: str, metrics_url: str, users: np.ndarr
     bench, model = config.benchmark, config.serve.model_name
     phases = [Phase("c1", 1, 1), Phase("c4", 1, 4), Phase("c16", 1, 16), Phase(f"batch{bench.batch_users}_c1", bench.batch_users, 1)]
     timeout_s = config.serve.client_timeout_s
-    _drive(url, model, _user_batches(users, bench.warmup_requests, 1, config.seed), 1, timeout_s)
+    drive_requests(url, model, user_batches(users, bench.warmup_requests, 1, config.seed), 1, timeout_s)
     results = {}
     for phase in phases:
         count = bench.requests_per_phase if phase.users_per_request == 1 else max(bench.requests_per_phase // 10, 10)
-        batches = _user_batches(users, count, phase.users_per_request, config.seed + 1)
+        batches = user_batches(users, count, phase.users_per_request, config.seed + 1)
         before = triton_model_stats(metrics_url, model)
-        latencies, errors, wall = _drive(url, model, batches, phase.concurrency, timeout_s)
+        latencies, errors, wall = drive_requests(url, model, batches, phase.concurrency, timeout_s)
         results[phase.name] = {
-            **_summary(latencies, errors, wall, phase.users_per_request),
+            **latency_summary(latencies, errors, wall, phase.users_per_request),
             "triton": _per_request_ms(before, triton_model_stats(metrics_url, model)),
         }
         print(f"  {phase.name:<12} p50 {results[phase.name]['p50_ms']:7.2f} ms  p99 {results[phase.name]['p99_ms']:7.2f} ms  "
