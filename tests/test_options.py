@@ -133,7 +133,7 @@ def test_mixed_negatives_are_catalogue_items_through_the_candidate_tower(prepare
     assert np.allclose(sampled.embedding.numpy(), expected, atol=1e-5)
 
 
-def test_reference_setup_trains(prepared, train_data):
+def test_reference_setup_trains(prepared, train_data, catalogue):
     model = _model(prepared, train_data, catalogue, l2_normalize=False, temperature=1.0, logq_correction=False, embedding_dim=None)
     _fit_one_epoch(model, train_data[0])
 

@@ -13,6 +13,7 @@ from twotower import pipeline
 from twotower.client import demo_users, print_recommendations
 from twotower.config import ConfigError, load_config
 from twotower.manifest import ArtifactMismatch
+from twotower.notebooks import ignore_known_warnings
 from twotower.serve import PortInUse, triton_server
 
 STAGES = {
@@ -71,6 +72,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    ignore_known_warnings()
+    # TensorFlow's and absl's Python loggers only repeat known notes of the pinned stack
+    # (moved modules, untraced functions on save, an uncompiled reload).
+    from absl import logging as absl_logging
+
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    absl_logging.set_verbosity(absl_logging.ERROR)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         config = load_config(args.config, args.overrides)

@@ -173,7 +173,8 @@ def run_model_benchmark(base: RecipeConfig) -> Path:
 
     reference = tried[names[0]][0]["config"]  # any run: they share data, split and catalogue
     for baseline, values in baselines(reference).items():
-        rows[baseline] = {**values, "seeds": [], "params": values.get("params", 0)}
+        # Not trained by gradient descent and not served: no epochs, no serving latency.
+        rows[baseline] = {**values, "seeds": [], "serving_p50_ms": None, "serving_p99_ms": None, "seconds_per_epoch": None}
 
     report = {
         "date": date.today().isoformat(),

@@ -41,7 +41,8 @@ INJECTED_TAG = "injected-parameters"
 CELL_TIMEOUT_S = 3600
 
 
-def _ignore_known_warnings() -> None:
+def ignore_known_warnings() -> None:
+    """Filter the warnings the pinned 2023 stack is known to give harmlessly, so real ones stand out."""
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message="Initializing an NVTabular Dataset in CPU mode")
     warnings.filterwarnings("ignore", message="PyTorch dtype mappings did not load")
@@ -57,7 +58,7 @@ def quiet_notebook_output() -> None:
     after it.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    _ignore_known_warnings()
+    ignore_known_warnings()
     import tensorflow as tf
     from absl import logging as absl_logging
 
@@ -65,7 +66,7 @@ def quiet_notebook_output() -> None:
 
     tf.get_logger().setLevel(logging.ERROR)
     absl_logging.set_verbosity(absl_logging.ERROR)
-    _ignore_known_warnings()
+    ignore_known_warnings()
 
 
 def _tags(cell) -> list[str]:

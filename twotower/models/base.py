@@ -20,6 +20,8 @@ import merlin.models.tf as mm
 from merlin.schema import Schema, Tags
 
 from twotower.config import ModelConfig, TrainConfig
+from twotower.models.gating import field_gate
+from twotower.models.losses import loss_for
 
 HISTORY = "history"  # the query feature that shares the item id's table
 
@@ -110,8 +112,6 @@ def tables_for(tower_schema: Schema, embeddings: mm.ParallelBlock) -> mm.Paralle
 def tower(inputs: tf.keras.layers.Layer, train: TrainConfig, model: ModelConfig, extra: tuple = ()) -> mm.Encoder:
     """``inputs`` (concatenated features, or per-field embeddings when gated), the configured
     field gating, ``extra`` blocks (such as DAT's augmented vector), the MLP, then L2 norm."""
-    from twotower.models.gating import field_gate
-
     blocks = [] if model.gating == "none" else [field_gate(model)]
     blocks += [*extra, mm.MLPBlock(train.tower_layers, no_activation_last_layer=True)]
     return mm.Encoder(inputs, *blocks, post=mm.L2Norm() if train.l2_normalize else None)
@@ -123,8 +123,6 @@ def field_inputs(schema: Schema, tables: mm.ParallelBlock, model: ModelConfig) -
 
 
 def compile_model(keras_model: mm.RetrievalModelV2, schema: Schema, train: TrainConfig, model: ModelConfig) -> RetrievalModel:
-    from twotower.models.losses import loss_for
-
     keras_model.compile(optimizer=tf.keras.optimizers.Adam(train.learning_rate), loss=loss_for(model.loss), metrics=[])
     return RetrievalModel(keras_model, schema)
 
