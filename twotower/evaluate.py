@@ -116,13 +116,12 @@ def saved_query_vectors(config: RecipeConfig, user_ids) -> np.ndarray:
     """Query vectors for dataset user ids from what is on disk, as the server computes them:
     features (history: everything before the test period) encoded by the saved user workflow,
     embedded by the query tower's serving signature."""
-    from twotower.data import known_before_test, load_recipe_data, load_split, users_with_history
+    from twotower.data import known_before_test, load_recipe_data, load_split
     from twotower.ensemble import call_signature, load_serving_signature
-    from twotower.workflow import encode_users, load_saved_workflows
+    from twotower.workflow import encoded_users, load_saved_workflows
 
     data, split = load_recipe_data(config.data_dir), load_split(config.splits_dir)
-    users = users_with_history(data.users, known_before_test(split), config.train.history_length)
-    encoded = encode_users(load_saved_workflows(config.workflow_dir), users)
+    encoded = encoded_users(load_saved_workflows(config.workflow_dir), data.users, known_before_test(split), config.train.history_length)
     return call_signature(load_serving_signature(config.query_tower_dir), encoded.loc[np.asarray(user_ids)])
 
 

@@ -24,12 +24,12 @@ import merlin.models.tf as mm
 from merlin.schema import Schema, Tags
 
 from twotower.config import RecipeConfig, config_to_dict
-from twotower.data import Split, known_before_test, load_recipe_data, load_split, users_with_history
+from twotower.data import Split, known_before_test, load_recipe_data, load_split
 from twotower.evaluate import EvalSet, build_eval_set, evaluate_embeddings
 from twotower.manifest import STAGES, atomic_dir, atomic_file, fingerprints, record_stage
 from twotower.models import builder
 from twotower.models.base import RetrievalModel, TrainingStats
-from twotower.workflow import Catalogue, SavedWorkflows, category_table, encode_users, encoded_catalogue, load_saved_workflows
+from twotower.workflow import Catalogue, category_table, encoded_catalogue, encoded_users, load_saved_workflows
 
 
 def set_seeds(seed: int) -> None:
@@ -66,11 +66,6 @@ class TrainingInputs:
     @property
     def stats(self) -> TrainingStats:
         return TrainingStats(self.item_counts, self.catalogue.features)
-
-
-def encoded_users(workflows: SavedWorkflows, users: pd.DataFrame, history_rows: pd.DataFrame, history_length: int) -> pd.DataFrame:
-    """Every user's encoded features, history (latest ``history_length``) taken from ``history_rows``."""
-    return encode_users(workflows, users_with_history(users, history_rows, history_length))
 
 
 def load_training_inputs(config: RecipeConfig) -> TrainingInputs:

@@ -24,7 +24,7 @@ from merlin.dag import postorder_iter_nodes
 from merlin.dag.ops.subgraph import Subgraph
 
 from twotower.config import WorkflowConfig
-from twotower.data import ITEM_FEATURES, USER_FEATURES
+from twotower.data import ITEM_FEATURES, USER_FEATURES, users_with_history
 
 USER_SUBGRAPH = "user"
 ITEM_SUBGRAPH = "item"
@@ -180,3 +180,8 @@ def encoded_catalogue(workflows: SavedWorkflows, items: pd.DataFrame) -> Catalog
 def encode_users(workflows: SavedWorkflows, users: pd.DataFrame) -> pd.DataFrame:
     """``users`` encoded by the saved user workflow, indexed by dataset user id."""
     return transform_frame(workflows.user, users).set_index(users["user_id"].to_numpy())
+
+
+def encoded_users(workflows: SavedWorkflows, users: pd.DataFrame, history_rows: pd.DataFrame, history_length: int) -> pd.DataFrame:
+    """Every user's encoded features, history (latest ``history_length``) taken from ``history_rows``."""
+    return encode_users(workflows, users_with_history(users, history_rows, history_length))

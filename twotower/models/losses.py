@@ -32,11 +32,10 @@ from merlin.schema import Schema, Tags
 from twotower.config import ModelConfig, TrainConfig
 
 
-def _positive_and_negatives(y_true: tf.Tensor, logits: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """Per row: the positive's logit [batch, 1], all logits, and a 0/1 mask of negatives."""
+def _positive_and_negatives(y_true: tf.Tensor, logits: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Per row: the positive's logit [batch, 1] and a 0/1 mask of the negatives."""
     y_true = tf.cast(y_true, logits.dtype)
-    positive = tf.reduce_sum(y_true * logits, axis=1, keepdims=True)
-    return positive, logits, 1.0 - y_true
+    return tf.reduce_sum(y_true * logits, axis=1, keepdims=True), 1.0 - y_true
 
 
 class SoftmaxLoss(tf.keras.losses.Loss):
@@ -50,8 +49,8 @@ class BPRLoss(tf.keras.losses.Loss):
     """Bayesian personalised ranking: mean over the row's negatives of -log sigmoid(s+ - s-)."""
 
     def call(self, y_true, y_pred):
-        positive, logits, negatives = _positive_and_negatives(y_true, y_pred)
-        pairwise = tf.math.softplus(-(positive - logits))  # -log sigmoid(x) = softplus(-x)
+        positive, negatives = _positive_and_negatives(y_true, y_pred)
+        pairwise = tf.math.softplus(-(positive - y_pred))  # -log sigmoid(x) = softplus(-x)
         return tf.reduce_sum(pairwise * negatives, axis=1) / tf.maximum(tf.reduce_sum(negatives, axis=1), 1.0)
 
 
@@ -59,9 +58,9 @@ class BCELoss(tf.keras.losses.Loss):
     """Pointwise: the positive against label 1 plus the mean of the negatives against 0."""
 
     def call(self, y_true, y_pred):
-        positive, logits, negatives = _positive_and_negatives(y_true, y_pred)
+        positive, negatives = _positive_and_negatives(y_true, y_pred)
         positive_term = tf.math.softplus(-positive[:, 0])  # -log sigmoid(s+)
-        negative_terms = tf.math.softplus(logits) * negatives  # -log(1 - sigmoid(s-))
+        negative_terms = tf.math.softplus(y_pred) * negatives  # -log(1 - sigmoid(s-))
         return positive_term + tf.reduce_sum(negative_terms, axis=1) / tf.maximum(tf.reduce_sum(negatives, axis=1), 1.0)
 
 
