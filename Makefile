@@ -13,10 +13,10 @@ LAB_PORT ?= 8888
 # JupyterLab fetches a news feed and checks for updates on the internet unless told not to.
 LAB_OFFLINE := --LabApp.news_url=None --LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate
 
-.PHONY: venv run test serve query export notebooks lab clean help benchmark-quality benchmark-models benchmark-serving benchmark-faults perf-analyzer docker-up docker-down docker-logs
+.PHONY: venv run test serve query export notebooks lab clean help benchmark-quality benchmark-models benchmark-serving benchmark-faults benchmark-scale perf-analyzer docker-up docker-down docker-logs
 
 help:
-	@echo "make run | test | serve | query USER=<id> | export | notebooks | lab | benchmark-quality | benchmark-models | benchmark-serving | benchmark-faults | clean | docker-up | docker-down | docker-logs"
+	@echo "make run | test | serve | query USER=<id> | export | notebooks | lab | benchmark-quality | benchmark-models | benchmark-serving | benchmark-faults | benchmark-scale | clean | docker-up | docker-down | docker-logs"
 
 $(STAMP): requirements/lock.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -80,6 +80,11 @@ benchmark-serving: venv
 # needs an exported run (make export) and redis-server (Debian package redis-server).
 benchmark-faults: venv
 	$(TWOTOWER) benchmark-faults
+
+# Index kinds, served latency and memory on catalogues of 10^4 to 10^6 items grown from the
+# run's item vectors, and Feast at 10^5 and 10^6 users on SQLite and Redis (needs redis-server).
+benchmark-scale: venv
+	$(TWOTOWER) benchmark-scale
 
 test: venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

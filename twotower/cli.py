@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="twotower", description=__doc__)
     parser.add_argument(
         "stage",
-        choices=[*STAGES, "run", "serve", "query", "models", "benchmark-quality", "benchmark-models", "benchmark-serving", "benchmark-faults"],
+        choices=[*STAGES, "run", "serve", "query", "models", "benchmark-quality", "benchmark-models", "benchmark-serving", "benchmark-faults", "benchmark-scale"],
         help="stage to run; 'run' is all stages plus a served demo; 'models' lists the registered models",
     )
     parser.add_argument("--config", type=Path, help="YAML file overriding the defaults in twotower/config.py")
@@ -99,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
             from twotower.serving_benchmark import run_serving_benchmark
 
             run_serving_benchmark(config)
+        elif args.stage == "benchmark-scale":
+            from twotower.scale_benchmark import run_scale_benchmark
+
+            run_scale_benchmark(config)
         elif args.stage == "benchmark-faults":
             from twotower.fault_benchmark import run_fault_benchmark
 

@@ -95,6 +95,31 @@ class ModelConfig:
     sequence: SequenceConfig = field(default_factory=SequenceConfig)
 
 
+IndexKind = Literal["flat", "hnsw", "ivf_flat", "ivf_pq"]
+
+
+@dataclass
+class IndexConfig:
+    """The FAISS index over item vectors (twotower/index.py); each kind is a FAISS factory string."""
+
+    # auto: every kind the catalogue can train is built and measured, and the one with the lowest
+    # single-query latency that reaches min_recall wins; the choice and its recall go in the manifest.
+    kind: Literal["auto", "flat", "hnsw", "ivf_flat", "ivf_pq"] = "auto"
+    min_recall: float = 0.95  # Recall@100 against exact search, on held-out real query vectors
+    # auto: kinds this close in p50 count as equally fast and the most exact wins (a served
+    # request takes milliseconds; a 0.01 ms gain is not worth approximate answers)
+    latency_tolerance_ms: float = 0.1
+    recall_queries: int = 1000  # validation users' query vectors: half tune the search knob, half measure
+    hnsw_m: int = 32  # graph neighbours per node
+    hnsw_ef_construction: int = 40
+    hnsw_ef_search: int = 0  # 0: the smallest value that reaches min_recall on the tuning half
+    ivf_nlist: int = 0  # 0: 4 * sqrt(items), at most items / 39 (FAISS's k-means minimum per list)
+    ivf_nprobe: int = 0  # 0: the smallest value that reaches min_recall on the tuning half
+    # ivf_pq code size in bytes per item (8-bit sub-quantizers); 0: dimension / 4 (16 bytes for 64-d
+    # vectors: FAISS trains one 256-centroid k-means per byte, so halving it halves the build)
+    pq_bytes: int = 0
+
+
 @dataclass
 class ServeConfig:
     top_k: int = 10
@@ -143,6 +168,11 @@ class BenchmarkConfig:
     model_seed_rows: int = 1  # the best rows (validation) trained again with each extra seed
     model_extra_seeds: list[int] = field(default_factory=lambda: [43, 44])
     model_serving_requests: int = 300  # single-user requests at concurrency 1 through Triton, per model
+    # make benchmark-scale (twotower/scale_benchmark.py); 10_000_000 fits 23 GB of memory but
+    # takes hours on 2 cores, so it is opt-in: --set "benchmark.scale_sizes=[...]"
+    scale_sizes: list[int] = field(default_factory=lambda: [10_000, 100_000, 1_000_000])
+    scale_feast_users: list[int] = field(default_factory=lambda: [100_000, 1_000_000])
+    scale_requests: int = 300  # single-user requests per latency measurement (in process, Triton c1, c16)
 
 
 @dataclass
@@ -154,6 +184,7 @@ class RecipeConfig:
     workflow: WorkflowConfig = field(default_factory=WorkflowConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)

@@ -35,7 +35,7 @@ from merlin.systems.dag import Ensemble
 from merlin.table import TensorColumn, TensorTable
 
 from twotower.errors import RequestError, ServiceUnavailable
-from twotower.index import load_index, search
+from twotower.index import ItemIndex, load_index
 from twotower.manifest import atomic_dir
 
 if TYPE_CHECKING:
@@ -292,7 +292,7 @@ class RetrieveTopK(_ArtifactOperator):
 
         # One request's search is tiny: OpenMP threads only add wake-up latency on a busy CPU.
         faiss.omp_set_num_threads(1)
-        return load_index(path)
+        return ItemIndex(load_index(path))
 
     def compute_output_schema(self, input_schema: Schema, col_selector: ColumnSelector, prev_output_schema: Schema = None) -> Schema:
         return Schema(
@@ -315,19 +315,11 @@ class RetrieveTopK(_ArtifactOperator):
         n_rows = len(vectors)
         known = np.asarray(transformable["known"].values) if "known" in transformable.columns else np.ones(n_rows, bool)
         seen = self._seen_lists(transformable, n_rows)
-        # Enough candidates that k remain after dropping the most-seen user's items.
-        depth = min(self.resource.ntotal, self.top_k + max(len(s) for s in seen))
-        ids, scores = search(self.resource, vectors, depth)
-        item_ids = np.empty((n_rows, self.top_k), dtype=np.int64)
-        item_scores = np.empty((n_rows, self.top_k), dtype=np.float32)
-        for row in range(n_rows):
-            if not known[row]:
-                item_ids[row], item_scores[row] = self.fallback_items, self.fallback_scores
-                continue
-            keep = ~np.isin(ids[row], seen[row]) if len(seen[row]) else np.ones(depth, bool)
-            # A user who has seen nearly everything gets seen items last rather than a short row.
-            order = np.concatenate([np.flatnonzero(keep), np.flatnonzero(~keep)])[: self.top_k]
-            item_ids[row], item_scores[row] = ids[row, order], scores[row, order]
+        item_ids = np.tile(self.fallback_items, (n_rows, 1))
+        item_scores = np.tile(self.fallback_scores, (n_rows, 1))
+        rows = np.flatnonzero(known)
+        if len(rows):
+            item_ids[rows], item_scores[rows] = self.resource.search(vectors[rows], self.top_k, [seen[row] for row in rows])
         return TensorTable({"item_ids": item_ids, "scores": item_scores, "is_fallback": ~known})
 
 

@@ -98,18 +98,14 @@ def evaluate_scores(score_users: Callable[[np.ndarray], np.ndarray], eval_set: E
 
 
 def evaluate_index(index, query_vectors: np.ndarray, eval_set: EvalSet, catalogue_item_ids: np.ndarray) -> dict[str, float]:
-    """Metrics of the serving path: FAISS ranks the whole catalogue for each query vector."""
-    from twotower.index import search
+    """Metrics of the serving path: the FAISS index's top items per query vector, each user's
+    seen items excluded by the index search itself, as the server does."""
+    from twotower.index import ItemIndex
 
-    position = pd.Series(np.arange(len(catalogue_item_ids)), index=catalogue_item_ids)
-
-    def score_users(rows: np.ndarray) -> np.ndarray:
-        ids, scores = search(index, query_vectors[rows], index.ntotal)
-        dense = np.full((len(rows), len(catalogue_item_ids)), -np.inf, dtype=np.float32)
-        np.put_along_axis(dense, position.reindex(ids.reshape(-1)).to_numpy().reshape(ids.shape), scores, axis=1)
-        return dense
-
-    return evaluate_scores(score_users, eval_set)
+    seen = [catalogue_item_ids[eval_set.seen[row].indices] for row in range(len(eval_set.user_ids))]
+    ids, _ = ItemIndex(index).search(query_vectors, min(max(RECALL_KS), len(catalogue_item_ids)), seen)
+    positions = pd.Series(np.arange(len(catalogue_item_ids)), index=catalogue_item_ids)
+    return ranking_metrics(positions.reindex(ids.reshape(-1)).to_numpy().reshape(ids.shape), eval_set)
 
 
 def saved_query_vectors(config: RecipeConfig, user_ids) -> np.ndarray:
@@ -123,6 +119,16 @@ def saved_query_vectors(config: RecipeConfig, user_ids) -> np.ndarray:
     data, split = load_recipe_data(config.data_dir), load_split(config.splits_dir)
     encoded = encoded_users(load_saved_workflows(config.workflow_dir), data.users, known_before_test(split), config.train.history_length)
     return call_signature(load_serving_signature(config.query_tower_dir), encoded.loc[np.asarray(user_ids)])
+
+
+def validation_query_vectors(config: RecipeConfig) -> np.ndarray:
+    """Served query vectors of up to ``index.recall_queries`` validation users (seeded sample):
+    real queries for measuring an index's recall, none of them test users' held-out period."""
+    from twotower.data import load_split
+
+    users = load_split(config.splits_dir).valid["user_id"].drop_duplicates().to_numpy()
+    sample = np.random.default_rng(config.seed).permutation(users)[: config.index.recall_queries]
+    return saved_query_vectors(config, np.sort(sample))
 
 
 def serving_side_metrics(config: RecipeConfig) -> dict[str, float]:

@@ -52,7 +52,8 @@ STAGES: dict[str, StageIO] = {
     "data": StageIO((), DATA),
     "workflow": StageIO(DATA, ("workflow", "train_encoded")),
     "train": StageIO((*DATA, "workflow", "train_encoded"), ("query_tower", "candidate_tower", "item_vectors")),
-    "index": StageIO(("item_vectors",), ("index",)),
+    # the query tower's vectors measure the index's recall (index.kind=auto chooses by it)
+    "index": StageIO(("item_vectors", "query_tower"), ("index",)),
     # the encoded user features come from the saved user workflow
     "features": StageIO((*DATA, "workflow"), ("feature_store",)),
 }
@@ -242,22 +243,27 @@ def _manifest_lock(config: RecipeConfig) -> Iterator[None]:
         yield
 
 
-def record_stage(config: RecipeConfig, stage: str, consumed: dict[str, str]) -> None:
-    """Record that ``stage`` finished: what it consumed, and the fingerprints of its outputs now."""
+def record_stage(config: RecipeConfig, stage: str, consumed: dict[str, str], details: dict | None = None) -> None:
+    """Record that ``stage`` finished: what it consumed, the fingerprints of its outputs now, and
+    any ``details`` it measured (the index's chosen kind and recall)."""
     produced = fingerprints(config, STAGES[stage].produces)
     with _manifest_lock(config):
         entries = read_manifest(config)
         entries[stage] = {"consumed": consumed, "produced": produced, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        if details:
+            entries[stage]["details"] = details
         with atomic_file(config.manifest_path, durable=True) as staging:
             staging.write_text(json.dumps(entries, indent=2, sort_keys=True))
 
 
 @contextmanager
-def recorded_stage(config: RecipeConfig, stage: str) -> Iterator[dict[str, str]]:
-    """Fingerprint ``stage``'s inputs before it reads them (yielded), record it once it succeeds."""
+def recorded_stage(config: RecipeConfig, stage: str) -> Iterator[dict]:
+    """Fingerprint ``stage``'s inputs before it reads them, record it once it succeeds; the
+    yielded dict takes details the stage wants recorded with it."""
     consumed = fingerprints(config, STAGES[stage].consumes)
-    yield consumed
-    record_stage(config, stage, consumed)
+    details: dict = {}
+    yield details
+    record_stage(config, stage, consumed, details)
 
 
 def _stale_reason(stage: str, entries: dict[str, dict], on_disk: dict[str, str | None], stale: dict[str, str]) -> str | None:

@@ -76,14 +76,20 @@ def run_train(config: RecipeConfig) -> dict:
 
 
 def run_index(config: RecipeConfig) -> None:
-    from twotower.index import build_index, faiss_base, save_index
+    """Build the configured index kind (``auto``: the fastest that meets ``index.min_recall``),
+    measured on validation users' query vectors; the choice and its recall go in the manifest."""
+    from twotower.evaluate import validation_query_vectors
+    from twotower.index import build_index, print_choice, save_index
     from twotower.train import load_item_vectors
 
-    with recorded_stage(config, "index"):
+    with recorded_stage(config, "index") as details:
         item_ids, vectors = load_item_vectors(config.item_vectors_path)
-        index = build_index(item_ids, vectors)
+        queries = validation_query_vectors(config)
+        index, choice = build_index(item_ids, vectors, config.index, queries, config.serve.top_k, config.seed)
         save_index(index, config.index_path)
-    print(f"[index] {type(faiss_base(index)).__name__} over {index.ntotal:,} items -> {config.index_path}")
+        details["index"] = choice.as_record()
+    print_choice(choice)
+    print(f"[index] {choice.chosen.factory} over {index.ntotal:,} items -> {config.index_path}")
 
 
 def run_features(config: RecipeConfig) -> FeatureStore:

@@ -118,3 +118,20 @@ def plot_model_tradeoff(rows: dict[str, dict], path: Path | None = None) -> Figu
     latency_ax.set(title="effectiveness vs serving latency", xlabel="Triton p50, single user, concurrency 1 (ms)", ylabel="test Recall@100")
     params_ax.set(title="effectiveness vs size", xlabel="trainable parameters (log)", ylabel="test Recall@100", xscale="log")
     return _save(fig, path)
+
+
+def plot_scale(report: dict, path: Path | None = None) -> Figure:
+    """Triton p50 (concurrency 1) and measured memory per item against catalogue size, per index kind."""
+    fig = Figure(figsize=(12, 4.5))
+    latency_ax, memory_ax = fig.subplots(1, 2)
+    kinds = sorted({kind for rows in report["sizes"].values() for kind in rows})
+    for kind in kinds:
+        sizes = [int(n) for n, rows in report["sizes"].items() if kind in rows]
+        rows = [report["sizes"][str(n)][kind] for n in sizes]
+        latency_ax.plot(sizes, [r["p50_ms_triton"] for r in rows], marker="o", label=kind)
+        memory_ax.plot(sizes, [r["memory_bytes"] / 2**20 for r in rows], marker="o", label=kind)
+    latency_ax.set(title="served latency", xlabel="catalogue items (log)", ylabel="Triton p50, single user, concurrency 1 (ms, log)", xscale="log", yscale="log")
+    memory_ax.set(title="index memory (measured heap growth)", xlabel="catalogue items (log)", ylabel="MiB (log)", xscale="log", yscale="log")
+    for ax in (latency_ax, memory_ax):
+        ax.legend(fontsize=8)
+    return _save(fig, path)
