@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    import feast  # noqa: F401  (first: importing it resets the DeprecationWarning filter to "once")
+
     ignore_known_warnings()
     # TensorFlow's and absl's Python loggers only repeat known notes of the pinned stack
     # (moved modules, untraced functions on save, an uncompiled reload).
