@@ -315,8 +315,10 @@ class RetrieveTopK(_ArtifactOperator):
         n_rows = len(vectors)
         known = np.asarray(transformable["known"].values) if "known" in transformable.columns else np.ones(n_rows, bool)
         seen = self._seen_lists(transformable, n_rows)
-        item_ids = np.tile(self.fallback_items, (n_rows, 1))
-        item_scores = np.tile(self.fallback_scores, (n_rows, 1))
+        item_ids = np.empty((n_rows, self.top_k), dtype=np.int64)
+        item_scores = np.empty((n_rows, self.top_k), dtype=np.float32)
+        if not known.all():
+            item_ids[~known], item_scores[~known] = self.fallback_items, self.fallback_scores
         rows = np.flatnonzero(known)
         if len(rows):
             item_ids[rows], item_scores[rows] = self.resource.search(vectors[rows], self.top_k, [seen[row] for row in rows])

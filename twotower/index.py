@@ -143,7 +143,7 @@ class ItemIndex:
         positions = np.empty((len(queries), k), dtype=np.int64)
         plain = np.array([not len(e) for e in excluded], dtype=bool)
         if plain.any():
-            scores[plain], positions[plain] = self.base.search(queries[plain], k)
+            scores[plain], positions[plain] = self._faiss_search(self.base, queries[plain], k, None)
         for row in np.flatnonzero(~plain):
             scores[row], positions[row] = self._search_row(queries[row], k, excluded[row], exhaustive=False)
         for row in np.flatnonzero((positions < 0).any(axis=1)):
@@ -154,8 +154,13 @@ class ItemIndex:
         inner = faiss.IDSelectorBatch(excluded) if len(excluded) else None
         selector = faiss.IDSelectorNot(inner) if inner is not None else None  # both kept alive for the search
         target = self._exhaustive_target() if exhaustive else self.base
-        scores, positions = target.search(query[None, :], k, params=_search_params(target, selector, exhaustive))
+        scores, positions = self._faiss_search(target, query[None, :], k, _search_params(target, selector, exhaustive))
         return scores[0], positions[0]
+
+    @staticmethod
+    def _faiss_search(target: faiss.Index, queries: np.ndarray, k: int, params: faiss.SearchParameters | None) -> tuple[np.ndarray, np.ndarray]:
+        """Every FAISS call of a search goes through here (a test counts their depths)."""
+        return target.search(queries, k, params=params)
 
     def _exhaustive_target(self) -> faiss.Index:
         """An index that visits every item: HNSW's flat storage, IVF with every list probed."""
@@ -379,10 +384,11 @@ def load_index(path: Path) -> faiss.Index:
 
 # ------------------------------------------------------------------- reference
 def build_reference_index(item_ids: np.ndarray, vectors: np.ndarray) -> faiss.Index:
-    """The index the public NVIDIA example's ``setup_faiss`` builds (IVF32, nprobe 8), for comparison."""
+    """The index the public NVIDIA example's ``setup_faiss`` builds (IVF32, nprobe 8), for comparison,
+    inside the id map the recipe's search operator reads."""
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    index = faiss.index_factory(vectors.shape[1], "IVF32,Flat", faiss.METRIC_INNER_PRODUCT)
-    index.nprobe = 8
+    index = faiss.index_factory(vectors.shape[1], "IDMap2,IVF32,Flat", faiss.METRIC_INNER_PRODUCT)
+    faiss_base(index).nprobe = 8
     index.train(vectors)
     index.add_with_ids(vectors, np.asarray(item_ids, dtype=np.int64))
     return index
