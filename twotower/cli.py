@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="twotower", description=__doc__)
     parser.add_argument(
         "stage",
-        choices=[*STAGES, "run", "serve", "query", "models", "benchmark-quality", "benchmark-models", "benchmark-serving", "benchmark-faults", "benchmark-scale"],
+        choices=[*STAGES, "run", "serve", "query", "models", "benchmark-quality", "benchmark-models", "benchmark-serving", "benchmark-faults", "benchmark-scale", "benchmark-train"],
         help="stage to run; 'run' is all stages plus a served demo; 'models' lists the registered models",
     )
     parser.add_argument("--config", type=Path, help="YAML file overriding the defaults in twotower/config.py")
@@ -105,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
             from twotower.scale_benchmark import run_scale_benchmark
 
             run_scale_benchmark(config)
+        elif args.stage == "benchmark-train":
+            from twotower.train_benchmark import run_train_benchmark
+
+            run_train_benchmark(config)
         elif args.stage == "benchmark-faults":
             from twotower.fault_benchmark import run_fault_benchmark
 

@@ -56,6 +56,11 @@ class TrainConfig:
     early_stopping_patience: int = 2
     # A key of twotower.evaluate.ranking_metrics where higher is better.
     early_stopping_metric: Literal["recall@10", "recall@20", "recall@50", "recall@100", "ndcg@10", "mrr@100"] = "recall@100"
+    # Where fit's batches come from. cached: the encoded training rows held in memory as tensors,
+    # reshuffled every epoch (tf.data). merlin: merlin-models' mm.Loader, which on CPU flattens the
+    # list columns (history, genres) in Python every epoch: 21 of the 42 s of an ML-1M epoch
+    # (make benchmark-train measures both).
+    loader: Literal["cached", "merlin"] = "cached"
 
 
 # The registered models (twotower/models/__init__.py keeps the builders; a test checks both agree).
@@ -173,6 +178,11 @@ class BenchmarkConfig:
     scale_sizes: list[int] = field(default_factory=lambda: [10_000, 100_000, 1_000_000])
     scale_feast_users: list[int] = field(default_factory=lambda: [100_000, 1_000_000])
     scale_requests: int = 300  # single-user requests per latency measurement (in process, Triton c1, c16)
+    # make benchmark-train (twotower/train_benchmark.py)
+    train_epochs: int = 4  # per side; the first traces the train step and is not counted
+    train_resident_batch_steps: int = 20  # steps on one resident batch: the train step without any loader
+    train_traced_steps: int = 5  # of those, steps recorded by tf.profiler for the op breakdown
+    train_scale_factors: list[int] = field(default_factory=lambda: [1, 4, 16])  # copies of the users; one epoch timed each
 
 
 @dataclass

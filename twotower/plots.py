@@ -135,3 +135,19 @@ def plot_scale(report: dict, path: Path | None = None) -> Figure:
     for ax in (latency_ax, memory_ax):
         ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def plot_train_benchmark(report: dict, labels: dict[str, str], path: Path | None = None) -> Figure:
+    """Training examples per second of each side (``labels``: report key -> label), and one
+    epoch of the recipe against the number of training interactions."""
+    fig = Figure(figsize=(12, 4.5))
+    speed_ax, scale_ax = fig.subplots(1, 2)
+    speed_ax.barh(list(labels.values()), [report[side]["examples_per_s"] for side in labels], color="tab:blue")
+    speed_ax.set(title=f"training throughput, batch {report['batch_size']}", xlabel="examples per second")
+    scale = report["scale"]
+    interactions = [row["interactions"] for row in scale.values()]
+    scale_ax.plot(interactions, [row["epoch_s"] for row in scale.values()], marker="o")
+    for name, row in scale.items():
+        scale_ax.annotate(name, (row["interactions"], row["epoch_s"]), fontsize=8, xytext=(4, -10), textcoords="offset points")
+    scale_ax.set(title="one epoch of the recipe against data size", xlabel="training interactions", ylabel="epoch (s)")
+    return _save(fig, path)

@@ -29,6 +29,7 @@ from twotower.evaluate import EvalSet, build_eval_set, evaluate_embeddings
 from twotower.manifest import STAGES, atomic_dir, atomic_file, fingerprints, record_stage
 from twotower.models import builder
 from twotower.models.base import RetrievalModel, TrainingStats
+from twotower.models.losses import feature_tensors
 from twotower.workflow import Catalogue, category_table, encoded_catalogue, encoded_users, load_saved_workflows
 
 
@@ -137,6 +138,40 @@ def build_model(config: RecipeConfig, inputs: TrainingInputs) -> RetrievalModel:
     return builder(config.model.name)(inputs.schema, inputs.stats, config.train, config.model)
 
 
+def shuffled_batches(tensors: dict[str, tf.Tensor | tf.RaggedTensor], batch_size: int, seed: int) -> tf.data.Dataset:
+    """Rows of resident tensors, ``batch_size`` at a time (the last batch may be smaller), in
+    a new order every epoch: each batch is one gather per tensor, no per-row work."""
+    rows = int(next(iter(tensors.values())).shape[0])
+    order = tf.data.Dataset.range(rows).shuffle(rows, seed=seed, reshuffle_each_iteration=True).batch(batch_size)
+    return order.map(lambda batch_rows: {name: tf.gather(values, batch_rows) for name, values in tensors.items()}).prefetch(tf.data.AUTOTUNE)
+
+
+def _loader_layout(batch: dict[str, tf.Tensor | tf.RaggedTensor]) -> dict[str, tf.Tensor]:
+    """mm.Loader's batch layout, which the model's input block expects: a list column as
+    ``<name>__values`` and ``<name>__offsets``."""
+    layout = {}
+    for name, values in batch.items():
+        if isinstance(values, tf.RaggedTensor):
+            layout[f"{name}__values"], layout[f"{name}__offsets"] = values.values, values.row_splits
+        else:
+            layout[name] = values
+    return layout
+
+
+def cached_batches(dataset: merlin.io.Dataset, batch_size: int, seed: int) -> tf.data.Dataset:
+    """The encoded rows of ``dataset`` converted to tensors once and kept in memory, batched as
+    mm.Loader batches them and reshuffled every epoch."""
+    tensors = feature_tensors(dataset.to_ddf().compute(), dataset.schema)
+    return shuffled_batches(tensors, batch_size, seed).map(_loader_layout)
+
+
+def training_batches(config: RecipeConfig, dataset: merlin.io.Dataset) -> mm.Loader | tf.data.Dataset:
+    """What fit reads each epoch, from the loader ``train.loader`` names."""
+    if config.train.loader == "merlin":
+        return mm.Loader(dataset, batch_size=config.train.batch_size, shuffle=True)
+    return cached_batches(dataset, config.train.batch_size, config.seed)
+
+
 def fit_model(config: RecipeConfig, inputs: TrainingInputs, verbose: int = 1) -> tuple[RetrievalModel, FullCatalogueEarlyStopping]:
     """Build and fit the configured model with full-catalogue early stopping on the validation
     split. Returns the model (best epoch's weights) and the callback, whose ``history`` and
@@ -152,8 +187,7 @@ def fit_model(config: RecipeConfig, inputs: TrainingInputs, verbose: int = 1) ->
         config.train.early_stopping_metric,
         config.train.early_stopping_patience,
     )
-    loader = mm.Loader(inputs.train_dataset, batch_size=config.train.batch_size, shuffle=True)
-    model.keras.fit(loader, epochs=config.train.epochs, callbacks=[stopper], verbose=verbose)
+    model.keras.fit(training_batches(config, inputs.train_dataset), epochs=config.train.epochs, callbacks=[stopper], verbose=verbose)
     return model, stopper
 
 

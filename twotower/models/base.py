@@ -17,7 +17,7 @@ import tensorflow as tf
 
 import merlin.io
 import merlin.models.tf as mm
-from merlin.schema import Schema, Tags
+from merlin.schema import ColumnSchema, Schema, Tags
 
 from twotower.config import ModelConfig, TrainConfig
 from twotower.models.gating import field_gate
@@ -84,13 +84,22 @@ class RetrievalModel:
         return int(sum(np.prod(v.shape) for v in variables.values()))
 
 
+def with_domain(schema: Schema, column: str, domain: dict) -> Schema:
+    """``schema`` with ``column``'s domain (table name, code range) replaced by ``domain``."""
+    changed = schema[column].with_properties({**schema[column].properties, "domain": domain})
+    return Schema([changed if c.name == column else c for c in schema])
+
+
 def share_item_table(schema: Schema, column: str = HISTORY) -> Schema:
     """Point ``column``'s domain at the item id's, so both use one embedding table."""
     if column not in schema.column_names:
         return schema
-    item_domain = schema.select_by_tag(Tags.ITEM_ID).first.properties["domain"]
-    shared = schema[column].with_properties({**schema[column].properties, "domain": dict(item_domain)})
-    return Schema([shared if c.name == column else c for c in schema])
+    return with_domain(schema, column, dict(schema.select_by_tag(Tags.ITEM_ID).first.properties["domain"]))
+
+
+def table_name(column: ColumnSchema) -> str:
+    """The embedding table a categorical column looks up: the one named after its domain."""
+    return column.int_domain.name or column.name
 
 
 def shared_embeddings(schema: Schema, dim: int | None) -> mm.ParallelBlock:
@@ -105,7 +114,7 @@ def tables_for(tower_schema: Schema, embeddings: mm.ParallelBlock) -> mm.Paralle
     Selecting by tag would drop the shared item table from the query tower: that
     table's own schema is the item id's, tagged ITEM only.
     """
-    names = dict.fromkeys(c.int_domain.name or c.name for c in tower_schema.select_by_tag(Tags.CATEGORICAL))
+    names = dict.fromkeys(table_name(c) for c in tower_schema.select_by_tag(Tags.CATEGORICAL))
     return mm.ParallelBlock({name: embeddings.parallel_dict[name] for name in names}, schema=tower_schema)
 
 
