@@ -102,7 +102,7 @@ def evaluate_index(index, query_vectors: np.ndarray, eval_set: EvalSet, catalogu
     seen items excluded by the index search itself, as the server does."""
     from twotower.index import ItemIndex
 
-    seen = [catalogue_item_ids[eval_set.seen[row].indices] for row in range(len(eval_set.user_ids))]
+    seen = np.split(catalogue_item_ids[eval_set.seen.indices], eval_set.seen.indptr[1:-1])  # one array per user
     ids, _ = ItemIndex(index).search(query_vectors, min(max(RECALL_KS), len(catalogue_item_ids)), seen)
     positions = pd.Series(np.arange(len(catalogue_item_ids)), index=catalogue_item_ids)
     return ranking_metrics(positions.reindex(ids.reshape(-1)).to_numpy().reshape(ids.shape), eval_set)

@@ -49,6 +49,12 @@ def untrainable_reason(kind: IndexKind, n_items: int, dim: int, config: IndexCon
     return None
 
 
+def trainable_kinds(n_items: int, dim: int, config: IndexConfig) -> tuple[list[IndexKind], dict[str, str]]:
+    """The kinds that can be built over this catalogue, and why each other one cannot."""
+    skipped = {kind: reason for kind in KINDS if (reason := untrainable_reason(kind, n_items, dim, config))}
+    return [kind for kind in KINDS if kind not in skipped], skipped
+
+
 def factory_string(kind: IndexKind, n_items: int, dim: int, config: IndexConfig) -> str:
     inner = {
         "flat": "Flat",
@@ -149,6 +155,12 @@ class ItemIndex:
         for row in np.flatnonzero((positions < 0).any(axis=1)):
             scores[row], positions[row] = self._complete_row(queries[row], k, excluded[row])
         return self.item_ids[positions], scores
+
+    def approximate_search(self, queries: np.ndarray, k: int) -> np.ndarray:
+        """The index's own top-k ids, -1 where it found fewer: what its recall is measured on
+        (``search`` would complete such rows exhaustively)."""
+        _, positions = self._faiss_search(self.base, np.ascontiguousarray(queries, dtype=np.float32), k, None)
+        return np.where(positions >= 0, self.item_ids[positions], -1)
 
     def _search_row(self, query: np.ndarray, k: int, excluded: np.ndarray, exhaustive: bool) -> tuple[np.ndarray, np.ndarray]:
         inner = faiss.IDSelectorBatch(excluded) if len(excluded) else None
@@ -280,29 +292,22 @@ def build_kind(kind: IndexKind, item_ids: np.ndarray, vectors: np.ndarray, confi
     return index
 
 
-def approximate_search(index: faiss.Index, queries: np.ndarray, k: int) -> np.ndarray:
-    """The index's own top-k ids, -1 where it found fewer: what its recall is measured on
-    (``ItemIndex.search`` would complete such rows exhaustively)."""
-    _, positions = faiss_base(index).search(np.ascontiguousarray(queries, dtype=np.float32), k)
-    return np.where(positions >= 0, faiss.vector_to_array(index.id_map)[positions], -1)
-
-
 def tune_search_knob(index: faiss.Index, queries: RecallQueries, min_recall: float) -> None:
     """Set the cheapest knob value that reaches ``min_recall`` on the tuning half (the largest if none does)."""
-    base = faiss_base(index)
-    for value in knob_values(base):
-        set_search_knob(base, value)
-        if overlap_at_k(approximate_search(index, queries.tune, queries.depth), queries.tune_exact) >= min_recall:
+    searcher = ItemIndex(index)
+    for value in knob_values(searcher.base):
+        set_search_knob(searcher.base, value)
+        if overlap_at_k(searcher.approximate_search(queries.tune, queries.depth), queries.tune_exact) >= min_recall:
             return
 
 
 def measure_index(index: faiss.Index, queries: RecallQueries, top_k: int, timed_queries: int = 200) -> tuple[float, float, float]:
     """Recall@10 and Recall@100 of the index's own search against exact search on the held-out
     half, and the p50 of one single-threaded top-k query through ``ItemIndex`` (ms)."""
-    short = min(10, queries.depth)
-    recall_10 = overlap_at_k(approximate_search(index, queries.held_out, short), queries.held_out_exact[:, :short])
-    recall_100 = overlap_at_k(approximate_search(index, queries.held_out, queries.depth), queries.held_out_exact)
     searcher = ItemIndex(index)
+    short = min(10, queries.depth)
+    recall_10 = overlap_at_k(searcher.approximate_search(queries.held_out, short), queries.held_out_exact[:, :short])
+    recall_100 = overlap_at_k(searcher.approximate_search(queries.held_out, queries.depth), queries.held_out_exact)
     threads = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)
     try:
@@ -351,8 +356,8 @@ def build_index(
     if config.kind != "auto":
         index, report = build_measured(config.kind, item_ids, vectors, config, queries, top_k, seed)
         return index, IndexChoice(report, config.min_recall, [report])
-    skipped = {k: r for k in KINDS if (r := untrainable_reason(k, len(item_ids), vectors.shape[1], config))}
-    built = {kind: build_measured(kind, item_ids, vectors, config, queries, top_k, seed) for kind in KINDS if kind not in skipped}
+    kinds, skipped = trainable_kinds(len(item_ids), vectors.shape[1], config)
+    built = {kind: build_measured(kind, item_ids, vectors, config, queries, top_k, seed) for kind in kinds}
     reports = [report for _, report in built.values()]
     chosen = choose_kind(reports, config.latency_tolerance_ms)
     return built[chosen.kind][0], IndexChoice(chosen, config.min_recall, reports, skipped)

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from twotower.config import FeaturesConfig, RecipeConfig
-from twotower.index import KINDS, RecallQueries, build_measured, choose_kind, save_index, untrainable_reason
+from twotower.index import IndexReport, RecallQueries, build_measured, choose_kind, save_index, trainable_kinds
 
 class _MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
@@ -116,7 +116,8 @@ def served_latency(config: RecipeConfig, export_dir: Path, users: np.ndarray, wo
 
 def measure_kind(
     config: RecipeConfig, kind: str, item_ids: np.ndarray, vectors: np.ndarray, queries: RecallQueries, users: np.ndarray, work_dir: Path
-) -> dict:
+) -> tuple[dict, IndexReport]:
+    """The benchmark's row for one kind, and the build's own report (what ``auto`` chooses by)."""
     gc.collect()
     before = heap_bytes()
     index, report = build_measured(kind, item_ids, vectors, config.index, queries, config.serve.top_k, config.seed)
@@ -134,7 +135,7 @@ def measure_kind(
     gc.collect()
     row.update(served_latency(config, export_with_index(config, index_path, work_dir / "models"), users, work_dir / "triton"))
     shutil.rmtree(work_dir)  # a million-item export is hundreds of MB; the next kind needs the room
-    return row
+    return row, report
 
 
 def index_scaling(config: RecipeConfig, out_dir: Path) -> tuple[dict, dict]:
@@ -149,33 +150,22 @@ def index_scaling(config: RecipeConfig, out_dir: Path) -> tuple[dict, dict]:
     for n_items in config.benchmark.scale_sizes:
         item_ids, vectors = grown_catalogue(real_ids, real_vectors, n_items, config.seed)
         queries = RecallQueries.from_vectors(item_ids, vectors, query_vectors, config.seed)
-        sizes[str(n_items)] = {}
-        for kind in KINDS:
-            reason = untrainable_reason(kind, n_items, vectors.shape[1], config.index)
-            if reason:
-                print(f"[scale] {n_items:>10,} items  {kind:<9} skipped: {reason}")
-                continue
+        sizes[str(n_items)], reports = {}, []
+        kinds, skipped = trainable_kinds(n_items, vectors.shape[1], config.index)
+        for kind, reason in skipped.items():
+            print(f"[scale] {n_items:>10,} items  {kind:<9} skipped: {reason}")
+        for kind in kinds:
             print(f"[scale] {n_items:>10,} items  {kind:<9} building, measuring, serving ...", flush=True)
-            row = measure_kind(config, kind, item_ids, vectors, queries, users, out_dir / "work")
+            row, report = measure_kind(config, kind, item_ids, vectors, queries, users, out_dir / "work")
             sizes[str(n_items)][kind] = row
+            reports.append(report)
             print(f"        R@100 {row['recall@100']:.4f}  {row['bytes_per_item']:.0f} B/item  build {row['build_s']:.1f} s  "
                   f"in process p50 {row['p50_ms_in_process']:.2f} ms  Triton p50 {row['p50_ms_triton']:.2f} / p99 {row['p99_ms_triton']:.2f} ms  "
                   f"c16 p50 {row['p50_ms_triton_c16']:.2f} ms", flush=True)
-        auto[str(n_items)] = _auto_choice(sizes[str(n_items)], config)
+        auto[str(n_items)] = choose_kind(reports, config.index.latency_tolerance_ms).kind  # auto's rule on auto's inputs
         del item_ids, vectors, queries
         gc.collect()
     return sizes, auto
-
-
-def _auto_choice(rows: dict[str, dict], config: RecipeConfig) -> str:
-    """What ``index.kind=auto`` picks from these measurements (its rule, its inputs)."""
-    from twotower.index import IndexReport
-
-    reports = [
-        IndexReport(kind, r["factory"], r["search_knob"], r["recall@10"], r["recall@100"], r["p50_ms_index_search"], r["build_s"], r["meets_target"])
-        for kind, r in rows.items()
-    ]
-    return choose_kind(reports, config.index.latency_tolerance_ms).kind
 
 
 # ------------------------------------------------------------------- Feast
