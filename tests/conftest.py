@@ -25,6 +25,13 @@ def small_config(root: Path, *extra: str) -> RecipeConfig:
     return config
 
 
+def served_user_columns(config: RecipeConfig) -> list[str]:
+    """The Feast user view's profile columns: the files' id and every declared user feature."""
+    from twotower.data import EXTERNAL_ID
+
+    return [EXTERNAL_ID, *config.data.schema.user_features]
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """A failing (or timed-out) test shows the log of every Triton server still running."""

@@ -27,7 +27,7 @@ from twotower.serve import TritonServer
 from twotower.triton_config import apply_serving_settings
 from twotower.workflow import category_table, load_workflow
 
-from conftest import small_config
+from conftest import served_user_columns, small_config
 
 
 def _encoded_rows(config) -> pd.DataFrame:
@@ -97,9 +97,9 @@ def test_redis_online_store_serves_materialized_rows(exported, redis_port, redis
 
     store = FeatureStore(repo_path=str(redis_repo))
     users = pd.read_parquet(exported.data_dir / "users.parquet").head(5)
-    online = online_user_features(store, users["user_id"].tolist())
+    online = online_user_features(store, users["user_id"].tolist(), served_user_columns(exported))
     pd.testing.assert_frame_equal(online, users[online.columns].reset_index(drop=True), check_dtype=False)
-    assert online_user_features(store, [-1]).drop(columns="user_id").isna().all(axis=None)
+    assert online_user_features(store, [-1], served_user_columns(exported)).drop(columns="user_id").isna().all(axis=None)
 
 
 @pytest.mark.integration

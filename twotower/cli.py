@@ -10,8 +10,9 @@ import sys
 from pathlib import Path
 
 from twotower import pipeline
-from twotower.client import demo_users, print_recommendations
+from twotower.client import demo_users, print_recommendations, typed_user_ids
 from twotower.config import ConfigError, load_config
+from twotower.data import DataError
 from twotower.manifest import ArtifactMismatch
 from twotower.notebooks import ignore_known_warnings
 from twotower.serve import PortInUse, triton_server
@@ -40,8 +41,8 @@ def _serve(config) -> None:
         raise SystemExit(f"tritonserver exited with code {server.process.returncode}:\n{server.log_tail()}")
 
 
-def _query(config, users: list[int]) -> None:
-    print_recommendations(config, users)
+def _query(config, users: list[str]) -> None:
+    print_recommendations(config, typed_user_ids(config, users))
 
 
 def _run(config) -> None:
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--config", type=Path, help="YAML file overriding the defaults in twotower/config.py")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override one setting, e.g. train.epochs=3")
-    parser.add_argument("--user", dest="users", type=int, action="append", default=[], help="user id for 'query' (repeatable)")
+    parser.add_argument("--user", dest="users", action="append", default=[], help="user id for 'query' (repeatable)")
     args = parser.parse_args(argv)
     if args.stage == "models":
         from twotower.models import model_names
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             _query(config, args.users)
         else:
             STAGES[args.stage](config)
-    except (ArtifactMismatch, PortInUse) as error:  # what the user must act on, not a crash
+    except (ArtifactMismatch, PortInUse, DataError) as error:  # what the user must act on, not a crash
         parser.exit(2, f"twotower: {error}\n")
     return 0
 

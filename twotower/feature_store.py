@@ -33,7 +33,7 @@ from feast.protos.feast.types.Value_pb2 import Value
 from typing import NamedTuple
 
 from twotower.config import PROJECT_ROOT, FeaturesConfig, RecipeConfig
-from twotower.data import USER_FEATURES, RecipeData
+from twotower.data import EXTERNAL_ID, RecipeData
 from twotower.manifest import ArtifactMismatch, atomic_dir
 
 TEMPLATE_DIR = PROJECT_ROOT / "feature_repo"
@@ -44,6 +44,7 @@ RUN_VIEW = "recipe_run"
 RUN_ID = 0  # the one row of RUN_VIEW
 ENCODED_PREFIX = "encoded_"
 DEFINITION_FILES = ("feature_store.yaml", "features.py")
+COLUMNS_FILE = "columns.yaml"  # each view's fields, from the data set's declared schema (features.py reads it)
 # Feature rows are stamped with one fixed time so that runs are reproducible.
 FEATURE_TIMESTAMP = datetime(2003, 3, 1, tzinfo=timezone.utc)
 
@@ -71,30 +72,48 @@ def deploy_repo(repo_dir: Path, features: FeaturesConfig | None = None) -> Path:
     return repo_dir
 
 
+def feast_type(values: pd.Series) -> str:
+    """The name of the ``feast.types`` type that holds ``values`` (features.py resolves it)."""
+    present = values.dropna()
+    if len(present) and isinstance(present.iloc[0], (list, np.ndarray)):
+        inner = pd.Series([x for row in present.head(1000) for x in row])
+        return f"Array({feast_type(inner) if len(inner) else 'Int64'})"
+    if pd.api.types.is_bool_dtype(values):
+        return "Bool"
+    if pd.api.types.is_integer_dtype(values):
+        return "Int64"
+    if pd.api.types.is_float_dtype(values):
+        return "Float32"
+    return "String"
+
+
 def write_sources(data: RecipeData, users: pd.DataFrame, encoded_users: pd.DataFrame, workflow_fingerprint: str, repo_dir: Path) -> None:
-    """Parquet sources of the feature views.
+    """Parquet sources of the feature views, and their fields in ``columns.yaml``.
 
     ``users``: raw profile with ``history`` and ``seen_items`` lists; ``encoded_users``:
     the user workflow's output for the same rows; ``workflow_fingerprint``: that workflow's.
     """
     stamp = pd.Timestamp(FEATURE_TIMESTAMP)
     empty_lists = pd.Series([[]] * len(users), index=users.index)
-    raw = users[["user_id", *USER_FEATURES]].assign(
-        history=users.get("history", empty_lists).map(list),
-        seen_items=users["seen_items"].map(list),
-        event_timestamp=stamp,
+    raw = users.assign(
+        history=users.get("history", empty_lists).map(lambda items: [int(i) for i in items]),
+        seen_items=users["seen_items"].map(lambda items: [int(i) for i in items]),
     )
     encoded = pd.DataFrame({f"{ENCODED_PREFIX}{c}": encoded_users[c].to_numpy() for c in encoded_users.columns})
     if f"{ENCODED_PREFIX}history" not in encoded:
         encoded[f"{ENCODED_PREFIX}history"] = empty_lists.to_numpy()
-    encoded[f"{ENCODED_PREFIX}history"] = encoded[f"{ENCODED_PREFIX}history"].map(list)
+    for column in encoded:
+        if encoded[column].dtype == object:  # list columns: plain lists, as Feast's parquet reader wants
+            encoded[column] = encoded[column].map(list)
     encoded.insert(0, "user_id", users["user_id"].to_numpy())
-    items = data.items[["item_id", "title", "year", "genres"]].assign(genres=data.items["genres"].map(list), event_timestamp=stamp)
-    raw.to_parquet(repo_dir / "data" / f"{USER_VIEW}.parquet", index=False)
-    encoded.assign(event_timestamp=stamp).to_parquet(repo_dir / "data" / f"{QUERY_VIEW}.parquet", index=False)
-    items.to_parquet(repo_dir / "data" / f"{ITEM_VIEW}.parquet", index=False)
-    run = pd.DataFrame({"run_id": [RUN_ID], "workflow_fingerprint": [workflow_fingerprint], "event_timestamp": [stamp]})
-    run.to_parquet(repo_dir / "data" / f"{RUN_VIEW}.parquet", index=False)
+    items = data.items.assign(**{c: data.items[c].map(list) for c in data.items if data.items[c].dtype == object and feast_type(data.items[c]).startswith("Array")})
+    run = pd.DataFrame({"run_id": [RUN_ID], "workflow_fingerprint": [workflow_fingerprint]})
+    views = {USER_VIEW: (raw, "user_id"), QUERY_VIEW: (encoded, "user_id"), ITEM_VIEW: (items, "item_id"), RUN_VIEW: (run, "run_id")}
+    columns = {}
+    for view, (frame, key) in views.items():
+        frame.assign(event_timestamp=stamp).to_parquet(repo_dir / "data" / f"{view}.parquet", index=False)
+        columns[view] = {name: feast_type(frame[name]) for name in frame.columns if name != key}
+    (repo_dir / COLUMNS_FILE).write_text(yaml.safe_dump(columns, sort_keys=False))
 
 
 def load_definitions(repo_dir: Path, located_at: Path | None = None) -> list:
@@ -106,6 +125,7 @@ def load_definitions(repo_dir: Path, located_at: Path | None = None) -> list:
     path = (located_at or repo_dir) / "features.py"
     module = types.ModuleType("twotower_feature_definitions")
     module.__file__ = str(path)
+    module.TWOTOWER_DEFINITIONS_DIR = repo_dir  # where its columns.yaml is (features.py)
     exec(compile((repo_dir / "features.py").read_text(), str(path), "exec"), module.__dict__)
     return [value for value in vars(module).values() if isinstance(value, (Entity, FeatureView, DataSource))]
 
@@ -168,9 +188,8 @@ def build_feature_store(
     return FeatureStore(repo_path=str(repo_dir))
 
 
-def online_user_features(store: FeatureStore, user_ids: list[int], columns: list[str] | None = None) -> pd.DataFrame:
+def online_user_features(store: FeatureStore, user_ids: list[int], columns: list[str]) -> pd.DataFrame:
     """Raw online user features through the Feast SDK, in order; unknown users have nulls."""
-    columns = columns or USER_FEATURES
     response = store.get_online_features(
         features=[f"{USER_VIEW}:{name}" for name in columns],
         entity_rows=[{"user_id": int(u)} for u in user_ids],

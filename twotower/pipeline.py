@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from twotower.config import RecipeConfig
-from twotower.data import SPLITS, Split, join_features, load_dataset, load_recipe_data, load_split, positives, split_by_time
+from twotower.data import SPLITS, Split, join_features, load_dataset, load_recipe_data, load_split, positive_threshold, positives, split_by_time
 from twotower.manifest import EXPORT_RECORD, atomic_dir, atomic_file, check_export, recorded_stage
 
 if TYPE_CHECKING:  # heavy imports stay lazy: the CLI loads TensorFlow only for stages that need it
@@ -30,8 +30,8 @@ def _save_frame(frame: pd.DataFrame, path: Path) -> None:
 def run_data(config: RecipeConfig) -> Split:
     """Load the data set, keep positives, split by time, write everything as parquet."""
     dc = config.data
-    data = load_dataset(dc.dataset, dc.synthetic_users, dc.synthetic_items, dc.synthetic_interactions_per_user, config.seed)
-    split = split_by_time(positives(data.interactions, dc.min_rating), dc.test_fraction, dc.validation_fraction)
+    data = load_dataset(dc, config.seed)  # everything is read and checked before anything is written
+    split = split_by_time(positives(data.interactions, positive_threshold(dc)), dc.test_fraction, dc.validation_fraction)
     with recorded_stage(config, "data"):
         for name, frame in (("interactions", data.interactions), ("users", data.users), ("items", data.items)):
             _save_frame(frame, config.data_dir / f"{name}.parquet")
@@ -52,7 +52,7 @@ def run_workflow(config: RecipeConfig) -> None:
 
     with recorded_stage(config, "workflow"):
         data, split = load_recipe_data(config.data_dir), load_split(config.splits_dir)
-        train_rows = join_features(split.train, data, config.train.history_length)
+        train_rows = join_features(split.train, data, config.data.schema, config.train.history_length)
         # Both folders are built aside and swapped in at the end: the fitted vocabularies
         # (fit/) and the encoded rows are only replaced together with the saved workflows.
         with (
@@ -60,7 +60,7 @@ def run_workflow(config: RecipeConfig) -> None:
             atomic_dir(config.workflow_dir) as workflow_dir,
             atomic_dir(config.train_encoded_dir) as encoded_dir,
         ):
-            workflow = fit_workflow(train_rows, workflow_dir / "fit", partitions)
+            workflow = fit_workflow(train_rows, config.data.schema, workflow_dir / "fit", partitions)
             save_workflows(workflow, workflow_dir)
             transform_to_parquet(workflow, train_rows, encoded_dir, partitions)
     print(f"[workflow] fitted on {len(train_rows):,} training rows in {partitions} partition(s); saved to {config.workflow_dir}")

@@ -42,8 +42,9 @@ def plot_training(history: list[dict[str, float]], path: Path | None = None) -> 
     return _save(fig, path)
 
 
-def plot_data_overview(data: RecipeData, split: Split, path: Path | None = None) -> Figure:
-    """Rating values, ratings per user, item popularity (long tail) and genre counts."""
+def plot_data_overview(data: RecipeData, split: Split, path: Path | None = None, item_category: str | None = "genres") -> Figure:
+    """Rating values, ratings per user, item popularity (long tail) and, when ``item_category``
+    names a categorical item feature (single or multi-valued), items per category."""
     inter = data.interactions
     fig = Figure(figsize=(12, 8))
     (ratings_ax, users_ax), (items_ax, genres_ax) = fig.subplots(2, 2)
@@ -55,8 +56,11 @@ def plot_data_overview(data: RecipeData, split: Split, path: Path | None = None)
     popularity = split.train["item_id"].value_counts().to_numpy()
     items_ax.loglog(np.arange(1, len(popularity) + 1), popularity)
     items_ax.set(title="training positives per item, by rank", xlabel="item rank (log)", ylabel="positives (log)")
-    data.items["genres"].explode().value_counts().sort_values().plot.barh(ax=genres_ax, color="tab:green")
-    genres_ax.set(title="items per genre", xlabel="items")
+    if item_category:
+        data.items[item_category].explode().value_counts().head(20).sort_values().plot.barh(ax=genres_ax, color="tab:green")
+        genres_ax.set(title=f"items per {item_category} (top 20)", xlabel="items")
+    else:
+        genres_ax.set_axis_off()
     return _save(fig, path)
 
 

@@ -13,12 +13,22 @@ import twotower  # noqa: F401  first: telemetry off (and the egress guard) befor
 
 import traceback
 
+import numpy as np
 import triton_python_backend_utils as pb_utils
 from merlin.systems.dag.runtimes.triton import TritonExecutorRuntime
-from merlin.systems.triton.conversions import tensor_table_to_triton_response, triton_request_to_tensor_table
+from merlin.systems.triton.conversions import match_representations, triton_request_to_tensor_table
 from merlin.systems.triton.models.executor_model import TritonPythonModel as MerlinExecutorModel
 
 from twotower.errors import RequestError, ServiceUnavailable
+
+
+def _triton_response(outputs, schema) -> "pb_utils.InferenceResponse":
+    """Merlin's conversion, except that text outputs (item ids of a data set whose ids are text)
+    go out as BYTES: Merlin turns them into NumPy unicode arrays, which pb_utils refuses."""
+    aligned = match_representations(schema, outputs.to_dict())
+    return pb_utils.InferenceResponse(
+        [pb_utils.Tensor(name, np.char.encode(array, "utf-8").astype(object) if array.dtype.kind == "U" else array) for name, array in aligned.items()]
+    )
 
 
 def _error_response(message: str, code) -> "pb_utils.InferenceResponse":
@@ -33,7 +43,7 @@ class TritonPythonModel(MerlinExecutorModel):
         try:
             inputs = triton_request_to_tensor_table(request, self.ensemble.input_schema)
             outputs = self.ensemble.transform(inputs, runtime=TritonExecutorRuntime())
-            return tensor_table_to_triton_response(outputs, self.ensemble.output_schema)
+            return _triton_response(outputs, self.ensemble.output_schema)
         except RequestError as error:
             return _error_response(str(error), pb_utils.TritonError.INVALID_ARG)
         except ServiceUnavailable as error:

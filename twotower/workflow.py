@@ -23,8 +23,8 @@ import pandas as pd
 from merlin.dag import postorder_iter_nodes
 from merlin.dag.ops.subgraph import Subgraph
 
-from twotower.config import WorkflowConfig
-from twotower.data import ITEM_FEATURES, USER_FEATURES, users_with_history
+from twotower.config import SchemaConfig, WorkflowConfig
+from twotower.data import model_features, users_with_history
 
 USER_SUBGRAPH = "user"
 ITEM_SUBGRAPH = "item"
@@ -38,26 +38,31 @@ def item_vocabulary(train_rows: pd.DataFrame) -> pd.Series:
     return pd.Series(order, name="item_id", dtype="int64")
 
 
-def build_workflow(category_dir: Path, items: pd.Series, with_history: bool) -> nvt.Workflow:
-    """Categorify every feature and tag ids and features as USER/ITEM.
+def build_workflow(category_dir: Path, items: pd.Series, schema: SchemaConfig, with_history: bool) -> nvt.Workflow:
+    """Encode the declared features and tag ids and features as USER/ITEM.
 
-    ``category_dir`` keeps Categorify's vocabularies out of the working directory;
-    ``items`` is the item vocabulary shared by ``item_id`` and ``history``.
+    Categorical and multi-valued columns are categorified (values unseen in training go to
+    Categorify's out-of-vocabulary code); continuous ones get missing values filled with the
+    training median and are normalised. ``category_dir`` keeps Categorify's vocabularies out
+    of the working directory; ``items`` is the item vocabulary shared by ``item_id`` and ``history``.
     """
 
     def categorify(**kwargs) -> nvt.ops.Categorify:
         return nvt.ops.Categorify(out_path=str(category_dir), **kwargs)
 
-    user_id = ["user_id"] >> categorify() >> nvt.ops.TagAsUserID()
-    user_features = USER_FEATURES >> categorify() >> nvt.ops.TagAsUserFeatures()
+    def encoded(side: str, tag_op) -> list:
+        categorical = model_features(schema, side, ("categorical", "multi_categorical"))
+        continuous = model_features(schema, side, ("continuous",))
+        parts = [categorical >> categorify() >> tag_op()] if categorical else []
+        if continuous:
+            parts.append(continuous >> nvt.ops.FillMedian() >> nvt.ops.Normalize() >> tag_op())
+        return parts
+
+    user = [["user_id"] >> categorify() >> nvt.ops.TagAsUserID(), *encoded("user", nvt.ops.TagAsUserFeatures)]
     if with_history:
-        history = ["history"] >> categorify(vocabs={"history": items.rename("history")}) >> nvt.ops.TagAsUserFeatures()
-        user_features = user_features + history
-    item_id = ["item_id"] >> categorify(vocabs={"item_id": items}) >> nvt.ops.TagAsItemID()
-    item_features = ITEM_FEATURES >> categorify() >> nvt.ops.TagAsItemFeatures()
-    user = Subgraph(USER_SUBGRAPH, user_id + user_features)
-    item = Subgraph(ITEM_SUBGRAPH, item_id + item_features)
-    return nvt.Workflow(user + item)
+        user.append(["history"] >> categorify(vocabs={"history": items.rename("history")}) >> nvt.ops.TagAsUserFeatures())
+    item = [["item_id"] >> categorify(vocabs={"item_id": items}) >> nvt.ops.TagAsItemID(), *encoded("item", nvt.ops.TagAsItemFeatures)]
+    return nvt.Workflow(Subgraph(USER_SUBGRAPH, sum(user[1:], user[0])) + Subgraph(ITEM_SUBGRAPH, sum(item[1:], item[0])))
 
 
 def _local_cluster(workers: int):
@@ -110,8 +115,8 @@ def _dataset(rows: pd.DataFrame, partitions: int = 1) -> merlin.io.Dataset:
     return merlin.io.Dataset(frame.map_partitions(_zero_based))
 
 
-def fit_workflow(train_rows: pd.DataFrame, category_dir: Path, partitions: int = 1) -> nvt.Workflow:
-    workflow = build_workflow(category_dir, item_vocabulary(train_rows), "history" in train_rows.columns)
+def fit_workflow(train_rows: pd.DataFrame, schema: SchemaConfig, category_dir: Path, partitions: int = 1) -> nvt.Workflow:
+    workflow = build_workflow(category_dir, item_vocabulary(train_rows), schema, "history" in train_rows.columns)
     workflow.fit(_dataset(train_rows, partitions))
     return workflow
 

@@ -139,6 +139,8 @@ def build(schema: Schema, stats: TrainingStats, train: TrainConfig, model: Model
         towers.append(tower(inputs, train, model, extra=(augment,) if augment else ()))
     query, candidate = towers
     category = model.dat.category_column
+    if category == "auto":  # the first multi-valued item feature: genres on ML-1M, class on ML-100K
+        category = next((c.name for c in schema.select_by_tag(Tags.ITEM).remove_by_tag(Tags.ITEM_ID) if c.is_list), "")
     if category and category not in schema.select_by_tag(Tags.ITEM).column_names:
         raise ValueError(f"model.dat.category_column={category!r} is not an item feature; item features: {schema.select_by_tag(Tags.ITEM).column_names}")
     keras_model = DualAugmentedModel(

@@ -89,8 +89,8 @@ def feature_tensors(features: pd.DataFrame, schema: Schema) -> dict[str, tf.Tens
             lengths = values.map(len).to_numpy()
             flat = np.concatenate(values.to_numpy()) if lengths.sum() else np.zeros(0)
             tensors[column.name] = tf.RaggedTensor.from_row_lengths(flat.astype(np.int64), lengths.astype(np.int64))
-        else:
-            tensors[column.name] = tf.constant(values.to_numpy().astype(np.int64))
+        else:  # categorical codes, or normalised continuous values
+            tensors[column.name] = tf.constant(values.to_numpy().astype(np.float32 if np.dtype(column.dtype.to_numpy).kind == "f" else np.int64))
     return tensors
 
 
