@@ -95,7 +95,7 @@ test: venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Executes notebooks/ in order, headless, writing their outputs into them (ML-1M by default;
-# e.g. NB_ARGS="-p DATASET=synthetic --output-dir /tmp/nb" for a quick run into copies).
+# e.g. NB_ARGS="-p CONFIG=../configs/synthetic.yaml --output-dir /tmp/nb" for a quick run into copies).
 notebooks: venv
 	$(BIN)/python -m twotower.notebooks $(NB_ARGS)
 

@@ -151,13 +151,12 @@ def test_a_side_row_repeated_exactly_is_kept_once(tmp_path, capsys):
 def test_bad_data_changes_nothing_and_the_cli_says_one_line(tmp_path, capsys):
     """A refused data set leaves the previous run's tables and manifest as they were, and the
     command exits 2 with the error instead of a traceback."""
-    good = files_config(tmp_path)
-    config = load_config(overrides=[f"output_dir={tmp_path / 'out'}"])
-    config.data = good
+    config = load_config(overrides=[f"output_dir={tmp_path / 'out'}", "data.dataset=synthetic", "data.synthetic_users=30"])
     pipeline.run_data(config)
     before = {path: path.read_bytes() for path in sorted((tmp_path / "out").rglob("*")) if path.is_file()}
     bad = tmp_path / "bad.csv"
     INTERACTIONS.assign(when=["2024-01-01", "never", "2024-01-03", "2024-01-04", "2024-01-05"]).to_csv(bad, index=False)
+    config.data = files_config(tmp_path)
     config.data.files.interactions = str(bad)
     with pytest.raises(DataError):
         pipeline.run_data(config)
@@ -173,6 +172,14 @@ def test_bad_data_changes_nothing_and_the_cli_says_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("twotower: ") and "bad.csv: column 'when' has an unparseable timestamp 'never' in row 1" in err
     assert "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_too_few_positives_per_user_for_a_split_is_refused(tmp_path):
+    config = load_config(overrides=[f"output_dir={tmp_path / 'out'}"])
+    config.data = files_config(tmp_path)  # at most 2 positives per user: no test rows at 20%
+    with pytest.raises(DataError, match="the valid split is empty: users have too few positives"):
+        pipeline.run_data(config)
+    assert not (tmp_path / "out" / "data").exists()
 
 
 def test_a_feature_named_like_a_recipe_column_is_refused(tmp_path):

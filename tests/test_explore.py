@@ -9,7 +9,7 @@ from twotower.explore import (
     directory_tree,
     find_items,
     head_lines,
-    most_specific_genre,
+    most_specific_category,
     pca_2d,
     schema_table,
     similar_items,
@@ -52,10 +52,10 @@ def test_schema_table_shows_tags_and_cardinality(prepared):
     assert table.loc["item_id", "cardinality"] == schema["item_id"].int_domain.max + 1
 
 
-def test_most_specific_genre_picks_the_rarest():
+def test_most_specific_category_picks_the_rarest():
     genres = pd.Series([["Comedy", "Animation"], ["Comedy"], ["Comedy", "Drama"], ["Drama"], []])
     # Comedy 3 times, Drama 2, Animation 1
-    assert most_specific_genre(genres).tolist() == ["Animation", "Comedy", "Drama", "Drama", "(none)"]
+    assert most_specific_category(genres).tolist() == ["Animation", "Comedy", "Drama", "Drama", "(none)"]
 
 
 def test_pca_2d_finds_the_directions_of_largest_variance():
@@ -69,22 +69,22 @@ def test_pca_2d_finds_the_directions_of_largest_variance():
     assert abs(np.corrcoef(coords[:, 1], points[:, 1])[0, 1]) > 0.99
 
 
-def test_find_items_by_exact_title():
-    items = pd.DataFrame({"item_id": [7, 8], "title": ["A (1999)", "B (2000)"]})
-    assert find_items(items, ["B (2000)", "A (1999)"]).tolist() == [8, 7]
+def test_find_items_by_exact_name():
+    names = pd.Series(["A (1999)", "B (2000)"], index=[7, 8])
+    assert find_items(names, ["B (2000)", "A (1999)"]).tolist() == [8, 7]
     with pytest.raises(KeyError, match="C"):
-        find_items(items, ["A (1999)", "C"])
+        find_items(names, ["A (1999)", "C"])
 
 
 def test_similar_items_leaves_the_query_out_and_ranks_by_inner_product():
     item_ids = np.array([10, 20, 30, 40])
     vectors = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.7, 0.7]])
-    items = pd.DataFrame({"item_id": item_ids, "title": ["a", "b", "c", "d"]})
-    table = similar_items(item_ids, vectors, items, [10], k=2)
+    names = pd.Series(["a", "b", "c", "d"], index=item_ids)
+    table = similar_items(item_ids, vectors, names, [10], k=2)
     assert table.loc["a"]["neighbour"].tolist() == ["b", "d"]
     assert table.loc["a"]["similarity"].tolist() == pytest.approx([0.9, 0.7])
     with pytest.raises(KeyError, match="99"):
-        similar_items(item_ids, vectors, items, [99])
+        similar_items(item_ids, vectors, names, [99])
 
 
 def test_directory_tree_lists_folders_first_with_depth_limit(tmp_path):

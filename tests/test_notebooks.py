@@ -44,7 +44,7 @@ def test_committed_notebooks_default_to_ml_1m():
         notebook = nbformat.read(NOTEBOOK_DIR / name, as_version=4)
         defaults = {}
         exec(next(c.source for c in notebook.cells if "parameters" in c.metadata.get("tags", [])), defaults)
-        assert defaults["DATASET"] == "ml-1m", name
+        assert defaults["CONFIG"] == "../configs/ml-1m.yaml", name
         assert defaults["OUTPUT_DIR"] == "../artifacts", name
 
 
@@ -61,7 +61,7 @@ def _text(notebook) -> str:
 def test_every_notebook_runs_top_to_bottom_on_synthetic_data(tmp_path):
     committed = {name: (NOTEBOOK_DIR / name).read_bytes() for name in NOTEBOOKS}
     parameters = {
-        "DATASET": "synthetic",
+        "CONFIG": "../configs/synthetic.yaml",
         "OUTPUT_DIR": str(tmp_path / "artifacts"),
         "EXPORT_DIR": str(tmp_path / "triton_models"),
         "EPOCHS": 4,

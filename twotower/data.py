@@ -66,6 +66,18 @@ def display_column(schema: SchemaConfig) -> str | None:
     return next(iter(model_features(schema, "item", ("text",))), None)
 
 
+def category_feature(schema: SchemaConfig) -> str | None:
+    """The item feature that groups items for people (genres on MovieLens): the first
+    multi-valued categorical one, else the first categorical one."""
+    return next(iter(model_features(schema, "item", ("multi_categorical",)) + model_features(schema, "item", ("categorical",))), None)
+
+
+def item_names(items: pd.DataFrame, schema: SchemaConfig) -> pd.Series:
+    """Item id -> what people read: the display column (titles), else the files' id."""
+    column = display_column(schema) or EXTERNAL_ID
+    return items.set_index("item_id")[column].astype(str)
+
+
 # ------------------------------------------------------------------- reading files
 def resolve_path(path: str) -> Path:
     """``path``, or for ``package:<package>/<rest>`` the file inside that installed package
@@ -438,6 +450,16 @@ def load_dataset(config: DataConfig, seed: int) -> RecipeData:
 def positive_threshold(config: DataConfig) -> float:
     """Implicit feedback (no label column) makes every row a positive."""
     return config.min_rating if config.schema.label else -np.inf
+
+
+def check_split(split: Split, config: DataConfig) -> None:
+    """Refuse a split with an empty part: early stopping and the test metrics need rows."""
+    for name in SPLITS:
+        if getattr(split, name).empty:
+            raise DataError(
+                f"the {name} split is empty: users have too few positives for data.test_fraction={config.test_fraction} "
+                f"and data.validation_fraction={config.validation_fraction} (a user needs about 1 / fraction positives to give one)"
+            )
 
 
 def causal_history(rows: pd.DataFrame, length: int) -> pd.Series:

@@ -58,13 +58,13 @@ def schema_table(schema: Schema) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("column")
 
 
-def most_specific_genre(genres: pd.Series) -> pd.Series:
-    """Per item, the one of its genres that is rarest across all items (a readable single label).
-
-    Items without genres get ``"(none)"``.
-    """
-    frequency = genres.explode().value_counts()
-    return genres.map(lambda names: min(names, key=lambda g: (frequency[g], g)) if len(names) else "(none)")
+def most_specific_category(categories: pd.Series) -> pd.Series:
+    """Per item, the one of its categories (genres on MovieLens) that is rarest across all items
+    (a readable single label). Items without any get ``"(none)"``; a single-valued column is
+    its own label."""
+    lists = categories.map(lambda value: list(value) if isinstance(value, (list, np.ndarray)) else [value])
+    frequency = lists.explode().value_counts()
+    return lists.map(lambda names: min(names, key=lambda g: (frequency[g], str(g))) if len(names) else "(none)")
 
 
 def pca_2d(vectors: np.ndarray) -> np.ndarray:
@@ -74,34 +74,36 @@ def pca_2d(vectors: np.ndarray) -> np.ndarray:
     return centred @ components[:2].T
 
 
-def find_items(items: pd.DataFrame, titles: list[str]) -> pd.Series:
-    """Dataset item ids of exact ``titles``, in order; raises KeyError naming a missing title."""
-    by_title = items.drop_duplicates("title").set_index("title")["item_id"]
-    missing = [t for t in titles if t not in by_title.index]
+def find_items(names: pd.Series, wanted: list[str]) -> pd.Series:
+    """Dataset item ids of the exact ``wanted`` names (``names``: item id -> readable name, as
+    ``data.item_names`` gives), in order; raises KeyError naming a missing one."""
+    by_name = pd.Series(names.index, index=names.to_numpy())
+    by_name = by_name[~by_name.index.duplicated()]
+    missing = [name for name in wanted if name not in by_name.index]
     if missing:
-        raise KeyError(f"titles not in the item table: {missing}")
-    return by_title.loc[titles]
+        raise KeyError(f"names not in the item table: {missing}")
+    return by_name.loc[wanted]
 
 
 def similar_items(
-    item_ids: np.ndarray, vectors: np.ndarray, items: pd.DataFrame, query_ids: list[int] | np.ndarray, k: int = 5
+    item_ids: np.ndarray, vectors: np.ndarray, names: pd.Series, query_ids: list[int] | np.ndarray, k: int = 5
 ) -> pd.DataFrame:
     """The ``k`` nearest catalogue items of each query item by inner product (cosine for
-    L2-normalised vectors), the query itself left out. ``vectors`` rows follow ``item_ids``.
+    L2-normalised vectors), the query itself left out. ``vectors`` rows follow ``item_ids``;
+    ``names`` maps item ids to what the table shows.
     """
     position = pd.Index(item_ids)
     rows = position.get_indexer(query_ids)
     if (rows < 0).any():
         raise KeyError(f"items not in the catalogue: {np.asarray(query_ids)[rows < 0].tolist()}")
-    titles = items.set_index("item_id")["title"]
     scores = vectors[rows] @ vectors.T
     scores[np.arange(len(rows)), rows] = -np.inf
     best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     records = [
         {
-            "query": titles.get(item_ids[row], "?"),
+            "query": names.get(item_ids[row], "?"),
             "rank": rank,
-            "neighbour": titles.get(item_ids[col], "?"),
+            "neighbour": names.get(item_ids[col], "?"),
             "similarity": float(scores[i, col]),
         }
         for i, row in enumerate(rows)

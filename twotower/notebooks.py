@@ -7,7 +7,7 @@ the notebook runs top to bottom in a fresh kernel of this interpreter, in the
 notebook's own folder, so relative paths resolve as they do in JupyterLab.
 
     python -m twotower.notebooks                         # all five on ML-1M, outputs written in place
-    python -m twotower.notebooks -p DATASET=synthetic --output-dir /tmp/nb
+    python -m twotower.notebooks -p CONFIG=../configs/synthetic.yaml --output-dir /tmp/nb
 """
 
 from __future__ import annotations

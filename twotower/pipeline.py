@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from twotower.config import RecipeConfig
-from twotower.data import SPLITS, Split, join_features, load_dataset, load_recipe_data, load_split, positive_threshold, positives, split_by_time
+from twotower.data import SPLITS, Split, check_split, join_features, load_dataset, load_recipe_data, load_split, positive_threshold, positives, split_by_time
 from twotower.manifest import EXPORT_RECORD, atomic_dir, atomic_file, check_export, recorded_stage
 
 if TYPE_CHECKING:  # heavy imports stay lazy: the CLI loads TensorFlow only for stages that need it
@@ -32,6 +32,7 @@ def run_data(config: RecipeConfig) -> Split:
     dc = config.data
     data = load_dataset(dc, config.seed)  # everything is read and checked before anything is written
     split = split_by_time(positives(data.interactions, positive_threshold(dc)), dc.test_fraction, dc.validation_fraction)
+    check_split(split, dc)
     with recorded_stage(config, "data"):
         for name, frame in (("interactions", data.interactions), ("users", data.users), ("items", data.items)):
             _save_frame(frame, config.data_dir / f"{name}.parquet")
