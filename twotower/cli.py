@@ -1,34 +1,63 @@
-"""Command-line entry point: ``twotower <stage> [--config FILE] [--set key=value ...]``."""
+"""The two-tower recipe's commands: its stages, serving, batch top-k and benchmarks."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
-import os
 import signal
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from twotower import pipeline
+from twotower.batch import RecommendError, run_recommend
 from twotower.client import demo_users, print_recommendations, typed_user_ids
-from twotower.config import ConfigError, load_config
+from twotower.config import ConfigError, RecipeConfig, load_config
+from twotower.console import ignore_known_warnings, quiet_library_logs, timed_step
 from twotower.data import DataError
 from twotower.manifest import ArtifactMismatch
-from twotower.notebooks import ignore_known_warnings
 from twotower.serve import PortInUse, triton_server
 
-STAGES = {
-    "data": pipeline.run_data,
-    "workflow": pipeline.run_workflow,
-    "train": pipeline.run_train,
-    "index": pipeline.run_index,
-    "features": pipeline.run_features,
-    "export": pipeline.run_export,
-    "all": pipeline.run_all,
-}
+Handler = Callable[[RecipeConfig, argparse.Namespace], None]
 
 
-def _serve(config) -> None:
+@dataclass(frozen=True)
+class Command:
+    summary: str  # its line in `twotower --help`
+    run: Handler
+    loads_stack: bool = True  # False: runs without the library set-up (logging, Feast, warning filters)
+
+
+def _stage(name: str) -> Handler:
+    return lambda config, args: pipeline.run_stage(name, config)
+
+
+def _benchmark(module: str, function: str) -> Handler:
+    """A benchmark's entry point, imported only when it runs (each pulls in its own tools)."""
+    return lambda config, args: getattr(importlib.import_module(f"twotower.{module}"), function)(config)
+
+
+def _all(config: RecipeConfig, args: argparse.Namespace) -> None:
+    with timed_step("all"):
+        pipeline.run_all(config)
+    print(f"\n{pipeline.run_summary(config)}")
+
+
+def _run(config: RecipeConfig, args: argparse.Namespace) -> None:
+    """Every stage, then a real Triton server answering a few users over gRPC."""
+    with timed_step("all"):
+        pipeline.run_all(config)
+    users = demo_users(config)
+    with triton_server(config) as server:
+        print(f"[serve] Triton ready on grpc {server.grpc_url}; asking for users {users}")
+        print_recommendations(config, users, server.grpc_url)
+    print("[serve] server stopped")
+    print(f"\n{pipeline.run_summary(config)}")
+
+
+def _serve(config: RecipeConfig, args: argparse.Namespace) -> None:
     """Triton in the foreground until Ctrl-C, SIGTERM or SIGHUP; the server stops with this process."""
     with triton_server(config) as server:
         print(f"Triton serving {config.export_dir} on grpc {server.grpc_url} (http {server.ports.http}, "
@@ -41,88 +70,89 @@ def _serve(config) -> None:
         raise SystemExit(f"tritonserver exited with code {server.process.returncode}:\n{server.log_tail()}")
 
 
-def _query(config, users: list[str]) -> None:
-    print_recommendations(config, typed_user_ids(config, users))
+def _query(config: RecipeConfig, args: argparse.Namespace) -> None:
+    print_recommendations(config, typed_user_ids(config, args.users))
 
 
-def _run(config) -> None:
-    """Every stage, then a real Triton server answering a few users over gRPC."""
-    pipeline.run_all(config)
-    users = demo_users(config)
-    with triton_server(config) as server:
-        print(f"[serve] Triton ready on grpc {server.grpc_url}; asking for users {users}")
-        print_recommendations(config, users, server.grpc_url)
-    print("[serve] server stopped")
+def _recommend(config: RecipeConfig, args: argparse.Namespace) -> None:
+    run_recommend(config, args.user_list, args.out)
+
+
+def _models(config: RecipeConfig, args: argparse.Namespace) -> None:
+    from twotower.models import model_names
+
+    print("\n".join(model_names()))
+
+
+COMMANDS: dict[str, Command] = {
+    "data": Command("load the data set, keep positives, split users by time", _stage("data")),
+    "workflow": Command("fit the NVTabular workflow on the training split", _stage("workflow")),
+    "train": Command("train model.name, evaluate on the test split, save it", _stage("train")),
+    "index": Command("build the FAISS index of the item vectors (index.kind)", _stage("index")),
+    "features": Command("fill the Feast online store with user and item features", _stage("features")),
+    "export": Command("write the Triton model repository (checks the parts agree)", _stage("export")),
+    "all": Command("the six stages above in order, then where outputs are", _all),
+    "run": Command("all, then a Triton server answering a few test users", _run),
+    "serve": Command("Triton on the exported model, in the foreground (Ctrl-C)", _serve),
+    "query": Command("ask the running server for the top-k of each --user ID", _query),
+    "recommend": Command("top-k of --users FILE|all into --out FILE, no server", _recommend),
+    "models": Command("list the models that model.name accepts", _models, loads_stack=False),
+    "benchmark-quality": Command("popularity, EASE and two-tower setups; ablations", _benchmark("quality", "run_quality_benchmark")),
+    "benchmark-models": Command("every model of the family, each served by Triton", _benchmark("model_benchmark", "run_model_benchmark")),
+    "benchmark-serving": Command("the served graph against the reference graph; a soak", _benchmark("serving_benchmark", "run_serving_benchmark")),
+    "benchmark-faults": Command("serving under faults: Redis down, Triton killed, soak", _benchmark("fault_benchmark", "run_fault_benchmark")),
+    "benchmark-scale": Command("index kinds on 10^4-10^6 items; Feast at 10^5-10^6 users", _benchmark("scale_benchmark", "run_scale_benchmark")),
+    "benchmark-train": Command("training throughput against plain tf.keras; a profile", _benchmark("train_benchmark", "run_train_benchmark")),
+}
+
+
+def command_list() -> str:
+    """One line per command, for the end of ``--help``."""
+    width = max(map(len, COMMANDS))
+    return "commands:\n" + "\n".join(f"  {name:<{width}}  {command.summary}" for name, command in COMMANDS.items())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # One positional and options that may come before or after it, as the Makefile passes them
+    # (`twotower --set k=v benchmark-serving`); subcommands would take options only after.
+    parser = argparse.ArgumentParser(
+        prog="twotower", description=__doc__, epilog=command_list(), formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("command", choices=list(COMMANDS), metavar="command", help="one of the commands listed below")
+    parser.add_argument("--config", type=Path, metavar="FILE", help="YAML file overriding the defaults in twotower/config.py")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override one setting, e.g. train.epochs=3")
+    parser.add_argument("--user", dest="users", action="append", default=[], metavar="ID", help="user id for 'query' (repeatable)")
+    parser.add_argument("--users", dest="user_list", metavar="FILE|all", help="for 'recommend': 'all', or a file of user ids (twotower/batch.py)")
+    parser.add_argument("--out", type=Path, metavar="FILE", help="for 'recommend': the parquet file to write")
+    return parser
+
+
+def _load_stack() -> None:
+    """Logging, then the filters for the known harmless output of the pinned libraries."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    import feast  # noqa: F401  (first: importing it puts its own DeprecationWarning filter in front)
+
+    ignore_known_warnings()
+    quiet_library_logs()
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="twotower", description=__doc__)
-    parser.add_argument(
-        "stage",
-        choices=[*STAGES, "run", "serve", "query", "models", "benchmark-quality", "benchmark-models", "benchmark-serving", "benchmark-faults", "benchmark-scale", "benchmark-train"],
-        help="stage to run; 'run' is all stages plus a served demo; 'models' lists the registered models",
-    )
-    parser.add_argument("--config", type=Path, help="YAML file overriding the defaults in twotower/config.py")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override one setting, e.g. train.epochs=3")
-    parser.add_argument("--user", dest="users", action="append", default=[], help="user id for 'query' (repeatable)")
+    parser = build_parser()
     args = parser.parse_args(argv)
-    if args.stage == "models":
-        from twotower.models import model_names
-
-        print("\n".join(model_names()))
-        return 0
-
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    import feast  # noqa: F401  (first: importing it resets the DeprecationWarning filter to "once")
-
-    ignore_known_warnings()
-    # TensorFlow's and absl's Python loggers only repeat known notes of the pinned stack
-    # (moved modules, untraced functions on save, an uncompiled reload).
-    from absl import logging as absl_logging
-
-    logging.getLogger("tensorflow").setLevel(logging.ERROR)
-    absl_logging.set_verbosity(absl_logging.ERROR)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if args.command == "query" and not args.users:
+        parser.error("query needs at least one --user")
+    if args.command == "recommend" and not (args.user_list and args.out):
+        parser.error("recommend needs --users FILE|all and --out FILE")
+    command = COMMANDS[args.command]
+    if command.loads_stack:
+        _load_stack()
     try:
         config = load_config(args.config, args.overrides)
     except ConfigError as error:  # the user's input, so a message rather than a traceback
         parser.exit(2, f"twotower: configuration error: {error}\n")
     try:
-        if args.stage == "run":
-            _run(config)
-        elif args.stage == "benchmark-quality":
-            from twotower.quality import run_quality_benchmark
-
-            run_quality_benchmark(config)
-        elif args.stage == "benchmark-models":
-            from twotower.model_benchmark import run_model_benchmark
-
-            run_model_benchmark(config)
-        elif args.stage == "benchmark-serving":
-            from twotower.serving_benchmark import run_serving_benchmark
-
-            run_serving_benchmark(config)
-        elif args.stage == "benchmark-scale":
-            from twotower.scale_benchmark import run_scale_benchmark
-
-            run_scale_benchmark(config)
-        elif args.stage == "benchmark-train":
-            from twotower.train_benchmark import run_train_benchmark
-
-            run_train_benchmark(config)
-        elif args.stage == "benchmark-faults":
-            from twotower.fault_benchmark import run_fault_benchmark
-
-            run_fault_benchmark(config)
-        elif args.stage == "serve":
-            _serve(config)
-        elif args.stage == "query":
-            if not args.users:
-                parser.error("query needs at least one --user")
-            _query(config, args.users)
-        else:
-            STAGES[args.stage](config)
-    except (ArtifactMismatch, PortInUse, DataError) as error:  # what the user must act on, not a crash
+        command.run(config, args)
+    except (ArtifactMismatch, PortInUse, DataError, RecommendError) as error:  # what the user must act on, not a crash
         parser.exit(2, f"twotower: {error}\n")
     return 0
 

@@ -36,7 +36,7 @@ from twotower.config import PROJECT_ROOT, FeaturesConfig, RecipeConfig
 from twotower.data import EXTERNAL_ID, RecipeData
 from twotower.manifest import ArtifactMismatch, atomic_dir
 
-TEMPLATE_DIR = PROJECT_ROOT / "feature_repo"
+TEMPLATE_DIR = next(d for d in (PROJECT_ROOT / "feature_repo", Path(__file__).with_name("feature_repo")) if d.is_dir())  # checkout; installed
 USER_VIEW = "user_features"
 QUERY_VIEW = "user_query_features"
 ITEM_VIEW = "item_features"

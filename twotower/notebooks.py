@@ -14,11 +14,8 @@ from __future__ import annotations
 
 import argparse
 import ast
-import logging
-import os
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +24,7 @@ import yaml
 from nbclient import NotebookClient
 
 from twotower.config import PROJECT_ROOT
+from twotower.console import ignore_known_warnings, quiet_library_logs
 
 NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
 NOTEBOOKS = (
@@ -41,31 +39,20 @@ INJECTED_TAG = "injected-parameters"
 CELL_TIMEOUT_S = 3600
 
 
-def ignore_known_warnings() -> None:
-    """Filter the warnings the pinned 2023 stack is known to give harmlessly, so real ones stand out."""
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", message="Initializing an NVTabular Dataset in CPU mode")
-    warnings.filterwarnings("ignore", message="PyTorch dtype mappings did not load")
-
-
 def quiet_notebook_output() -> None:
     """Hide what the stack prints that says nothing about the run: TensorFlow's C++ and Python
-    log chatter, deprecation warnings from the pinned 2023 libraries, and merlin's notes that it
-    runs on CPU and without torch. Call it first in a notebook.
+    log chatter and the known harmless warnings of the pinned 2023 libraries
+    (``twotower.console``). Call it first in a notebook.
 
-    TensorFlow and Feast are imported here on purpose: TensorFlow's loggers exist only once it
-    is imported, and Feast installs warning filters of its own on import, so ours go in again
-    after it.
+    TensorFlow and Feast are imported here on purpose: their import-time warnings are filtered
+    here rather than in a later cell, and Feast installs warning filters of its own on import,
+    so ours go in again after it.
     """
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    quiet_library_logs()
     ignore_known_warnings()
-    import tensorflow as tf
-    from absl import logging as absl_logging
-
+    import tensorflow  # noqa: F401
     import feast  # noqa: F401  (after TensorFlow, whose import warnings its filters would show)
 
-    tf.get_logger().setLevel(logging.ERROR)
-    absl_logging.set_verbosity(absl_logging.ERROR)
     ignore_known_warnings()
 
 

@@ -9,12 +9,14 @@ The work of each stage lives in its own module; this file only wires them.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from twotower.config import RecipeConfig
+from twotower.console import held_back_output, timed_step
 from twotower.data import SPLITS, Split, check_split, join_features, load_dataset, load_recipe_data, load_split, positive_threshold, positives, split_by_time
 from twotower.manifest import EXPORT_RECORD, atomic_dir, atomic_file, check_export, recorded_stage
 
@@ -72,6 +74,7 @@ def run_train(config: RecipeConfig) -> dict:
     from twotower.train import print_metrics, train_and_save
 
     _, metrics = train_and_save(config)
+    print("[train] test split, whole catalogue ranked, earlier positives excluded:")
     print_metrics(metrics["test"])
     return metrics
 
@@ -98,7 +101,9 @@ def run_features(config: RecipeConfig) -> FeatureStore:
     from twotower.feature_store import build_feature_store, feature_tables
 
     with recorded_stage(config, "features"):
-        store = build_feature_store(*feature_tables(config), config.feature_repo_dir, config.features)
+        # Feast prints a banner and a progress bar per feature view while it materializes.
+        with held_back_output():
+            store = build_feature_store(*feature_tables(config), config.feature_repo_dir, config.features)
     print(f"[features] Feast repository applied at {config.feature_repo_dir}, materialized into {config.features.online_store}")
     return store
 
@@ -120,6 +125,40 @@ def run_export(config: RecipeConfig) -> Path:
     return config.export_dir
 
 
+STAGES: dict[str, Callable[[RecipeConfig], Any]] = {
+    "data": run_data,
+    "workflow": run_workflow,
+    "train": run_train,
+    "index": run_index,
+    "features": run_features,
+    "export": run_export,
+}
+
+
+def run_stage(name: str, config: RecipeConfig) -> Any:
+    """One stage by name; its last line says how long it took."""
+    with timed_step(name):
+        return STAGES[name](config)
+
+
 def run_all(config: RecipeConfig) -> None:
-    for stage in (run_data, run_workflow, run_train, run_index, run_features, run_export):
-        stage(config)
+    for name in STAGES:
+        run_stage(name, config)
+
+
+def run_summary(config: RecipeConfig) -> str:
+    """Where a run's outputs are, for a person to open next."""
+    rows = [
+        ("artifacts", f"{config.output_dir} ({config.manifest_path.name}: what each stage made; {config.metrics_path.name}: test metrics)"),
+        *(("plot", str(plot)) for plot in sorted(config.output_dir.rglob("*.png"))),
+        ("Triton model repository", f"{config.export_dir} (model {config.serve.model_name})"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(
+        [
+            "outputs:",
+            *(f"  {name:<{width}}  {where}" for name, where in rows),
+            "next, with the same --config/--set: twotower serve; twotower query --user ID; "
+            "twotower recommend --users all --out FILE",
+        ]
+    )

@@ -121,7 +121,12 @@ class FullCatalogueEarlyStopping(tf.keras.callbacks.Callback):
             **{f"val_{k}": v for k, v in metrics.items()},
         }
         self.history.append(record)
-        print(f"  validation {self.metric}={metrics[self.metric]:.4f} recall@10={metrics['recall@10']:.4f}")
+        # One line per epoch: with Keras' own progress bar off (verbose=0), this is the progress.
+        print(
+            f"[train] epoch {epoch + 1}/{self.params['epochs']}: loss {record['loss']:.4f}, validation "
+            f"{self.metric} {metrics[self.metric]:.4f}, recall@10 {metrics['recall@10']:.4f} ({train_seconds:.1f} s)",
+            flush=True,
+        )
         if metrics[self.metric] > self.best_value:
             self.best_value, self.best_epoch = metrics[self.metric], epoch + 1
             self._best_weights = self.model.get_weights()
@@ -172,7 +177,7 @@ def training_batches(config: RecipeConfig, dataset: merlin.io.Dataset) -> mm.Loa
     return cached_batches(dataset, config.train.batch_size, config.seed)
 
 
-def fit_model(config: RecipeConfig, inputs: TrainingInputs, verbose: int = 1) -> tuple[RetrievalModel, FullCatalogueEarlyStopping]:
+def fit_model(config: RecipeConfig, inputs: TrainingInputs, verbose: int = 0) -> tuple[RetrievalModel, FullCatalogueEarlyStopping]:
     """Build and fit the configured model with full-catalogue early stopping on the validation
     split. Returns the model (best epoch's weights) and the callback, whose ``history`` and
     ``best_epoch`` describe the run."""
@@ -238,7 +243,7 @@ def save_training(config: RecipeConfig, inputs: TrainingInputs, model: Retrieval
     return metrics
 
 
-def train_and_save(config: RecipeConfig, verbose: int = 1) -> tuple[RetrievalModel, dict]:
+def train_and_save(config: RecipeConfig, verbose: int = 0) -> tuple[RetrievalModel, dict]:
     """The train stage: fit, evaluate on the test split, save; the model and its metrics."""
     inputs = load_training_inputs(config)
     model, stopper = fit_model(config, inputs, verbose=verbose)
