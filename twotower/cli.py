@@ -58,12 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="twotower", description=__doc__)
     parser.add_argument(
         "stage",
-        choices=[*STAGES, "run", "serve", "query", "models", "benchmark-quality", "benchmark-models", "benchmark-serving", "benchmark-faults", "benchmark-scale", "benchmark-train"],
+        choices=[*STAGES, "run", "serve", "query", "models", "refresh-items", "benchmark-quality", "benchmark-models", "benchmark-serving", "benchmark-faults", "benchmark-scale", "benchmark-train"],
         help="stage to run; 'run' is all stages plus a served demo; 'models' lists the registered models",
     )
     parser.add_argument("--config", type=Path, help="YAML file overriding the defaults in twotower/config.py")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override one setting, e.g. train.epochs=3")
     parser.add_argument("--user", dest="users", type=int, action="append", default=[], help="user id for 'query' (repeatable)")
+    parser.add_argument("--items", type=Path, help="for 'refresh-items': parquet file of new items (the columns of the run's item table)")
     args = parser.parse_args(argv)
     if args.stage == "models":
         from twotower.models import model_names
@@ -113,6 +114,17 @@ def main(argv: list[str] | None = None) -> int:
             from twotower.fault_benchmark import run_fault_benchmark
 
             run_fault_benchmark(config)
+        elif args.stage == "refresh-items":
+            from twotower.refresh import RefreshRefused, RolloutFailed, refresh_items
+
+            if args.items is None:
+                parser.error("refresh-items needs --items FILE")
+            try:
+                refresh_items(config, args.items)
+            except RefreshRefused as error:
+                parser.exit(2, f"twotower: refresh-items refused, nothing changed: {error}\n")
+            except RolloutFailed as error:
+                parser.exit(1, f"twotower: refresh-items: {error}\n")
         elif args.stage == "serve":
             _serve(config)
         elif args.stage == "query":
