@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="twotower", description=__doc__)
     parser.add_argument(
         "stage",
-        choices=[*STAGES, "run", "serve", "query", "models", "refresh-items", "benchmark-quality", "benchmark-models", "benchmark-serving", "benchmark-faults", "benchmark-scale", "benchmark-train"],
+        choices=[*STAGES, "run", "serve", "query", "models", "refresh-items", "benchmark-quality", "benchmark-models", "benchmark-serving", "benchmark-faults", "benchmark-scale", "benchmark-train", "benchmark-cold-start"],
         help="stage to run; 'run' is all stages plus a served demo; 'models' lists the registered models",
     )
     parser.add_argument("--config", type=Path, help="YAML file overriding the defaults in twotower/config.py")
@@ -114,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
             from twotower.fault_benchmark import run_fault_benchmark
 
             run_fault_benchmark(config)
+        elif args.stage == "benchmark-cold-start":
+            from twotower.cold_start_benchmark import run_cold_start_benchmark
+
+            run_cold_start_benchmark(config)
         elif args.stage == "refresh-items":
             from twotower.refresh import RefreshRefused, RolloutFailed, refresh_items
 
