@@ -213,7 +213,8 @@ def test_a_run_that_disagrees_with_itself_is_refused_before_anything_changes(run
 
 
 # ------------------------------------------------------------------------------ the manifest
-def test_refreshes_keep_the_export_consistent_until_a_stage_they_built_on_runs_again(run, tmp_path):
+def test_refreshes_keep_the_export_consistent_until_a_stage_they_built_on_runs_again(exported, run, tmp_path):
+    original = _unchanged_parts(exported)
     first = refresh_items(run, _new_items(run, 2, tmp_path / "first.parquet"))
     second_items = tmp_path / "second.parquet"
     load_recipe_data(run.data_dir).items.head(3).assign(item_id=[20_001, 20_002, 20_003]).to_parquet(second_items, index=False)
@@ -226,6 +227,7 @@ def test_refreshes_keep_the_export_consistent_until_a_stage_they_built_on_runs_a
     assert [added["item_ids"] for added in entry["added"]] == [[NEW_IDS_FROM, NEW_IDS_FROM + 1], [20_001, 20_002, 20_003]]
     assert entry["base"]["index"] == read_manifest(run)["index"]["produced"]["index"] != entry["produced"]["index"]
     pipeline.run_export(run)  # the refreshed run agrees with itself
+    assert _unchanged_parts(exported) == original  # the run it was copied from is not touched (Feast's absolute paths)
     packaged = json.loads((run.export_dir / run.serve.model_name / "run_fingerprints.json").read_text())
     assert packaged["index"] == entry["produced"]["index"] == fingerprint(run.index_path)
 

@@ -181,7 +181,9 @@ def add_rows(repo_dir: Path, view_name: str, rows: pd.DataFrame) -> None:
     for field in view.features:  # list features: parquet hands them back as arrays, Feast takes lists
         if field.dtype.to_value_type().name.endswith("_LIST"):
             new[field.name] = new[field.name].map(list)
-    source = Path(view.batch_source.path)
+    # The registry holds the source's absolute path from when the repository was applied; in a
+    # copied or moved run that names the original's file, so take the file in this repository.
+    source = Path(repo_dir) / "data" / Path(view.batch_source.path).name
     kept = pd.read_parquet(source)
     with atomic_file(source) as staging:
         pd.concat([kept[~kept[key].isin(new[key])], new], ignore_index=True).to_parquet(staging, index=False)
