@@ -13,10 +13,10 @@ LAB_PORT ?= 8888
 # JupyterLab fetches a news feed and checks for updates on the internet unless told not to.
 LAB_OFFLINE := --LabApp.news_url=None --LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate
 
-.PHONY: venv run test serve query export notebooks lab clean help benchmark-quality benchmark-models benchmark-serving benchmark-faults benchmark-scale benchmark-train perf-analyzer docker-up docker-down docker-logs
+.PHONY: venv run test serve query export notebooks lab clean help benchmark-quality benchmark-models benchmark-serving benchmark-faults benchmark-scale benchmark-train benchmark-cold-start perf-analyzer docker-up docker-down docker-logs
 
 help:
-	@echo "make run | test | serve | query USER=<id> | export | notebooks | lab | benchmark-quality | benchmark-models | benchmark-serving | benchmark-faults | benchmark-scale | benchmark-train | clean | docker-up | docker-down | docker-logs"
+	@echo "make run | test | serve | query USER=<id> | export | notebooks | lab | benchmark-quality | benchmark-models | benchmark-serving | benchmark-faults | benchmark-scale | benchmark-train | benchmark-cold-start | clean | docker-up | docker-down | docker-logs"
 
 $(STAMP): requirements/lock.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -90,6 +90,11 @@ benchmark-scale: venv
 # train step, and one epoch at 1x, 4x and 16x the users (about 20 min on 2 cores).
 benchmark-train: venv
 	$(TWOTOWER) benchmark-train
+
+# The newest items held out from training and added back with refresh-items, against the same
+# items trained normally: two full runs of the recipe.
+benchmark-cold-start: venv
+	$(TWOTOWER) benchmark-cold-start
 
 test: venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

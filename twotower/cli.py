@@ -78,6 +78,19 @@ def _recommend(config: RecipeConfig, args: argparse.Namespace) -> None:
     run_recommend(config, args.user_list, args.out)
 
 
+def _refresh_items(config: RecipeConfig, args: argparse.Namespace) -> None:
+    from twotower.refresh import RefreshRefused, RolloutFailed, refresh_items
+
+    try:
+        refresh_items(config, args.items)
+    except RefreshRefused as error:  # the input or the run: exit 2, as for other usage errors
+        print(f"twotower: refresh-items refused, nothing changed: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except RolloutFailed as error:
+        print(f"twotower: refresh-items: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
 def _models(config: RecipeConfig, args: argparse.Namespace) -> None:
     from twotower.models import model_names
 
@@ -90,18 +103,20 @@ COMMANDS: dict[str, Command] = {
     "train": Command("train model.name, evaluate on the test split, save it", _stage("train")),
     "index": Command("build the FAISS index of the item vectors (index.kind)", _stage("index")),
     "features": Command("fill the Feast online store with user and item features", _stage("features")),
-    "export": Command("write the Triton model repository (checks the parts agree)", _stage("export")),
+    "export": Command("write the Triton model repository (parts must agree)", _stage("export")),
     "all": Command("the six stages above in order, then where outputs are", _all),
     "run": Command("all, then a Triton server answering a few test users", _run),
     "serve": Command("Triton on the exported model, in the foreground (Ctrl-C)", _serve),
     "query": Command("ask the running server for the top-k of each --user ID", _query),
     "recommend": Command("top-k of --users FILE|all into --out FILE, no server", _recommend),
+    "refresh-items": Command("add --items FILE to index and Feast; new served version", _refresh_items),
     "models": Command("list the models that model.name accepts", _models, loads_stack=False),
     "benchmark-quality": Command("popularity, EASE and two-tower setups; ablations", _benchmark("quality", "run_quality_benchmark")),
     "benchmark-models": Command("every model of the family, each served by Triton", _benchmark("model_benchmark", "run_model_benchmark")),
     "benchmark-serving": Command("the served graph against the reference graph; a soak", _benchmark("serving_benchmark", "run_serving_benchmark")),
     "benchmark-faults": Command("serving under faults: Redis down, Triton killed, soak", _benchmark("fault_benchmark", "run_fault_benchmark")),
     "benchmark-scale": Command("index kinds on 10^4-10^6 items; Feast at 10^5-10^6 users", _benchmark("scale_benchmark", "run_scale_benchmark")),
+    "benchmark-cold-start": Command("newest items held out, refreshed in, against trained", _benchmark("cold_start_benchmark", "run_cold_start_benchmark")),
     "benchmark-train": Command("training throughput against plain tf.keras; a profile", _benchmark("train_benchmark", "run_train_benchmark")),
 }
 
@@ -124,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--user", dest="users", action="append", default=[], metavar="ID", help="user id for 'query' (repeatable)")
     parser.add_argument("--users", dest="user_list", metavar="FILE|all", help="for 'recommend': 'all', or a file of user ids (twotower/batch.py)")
     parser.add_argument("--out", type=Path, metavar="FILE", help="for 'recommend': the parquet file to write")
+    parser.add_argument("--items", type=Path, metavar="FILE", help="for 'refresh-items': parquet file of new items (the columns of the run's item table)")
     return parser
 
 
@@ -143,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("query needs at least one --user")
     if args.command == "recommend" and not (args.user_list and args.out):
         parser.error("recommend needs --users FILE|all and --out FILE")
+    if args.command == "refresh-items" and args.items is None:
+        parser.error("refresh-items needs --items FILE")
     command = COMMANDS[args.command]
     if command.loads_stack:
         _load_stack()

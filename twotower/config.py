@@ -228,6 +228,8 @@ class BenchmarkConfig:
     train_resident_batch_steps: int = 20  # steps on one resident batch: the train step without any loader
     train_traced_steps: int = 5  # of those, steps recorded by tf.profiler for the op breakdown
     train_scale_factors: list[int] = field(default_factory=lambda: [1, 4, 16])  # copies of the users; one epoch timed each
+    # make benchmark-cold-start (twotower/cold_start_benchmark.py)
+    cold_start_share: float = 0.05  # of the catalogue: the items whose first interaction is latest, held out from training
 
 
 @dataclass

@@ -212,7 +212,7 @@ def _integer_if_exact(values: pd.Series) -> pd.Series:
     return values
 
 
-def _side_table(frame: pd.DataFrame, id_column: str, features: dict[str, str], separator: str, source: str) -> pd.DataFrame:
+def side_table(frame: pd.DataFrame, id_column: str, features: dict[str, str], separator: str, source: str) -> pd.DataFrame:
     """A side file as ``external_id`` plus its declared features, one row per id.
 
     Rows repeated exactly are one row (MovieLens-100K lists 18 films twice, identically);
@@ -318,7 +318,7 @@ def load_files(config: DataConfig) -> RecipeData:
 
     def side(path: str, id_column: str, canonical: str, features: dict[str, str]) -> pd.DataFrame:
         if path:
-            table = _side_table(read_table(path, files.csv_separator), id_column, features, schema.list_separator, path)
+            table = side_table(read_table(path, files.csv_separator), id_column, features, schema.list_separator, path)
             if table[EXTERNAL_ID].dtype != interactions[canonical].dtype:  # "7" in one file is 7 in the other
                 table[EXTERNAL_ID] = table[EXTERNAL_ID].astype(str)
                 interactions[canonical] = interactions[canonical].astype(str)
@@ -364,8 +364,8 @@ def _from_frames(interactions: pd.DataFrame, users: pd.DataFrame, items: pd.Data
     """Built-in data sets go through the same checks as the user's files."""
     _check_declaration(schema)
     rows = canonical_interactions(interactions, schema, schema.duplicates, f"{name} interactions")
-    user_table = _side_table(users, schema.user_id, schema.user_features, separator, f"{name} users")
-    item_table = _side_table(items, schema.item_id, schema.item_features, separator, f"{name} items")
+    user_table = side_table(users, schema.user_id, schema.user_features, separator, f"{name} users")
+    item_table = side_table(items, schema.item_id, schema.item_features, separator, f"{name} items")
     _matched(rows["user_id"], user_table[EXTERNAL_ID], f"{name} interactions", schema.user_id, f"{name} users")
     _matched(rows["item_id"], item_table[EXTERNAL_ID], f"{name} interactions", schema.item_id, f"{name} items")
     return assemble(rows, user_table, item_table)

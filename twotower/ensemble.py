@@ -36,7 +36,7 @@ from merlin.table import TensorColumn, TensorTable
 
 from twotower.errors import RequestError, ServiceUnavailable
 from twotower.index import ItemIndex, load_index
-from twotower.manifest import atomic_dir
+from twotower.manifest import atomic_dir, staging_dir
 
 if TYPE_CHECKING:
     from twotower.config import RecipeConfig
@@ -471,6 +471,37 @@ def export_ensemble(
     return export_dir
 
 
+def model_versions(model_dir: Path) -> list[int]:
+    """The version folders of an exported model, oldest first (Triton's: whole numbers)."""
+    return sorted(int(path.name) for path in Path(model_dir).iterdir() if path.is_dir() and path.name.isdigit())
+
+
+def export_version(ensemble: Ensemble, export_dir: Path, model_name: str = MODEL_NAME) -> int:
+    """Write the graph as the next version of the already exported ``model_name``, beside the version
+    a server may be serving, and return its number; the model's ``config.pbtxt`` stays as it is.
+
+    The version is exported whole into a staging model folder at the model's own depth (operators
+    record paths relative to it), then renamed into place in one step, so Triton never sees half
+    a version. Versions older than the newest existing one are removed first: the recipe's servers
+    serve only the newest (version policy ``latest: 1``), and each copy holds a tower and an index.
+    """
+    from twotower.triton_config import install_executor_model
+
+    model_dir = export_dir / model_name
+    existing = model_versions(model_dir)
+    if not existing:
+        raise FileNotFoundError(f"no exported model {model_name!r} in {export_dir}; run the 'export' stage")
+    for old in existing[:-1]:
+        shutil.rmtree(model_dir / str(old))
+    version = existing[-1] + 1
+    with staging_dir(model_dir) as staging:
+        ensemble.export(str(export_dir), name=staging.name)
+        install_executor_model(staging)
+        (exported_version,) = model_versions(staging)
+        os.rename(staging / str(exported_version), model_dir / str(version))
+    return version
+
+
 def _name_model(model_dir: Path, name: str) -> None:
     """Set the model name in ``config.pbtxt`` (merlin-systems writes the folder's, the staging name)."""
     from google.protobuf import text_format
@@ -483,8 +514,8 @@ def _name_model(model_dir: Path, name: str) -> None:
 
 
 def load_exported_ensemble(export_dir: Path, model_name: str = MODEL_NAME) -> Ensemble:
-    """The exported graph loaded as the Triton executor loads it, to run in process."""
-    artifact_dir = export_dir / model_name / "1" / "ensemble"
+    """The exported graph loaded as the Triton executor loads it (its newest version), to run in process."""
+    artifact_dir = export_dir / model_name / str(model_versions(export_dir / model_name)[-1]) / "ensemble"
     ensemble = Ensemble.load(str(artifact_dir))
     for node in postorder_iter_nodes(ensemble.graph.output_node, flatten_subgraphs=True):
         node.op.load_artifacts(str(artifact_dir))

@@ -131,14 +131,17 @@ def validation_query_vectors(config: RecipeConfig) -> np.ndarray:
     return saved_query_vectors(config, np.sort(sample))
 
 
-def serving_side_metrics(config: RecipeConfig) -> dict[str, float]:
-    """Test metrics through the saved query tower and the FAISS index (the served path)."""
+def serving_side_metrics(config: RecipeConfig, items: np.ndarray | None = None) -> dict[str, float]:
+    """Test metrics through the saved query tower and the FAISS index (the served path). With
+    ``items``, only test positives of those items count, over the users who have one; the
+    ranking is still over the whole catalogue."""
     from twotower.data import known_before_test, load_split
     from twotower.index import load_index
     from twotower.train import load_item_vectors
 
     split = load_split(config.splits_dir)
     catalogue_ids, _ = load_item_vectors(config.item_vectors_path)
-    test_set = build_eval_set(split.test, known_before_test(split), catalogue_ids)
+    held_out = split.test if items is None else split.test[split.test["item_id"].isin(items)]
+    test_set = build_eval_set(held_out, known_before_test(split), catalogue_ids)
     vectors = saved_query_vectors(config, test_set.user_ids)
     return evaluate_index(load_index(config.index_path), vectors, test_set, catalogue_ids)

@@ -34,7 +34,7 @@ from typing import NamedTuple
 
 from twotower.config import PROJECT_ROOT, FeaturesConfig, RecipeConfig
 from twotower.data import EXTERNAL_ID, RecipeData
-from twotower.manifest import ArtifactMismatch, atomic_dir
+from twotower.manifest import ArtifactMismatch, atomic_dir, atomic_file
 
 TEMPLATE_DIR = next(d for d in (PROJECT_ROOT / "feature_repo", Path(__file__).with_name("feature_repo")) if d.is_dir())  # checkout; installed
 USER_VIEW = "user_features"
@@ -186,6 +186,28 @@ def build_feature_store(
         write_sources(data, users, encoded_users, workflow_fingerprint, staging)
         apply_and_materialize(staging, final_dir=repo_dir)
     return FeatureStore(repo_path=str(repo_dir))
+
+
+def add_rows(repo_dir: Path, view_name: str, rows: pd.DataFrame) -> None:
+    """Add ``rows`` (the view's join key and features; other columns are ignored) to a feature view
+    of the deployed repository: to its offline source, replacing earlier rows with the same keys,
+    and to the online store, where the running servers read them. The offline source keeps what a
+    later ``materialize`` would write equal to what is served. Rows get the recipe's fixed stamp."""
+    store = FeatureStore(repo_path=str(repo_dir))
+    view = store.get_feature_view(view_name)
+    key = view.entity_columns[0].name
+    stamp = view.batch_source.timestamp_field
+    new = rows[[key, *(f.name for f in view.features)]].assign(**{stamp: pd.Timestamp(FEATURE_TIMESTAMP)})
+    for field in view.features:  # list features: parquet hands them back as arrays, Feast takes lists
+        if field.dtype.to_value_type().name.endswith("_LIST"):
+            new[field.name] = new[field.name].map(list)
+    # The registry holds the source's absolute path from when the repository was applied; in a
+    # copied or moved run that names the original's file, so take the file in this repository.
+    source = Path(repo_dir) / "data" / Path(view.batch_source.path).name
+    kept = pd.read_parquet(source)
+    with atomic_file(source) as staging:
+        pd.concat([kept[~kept[key].isin(new[key])], new], ignore_index=True).to_parquet(staging, index=False)
+    store.write_to_online_store(view_name, new)
 
 
 def online_user_features(store: FeatureStore, user_ids: list[int], columns: list[str]) -> pd.DataFrame:

@@ -9,6 +9,13 @@ a content fingerprint of each input it read and each output it wrote::
 
 ``check_export`` compares them: a stage that used another run's inputs, or whose outputs
 on disk are no longer what it wrote, must run again, and so must every stage after it.
+
+``refresh-items`` (twotower/refresh.py) adds items to the outputs of three stages in place: the
+item vectors (train), the index and the Feast repository (features). Its entry, ``refresh``,
+records the fingerprints it started from and those it left; the export accepts the refreshed
+artifacts while every one of those three stages is still the run the refreshes started from.
+Once one of them runs again the refresh no longer applies, as a whole: the export names the
+stages to re-run (which drops the refreshed items), and refresh-items is run again after them.
 """
 
 from __future__ import annotations
@@ -61,6 +68,8 @@ PRODUCER = {name: stage for stage, io in STAGES.items() for name in io.produces}
 # What the export packages or checks: the query tower, the index and its catalogue, the Feast
 # repository, the training split (most-popular fallback) and the workflow the store must match.
 EXPORT_CONSUMES = ("splits", "workflow", "query_tower", "item_vectors", "index", "feature_store")
+REFRESH = "refresh"  # the manifest entry of refresh-items, which is not a stage of the pipeline
+REFRESHED = ("item_vectors", "index", "feature_store")  # what refresh-items rewrites in place
 
 
 def artifact_paths(config: RecipeConfig) -> dict[str, Path]:
@@ -179,13 +188,9 @@ def _swap_in(staging: Path, target: Path) -> None:
 
 
 @contextmanager
-def atomic_dir(target: Path) -> Iterator[Path]:
-    """A staging folder beside ``target`` to build the new folder in; on success it replaces
-    ``target`` whole, so at every instant ``target`` is the old complete folder or the new one.
-
-    On an exception the staging folder is removed and ``target`` is untouched; one left by a
-    killed process is removed the next time a stage writes ``target``.
-    """
+def staging_dir(target: Path) -> Iterator[Path]:
+    """A new folder beside ``target`` (named as ``atomic_dir`` names its staging folders), removed
+    on exit whatever happened; one left by a killed process is removed the next time one is made."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_staging(target)
@@ -193,9 +198,22 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     staging.mkdir()
     try:
         yield staging
-        _swap_in(staging, target)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)  # the failed build, or the old folder after the swap
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextmanager
+def atomic_dir(target: Path) -> Iterator[Path]:
+    """A staging folder beside ``target`` to build the new folder in; on success it replaces
+    ``target`` whole, so at every instant ``target`` is the old complete folder or the new one.
+
+    On an exception the staging folder is removed and ``target`` is untouched; one left by a
+    killed process is removed the next time a stage writes ``target``. After the swap the old
+    folder is in the staging folder's place and is removed with it.
+    """
+    with staging_dir(target) as staging:
+        yield staging
+        _swap_in(staging, target)
 
 
 @contextmanager
@@ -235,12 +253,17 @@ def read_manifest(config: RecipeConfig) -> dict[str, dict]:
 
 
 @contextmanager
-def _manifest_lock(config: RecipeConfig) -> Iterator[None]:
-    """Stages run as separate processes may finish together: one read-modify-write at a time."""
-    config.output_dir.mkdir(parents=True, exist_ok=True)
-    with open(config.output_dir / ".manifest.lock", "w") as lock:
+def exclusive_lock(path: Path) -> Iterator[None]:
+    """Held by one process at a time (an advisory lock on ``path``, released if the holder dies)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
+
+
+def _manifest_lock(config: RecipeConfig):
+    """Stages run as separate processes may finish together: one read-modify-write at a time."""
+    return exclusive_lock(config.output_dir / ".manifest.lock")
 
 
 def record_stage(config: RecipeConfig, stage: str, consumed: dict[str, str], details: dict | None = None) -> None:
@@ -256,6 +279,41 @@ def record_stage(config: RecipeConfig, stage: str, consumed: dict[str, str], det
             staging.write_text(json.dumps(entries, indent=2, sort_keys=True))
 
 
+def refresh_in_effect(entries: dict[str, dict]) -> dict[str, str]:
+    """The fingerprints the latest refresh-items left on the artifacts it rewrites, if the stages
+    that produced those artifacts are still the runs the refreshes started from; else {}."""
+    refresh = entries.get(REFRESH)
+    if refresh is None or _stages_run_since(entries, refresh):
+        return {}
+    return refresh["produced"]
+
+
+def _stages_run_since(entries: dict[str, dict], refresh: dict) -> list[str]:
+    """The stages whose outputs changed since the refreshes started from them."""
+    return [
+        PRODUCER[name] for name, started_from in refresh["base"].items()
+        if entries.get(PRODUCER[name], {}).get("produced", {}).get(name) != started_from
+    ]
+
+
+def record_refresh(config: RecipeConfig, consumed: dict[str, str], added_item_ids: list[int]) -> None:
+    """Record that refresh-items rewrote ``REFRESHED`` (``consumed``: their fingerprints before) by
+    adding ``added_item_ids``. A refresh on top of one still in effect continues its record."""
+    produced = fingerprints(config, REFRESHED)
+    finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    with _manifest_lock(config):
+        entries = read_manifest(config)
+        previous = entries[REFRESH] if refresh_in_effect(entries) else {"base": consumed, "added": []}
+        entries[REFRESH] = {
+            "base": previous["base"],
+            "produced": produced,
+            "added": [*previous["added"], {"item_ids": added_item_ids, "finished": finished}],
+            "finished": finished,
+        }
+        with atomic_file(config.manifest_path, durable=True) as staging:
+            staging.write_text(json.dumps(entries, indent=2, sort_keys=True))
+
+
 @contextmanager
 def recorded_stage(config: RecipeConfig, stage: str) -> Iterator[dict]:
     """Fingerprint ``stage``'s inputs before it reads them, record it once it succeeds; the
@@ -266,7 +324,10 @@ def recorded_stage(config: RecipeConfig, stage: str) -> Iterator[dict]:
     record_stage(config, stage, consumed, details)
 
 
-def _stale_reason(stage: str, entries: dict[str, dict], on_disk: dict[str, str | None], stale: dict[str, str]) -> str | None:
+def _stale_reason(
+    stage: str, entries: dict[str, dict], on_disk: dict[str, str | None], stale: dict[str, str], refreshed: dict[str, str]
+) -> str | None:
+    """Why ``stage`` must run again (None: it need not); ``refreshed``: what a refresh in effect left."""
     entry = entries.get(stage)
     if entry is None:
         return "it has not run (no entry in the run manifest)"
@@ -280,7 +341,12 @@ def _stale_reason(stage: str, entries: dict[str, dict], on_disk: dict[str, str |
     for name in io.produces:
         if on_disk[name] is None:
             return f"its {name} is missing"
-        if entry["produced"].get(name) != on_disk[name]:
+        if refreshed.get(name, entry["produced"].get(name)) != on_disk[name]:
+            refresh = entries.get(REFRESH)
+            if refresh is not None and refresh["produced"].get(name) == on_disk[name]:
+                since = ", ".join(f"'{s}'" for s in _stages_run_since(entries, refresh))
+                return (f"its {name} on disk holds items added by refresh-items, which no longer applies because {since} "
+                        f"ran again since (re-running drops those items: run refresh-items again afterwards)")
             return f"its {name} on disk is not what it wrote (changed since, or the stage was interrupted)"
     return None
 
@@ -290,9 +356,10 @@ def check_export(config: RecipeConfig) -> dict[str, str]:
     its outputs are still on disk as it wrote them. Returns the fingerprints the export packages."""
     entries = read_manifest(config)
     on_disk = {name: _fingerprint_or_none(path) for name, path in artifact_paths(config).items()}
+    refreshed = refresh_in_effect(entries)
     stale: dict[str, str] = {}
     for stage in STAGES:  # in order: a stage after a stale one is stale too
-        reason = _stale_reason(stage, entries, on_disk, stale)
+        reason = _stale_reason(stage, entries, on_disk, stale, refreshed)
         if reason is not None:
             stale[stage] = reason
     if stale:

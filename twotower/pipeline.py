@@ -118,7 +118,7 @@ def run_export(config: RecipeConfig) -> Path:
 
     def finish(model_dir: Path) -> None:
         apply_serving_settings(model_dir, config.serve)
-        (model_dir / EXPORT_RECORD).write_text(json.dumps(packaged, indent=2, sort_keys=True))
+        _write_export_record(model_dir, packaged)
 
     export_ensemble(recipe_ensemble(config), config.export_dir, config.serve.model_name, finish)
     print(f"[export] Triton model repository written to {config.export_dir}")
@@ -139,6 +139,23 @@ def run_stage(name: str, config: RecipeConfig) -> Any:
     """One stage by name; its last line says how long it took."""
     with timed_step(name):
         return STAGES[name](config)
+
+
+def run_export_version(config: RecipeConfig) -> int:
+    """The export's checks and graph, written as the next version of the exported model beside the
+    one a server may be serving (refresh-items); its number. The fingerprints record follows it."""
+    from twotower.ensemble import export_version, recipe_ensemble
+
+    packaged = check_export(config)
+    version = export_version(recipe_ensemble(config), config.export_dir, config.serve.model_name)
+    _write_export_record(config.export_dir / config.serve.model_name, packaged)
+    print(f"[export] version {version} of {config.serve.model_name} written to {config.export_dir}")
+    return version
+
+
+def _write_export_record(model_dir: Path, packaged: dict[str, str]) -> None:
+    with atomic_file(model_dir / EXPORT_RECORD) as staging:
+        staging.write_text(json.dumps(packaged, indent=2, sort_keys=True))
 
 
 def run_all(config: RecipeConfig) -> None:

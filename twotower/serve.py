@@ -377,6 +377,31 @@ class TritonServer:
         self.stop()
 
 
+def _command_line(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text().split("\0")[:-1]
+    except OSError:  # gone, or not ours to read
+        return []
+
+
+def recipe_servers(model_repository: Path) -> list[str]:
+    """The gRPC addresses of the running servers the recipe started on ``model_repository``: a
+    ``tritonserver`` from the wheel with the recipe's command line (``server_command``), holding
+    its gRPC port. Another process that started one (``twotower serve``) is found this way; a
+    server anyone else started, or one serving another folder, is not."""
+    binary = str(find_triton().binary)
+    repository = f"--model-repository={Path(model_repository).resolve()}"
+    addresses = []
+    for pid, _ in _process_stats():
+        command = _command_line(pid)
+        if command[:2] != [binary, repository] or "--model-control-mode=explicit" not in command:
+            continue
+        options = dict(arg.removeprefix("--").split("=", 1) for arg in command[1:] if "=" in arg)
+        if _pids_holding(listening_sockets(int(options["grpc-port"])), [str(pid)]):
+            addresses.append(f"{options['grpc-address']}:{options['grpc-port']}")
+    return addresses
+
+
 def triton_server(config: RecipeConfig) -> TritonServer:
     """A server (not started) for this run's exported model repository, logging under the run."""
     return TritonServer(config.export_dir, config.output_dir / "triton", config.serve)

@@ -221,7 +221,7 @@ def save_training(config: RecipeConfig, inputs: TrainingInputs, model: Retrieval
         )
         model.save_query_tower(query_dir)
         model.save_item_tower(candidate_dir)
-        save_item_vectors(inputs.catalogue, item_vectors, vectors_path)
+        save_item_vectors(inputs.catalogue.item_ids, item_vectors, vectors_path)
         save_history(stopper.history, model_dir / "history.json")
     with atomic_file(config.output_dir / "training_curves.png") as staging:
         plot_training(stopper.history, staging)
@@ -258,9 +258,9 @@ def print_metrics(results: dict[str, dict[str, float]]) -> None:
         print(f"{model_name:<14}" + "".join(f"{values[n]:>13.4f}" for n in names))
 
 
-def save_item_vectors(catalogue: Catalogue, vectors: np.ndarray, path: Path) -> None:
+def save_item_vectors(item_ids: np.ndarray, vectors: np.ndarray, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, item_ids=catalogue.item_ids, vectors=vectors.astype(np.float32))
+    np.savez(path, item_ids=item_ids, vectors=vectors.astype(np.float32))
 
 
 def load_item_vectors(path: Path) -> tuple[np.ndarray, np.ndarray]:

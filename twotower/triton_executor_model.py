@@ -9,7 +9,15 @@ This one loads the graph the same way (it subclasses Merlin's) and answers:
 - anything else: INTERNAL with a short message; the traceback goes to the server log only.
 """
 
-import twotower  # noqa: F401  first: telemetry off (and the egress guard) before Feast is imported
+import os
+import sys
+
+# Triton's python stub embeds an interpreter that ignores PYTHONPATH (its isolated configuration), so a
+# server started with a checkout on PYTHONPATH would import the installed twotower, not the code that
+# exported this graph and started the server: the variable is applied here as Python applies it.
+sys.path[:0] = [entry for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep) if entry]
+
+import twotower  # noqa: E402, F401  first of the project: telemetry off (and the egress guard) before Feast is imported
 
 import traceback
 
