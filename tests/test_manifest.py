@@ -159,7 +159,7 @@ def test_train_killed_mid_write_leaves_the_previous_run_whole(run):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
     assert process.returncode == -signal.SIGKILL
-    assert "Epoch 1/" in log.read_text()  # it did train before it was killed mid-write
+    assert "[train] epoch 1/" in log.read_text()  # it did train before it was killed mid-write
 
     assert list(run.output_dir.glob(".model.tmp-*")), "the killed run's staging folder is left behind"
     assert {name: fingerprint(paths[name]) for name in produced} == before
