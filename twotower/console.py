@@ -17,7 +17,7 @@ import time
 import warnings
 from collections.abc import Iterator
 
-# (category, regex matched at the start of the message), each seen in `twotower all` or `run`.
+# (category, regex matched at the start of the message), each seen in `twotower run` or the notebooks.
 KNOWN_WARNINGS: tuple[tuple[type[Warning], str], ...] = (
     # merlin says it once per Dataset (24 times in one run); CPU is this recipe's target.
     (UserWarning, r"Initializing an NVTabular Dataset in CPU mode"),
@@ -31,9 +31,14 @@ KNOWN_WARNINGS: tuple[tuple[type[Warning], str], ...] = (
     (DeprecationWarning, r"distutils Version classes are deprecated"),
     # merlin-systems' Triton runtime calls importlib.resources.path on export.
     (DeprecationWarning, r"path is deprecated\. Use files\(\) instead"),
-    # matplotlib 3.8 calls pyparsing's old names (PyparsingDeprecationWarning is a DeprecationWarning).
-    (DeprecationWarning, r"'(parseString|resetCache|enablePackrat)' deprecated - use"),
+    # matplotlib 3.8 calls pyparsing 3.2's old camelCase names and arguments ("'parseString'
+    # deprecated - use 'parse_string'", "'parseAll' argument is deprecated, use 'parse_all'");
+    # PyparsingDeprecationWarning is a DeprecationWarning.
+    (DeprecationWarning, r"'[A-Za-z]+' (argument is )?deprecated(, | - )use '[a-z_]+'"),
+    # notebook 3 shows merlin-models 23.12's catalogue helper, which it marks deprecated.
+    (DeprecationWarning, r"`unique_rows_by_features` is deprecated"),
 )
+
 
 def ignore_known_warnings() -> None:
     """Filter the warnings of KNOWN_WARNINGS. Call it again after importing Feast: its modules
