@@ -65,14 +65,14 @@ def print_recommendations(config: RecipeConfig, user_ids: list, url: str | None 
 
 def typed_user_ids(config: RecipeConfig, user_ids: list[str]) -> list:
     """Command-line user ids as the run's data types them: ints, or text where the files' ids are text."""
-    from twotower.data import EXTERNAL_ID, load_recipe_data
+    from twotower.data import EXTERNAL_ID, DataError, load_recipe_data
 
     if load_recipe_data(config.data_dir).users[EXTERNAL_ID].dtype == object:
         return list(user_ids)
     try:
         return [int(u) for u in user_ids]
-    except ValueError as error:
-        raise ValueError(f"user ids of this run are integers: {error}") from None
+    except ValueError as error:  # the CLI prints a DataError as one line and exits 2
+        raise DataError(f"user ids of this run are integers: {error}") from None
 
 
 def demo_users(config: RecipeConfig, count: int = 3) -> list:
