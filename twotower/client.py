@@ -17,7 +17,7 @@ DEFAULT_TIMEOUT_S = 30.0
 
 def user_id_request(user_ids: np.ndarray) -> grpcclient.InferInput:
     """The ``user_id`` input tensor for a batch of user ids: INT64, or BYTES for text ids."""
-    if user_ids.dtype.kind in "iu":
+    if user_ids.dtype.kind not in "OUS":  # numbers (and an empty batch, which NumPy makes float)
         request = grpcclient.InferInput("user_id", list(user_ids.shape), "INT64")
         request.set_data_from_numpy(user_ids.astype(np.int64))
     else:
