@@ -154,9 +154,11 @@ def write_recommendations(frame: pd.DataFrame, out: Path) -> None:
 
 def run_recommend(config: RecipeConfig, users: str, out: Path) -> pd.DataFrame:
     """The ``recommend`` command: read the list, answer it from the export, write ``out``."""
+    from twotower.data import has_text_ids
+
     listed = None if users == ALL_USERS else read_user_file(Path(users))  # a bad file is refused before anything loads
     served = run_user_ids(config.data_dir)
-    user_list = distinct_user_ids(served if listed is None else listed, users, text_ids=served.dtype == object)
+    user_list = distinct_user_ids(served if listed is None else listed, users, text_ids=has_text_ids(served))
     ensemble = load_served_graph(config.export_dir, config.serve.model_name)
     source = "every user of the run" if users == ALL_USERS else f"from {users}"
     repeats = f"; {user_list.repeats_dropped:,} repeated id(s) answered once" if user_list.repeats_dropped else ""

@@ -65,9 +65,9 @@ def print_recommendations(config: RecipeConfig, user_ids: list, url: str | None 
 
 def typed_user_ids(config: RecipeConfig, user_ids: list[str]) -> list:
     """Command-line user ids as the run's data types them: ints, or text where the files' ids are text."""
-    from twotower.data import EXTERNAL_ID, DataError, load_recipe_data
+    from twotower.data import EXTERNAL_ID, DataError, has_text_ids, load_recipe_data
 
-    if load_recipe_data(config.data_dir).users[EXTERNAL_ID].dtype == object:
+    if has_text_ids(load_recipe_data(config.data_dir).users[EXTERNAL_ID]):
         return list(user_ids)
     try:
         return [int(u) for u in user_ids]

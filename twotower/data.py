@@ -137,17 +137,19 @@ def _no_nulls(values: pd.Series, source: str, column: str) -> None:
         raise DataError(f"{source}: column {column!r} is null in row {_first_row(values.isna())}")
 
 
-def _numbers(values: pd.Series, source: str, column: str, whole: bool) -> pd.Series:
+def as_numbers(values: pd.Series, source: str, column: str) -> pd.Series:
     """``values`` as numbers (nulls stay null); text that is not a number is refused."""
     numeric = pd.to_numeric(values, errors="coerce")
     bad = numeric.isna() & values.notna()
     if bad.any():
         row = _first_row(bad)
         raise DataError(f"{source}: column {column!r} must be numeric; row {row} has {values.iloc[row]!r}")
-    if whole and not np.all(np.mod(numeric.dropna(), 1) == 0):
-        row = _first_row(numeric.notna() & (np.mod(numeric.fillna(0), 1) != 0))
-        raise DataError(f"{source}: column {column!r} must hold whole numbers; row {row} has {values.iloc[row]!r}")
     return numeric
+
+
+def has_text_ids(ids: pd.Series) -> bool:
+    """Whether a table's ``external_id`` column holds text ids (else the recipe's int ids are the files')."""
+    return ids.dtype == object
 
 
 def _timestamps(values: pd.Series, source: str, column: str) -> pd.Series:
@@ -192,7 +194,7 @@ def _feature(values: pd.Series, kind: str, source: str, column: str, separator: 
 
         return values.map(as_list)
     if kind == "continuous":
-        return _numbers(values, source, column, whole=False).astype("float32")
+        return as_numbers(values, source, column).astype("float32")
     if kind == "categorical":
         return _integer_if_exact(values)
     return values
@@ -249,11 +251,11 @@ def _check_declaration(schema: SchemaConfig) -> None:
         raise DataError(f"data.schema: {sorted(users & items)[0]!r} is declared as both a user and an item feature")
 
 
-def canonical_interactions(frame: pd.DataFrame, schema: SchemaConfig, duplicates: str, source: str) -> pd.DataFrame:
+def canonical_interactions(frame: pd.DataFrame, schema: SchemaConfig, source: str) -> pd.DataFrame:
     """``user_id``, ``item_id`` (files' ids), ``rating`` (1.0 for implicit feedback) and ``timestamp``."""
     label = [schema.label] if schema.label else []
     _require(frame, [schema.user_id, schema.item_id, schema.timestamp, *label], source)
-    rating = _numbers(frame[schema.label], source, schema.label, whole=False) if label else pd.Series(1.0, index=frame.index)
+    rating = as_numbers(frame[schema.label], source, schema.label) if label else pd.Series(1.0, index=frame.index)
     if label:
         _no_nulls(rating, source, schema.label)
     rows = pd.DataFrame(
@@ -268,7 +270,7 @@ def canonical_interactions(frame: pd.DataFrame, schema: SchemaConfig, duplicates
     if repeated.any():
         row = _first_row(repeated)
         where = f"{source}: {int(repeated.sum()):,} rows repeat a (user, item, timestamp) of an earlier row (first: row {row})"
-        if duplicates == "refuse":
+        if schema.duplicates == "refuse":
             raise DataError(f"{where}; set data.schema.duplicates=drop to keep the first of each")
         print(f"[data] {where}: dropped")
         rows = rows[~repeated]
@@ -308,29 +310,45 @@ def assemble(interactions: pd.DataFrame, users: pd.DataFrame, items: pd.DataFram
     return RecipeData(interactions=interactions.astype({"user_id": "int64", "item_id": "int64"}), users=ordered(users, "user_id"), items=ordered(items, "item_id"))
 
 
+def from_frames(
+    interactions: pd.DataFrame,
+    users: pd.DataFrame | None,
+    items: pd.DataFrame | None,
+    schema: SchemaConfig,
+    separator: str,
+    sources: tuple[str, str, str],
+) -> RecipeData:
+    """The canonical tables from an interaction log and optional side tables, checked against the
+    declared schema (``DataError`` otherwise); ``sources`` name the three in messages. Without a
+    side table, the ids of the interactions are the users (or items), with no features."""
+    _check_declaration(schema)
+    inter_source, *side_sources = sources
+    rows = canonical_interactions(interactions, schema, inter_source)
+
+    def side(frame: pd.DataFrame | None, id_column: str, canonical: str, features: dict[str, str], source: str) -> pd.DataFrame:
+        if frame is None:
+            if features:
+                raise DataError(f"data.schema declares {canonical.split('_')[0]} features {list(features)} but data.files has no {canonical.split('_')[0]}s file")
+            return pd.DataFrame({EXTERNAL_ID: np.sort(rows[canonical].unique())})
+        table = side_table(frame, id_column, features, separator, source)
+        if table[EXTERNAL_ID].dtype != rows[canonical].dtype:  # "7" in one file is 7 in the other
+            table[EXTERNAL_ID] = table[EXTERNAL_ID].astype(str)
+            rows[canonical] = rows[canonical].astype(str)
+        _matched(rows[canonical], table[EXTERNAL_ID], inter_source, id_column, source)
+        return table
+
+    user_table = side(users, schema.user_id, "user_id", schema.user_features, side_sources[0])
+    item_table = side(items, schema.item_id, "item_id", schema.item_features, side_sources[1])
+    return assemble(rows, user_table, item_table)
+
+
 def load_files(config: DataConfig) -> RecipeData:
     """The user's files, read and checked against the declared schema (``DataError`` otherwise)."""
-    files, schema = config.files, config.schema
+    files = config.files
     if not files.interactions:
         raise DataError("data.files.interactions: no interactions file given (data.dataset=files)")
-    _check_declaration(schema)
-    interactions = canonical_interactions(read_table(files.interactions, files.csv_separator), schema, schema.duplicates, files.interactions)
-
-    def side(path: str, id_column: str, canonical: str, features: dict[str, str]) -> pd.DataFrame:
-        if path:
-            table = side_table(read_table(path, files.csv_separator), id_column, features, schema.list_separator, path)
-            if table[EXTERNAL_ID].dtype != interactions[canonical].dtype:  # "7" in one file is 7 in the other
-                table[EXTERNAL_ID] = table[EXTERNAL_ID].astype(str)
-                interactions[canonical] = interactions[canonical].astype(str)
-            _matched(interactions[canonical], table[EXTERNAL_ID], files.interactions, id_column, path)
-            return table
-        if features:
-            raise DataError(f"data.schema declares {canonical.split('_')[0]} features {list(features)} but data.files has no {canonical.split('_')[0]}s file")
-        return pd.DataFrame({EXTERNAL_ID: np.sort(interactions[canonical].unique())})
-
-    users = side(files.users, schema.user_id, "user_id", schema.user_features)
-    items = side(files.items, schema.item_id, "item_id", schema.item_features)
-    return assemble(interactions, users, items)
+    frames = [read_table(path, files.csv_separator) if path else None for path in (files.interactions, files.users, files.items)]
+    return from_frames(*frames, config.schema, config.schema.list_separator, (files.interactions, files.users, files.items))
 
 
 def movielens_dir() -> Path:
@@ -357,18 +375,7 @@ def load_movielens_1m(schema: SchemaConfig, folder: Path | None = None) -> Recip
         raise DataError(f"ml-1m.inter: {int(unknown.sum())} ratings name movies missing from ml-1m.item (first: row {_first_row(unknown)})")
     inter = raw_inter.assign(user_id=raw_inter["user_id"].str.removeprefix("1m_"), item_id=raw_inter["item_id"].map(movie_ids))
     users = raw_users.assign(user_id=raw_users["user_id"].str.removeprefix("1m_"))
-    return _from_frames(inter, users, items, schema, "ml-1m", separator=" ")
-
-
-def _from_frames(interactions: pd.DataFrame, users: pd.DataFrame, items: pd.DataFrame, schema: SchemaConfig, name: str, separator: str) -> RecipeData:
-    """Built-in data sets go through the same checks as the user's files."""
-    _check_declaration(schema)
-    rows = canonical_interactions(interactions, schema, schema.duplicates, f"{name} interactions")
-    user_table = side_table(users, schema.user_id, schema.user_features, separator, f"{name} users")
-    item_table = side_table(items, schema.item_id, schema.item_features, separator, f"{name} items")
-    _matched(rows["user_id"], user_table[EXTERNAL_ID], f"{name} interactions", schema.user_id, f"{name} users")
-    _matched(rows["item_id"], item_table[EXTERNAL_ID], f"{name} interactions", schema.item_id, f"{name} items")
-    return assemble(rows, user_table, item_table)
+    return from_frames(inter, users, items, schema, " ", ("ml-1m interactions", "ml-1m users", "ml-1m items"))
 
 
 GENRES = ["Action", "Comedy", "Drama", "Horror", "Romance", "Sci-Fi", "Thriller", "Animation"]
@@ -409,7 +416,7 @@ def make_synthetic(n_users: int, n_items: int, per_user: int, seed: int, schema:
         order = rng.permutation(len(picked))
         rows.append(pd.DataFrame({"user_id": user_id, "item_id": picked[order] + 1, "rating": ratings[order], "timestamp": times}))
     interactions = pd.concat(rows, ignore_index=True)
-    return _from_frames(interactions, users, items, schema or SchemaConfig(), "synthetic", separator="|")
+    return from_frames(interactions, users, items, schema or SchemaConfig(), "|", ("synthetic interactions", "synthetic users", "synthetic items"))
 
 
 def positives(interactions: pd.DataFrame, min_rating: float) -> pd.DataFrame:

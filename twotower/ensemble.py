@@ -383,14 +383,14 @@ class ExternalIds(NamedTuple):
 
 def load_external_ids(config: RecipeConfig) -> ExternalIds:
     """The run's text ids, from the tables the data stage wrote."""
-    from twotower.data import EXTERNAL_ID, load_recipe_data
+    from twotower.data import EXTERNAL_ID, has_text_ids, load_recipe_data
 
     data = load_recipe_data(config.data_dir)
     user_codes = None
-    if data.users[EXTERNAL_ID].dtype == object:
+    if has_text_ids(data.users[EXTERNAL_ID]):
         user_codes = dict(zip(data.users[EXTERNAL_ID], data.users["user_id"].astype(int)))
     item_names = None
-    if data.items[EXTERNAL_ID].dtype == object:
+    if has_text_ids(data.items[EXTERNAL_ID]):
         # bytes, as Triton's python backend sends text (BYTES) and as gRPC clients receive it
         item_names = np.full(int(data.items["item_id"].max()) + 1, b"", dtype=object)
         item_names[data.items["item_id"].to_numpy()] = [name.encode() for name in data.items[EXTERNAL_ID]]

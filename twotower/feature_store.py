@@ -72,11 +72,20 @@ def deploy_repo(repo_dir: Path, features: FeaturesConfig | None = None) -> Path:
     return repo_dir
 
 
+def _is_list_column(values: pd.Series) -> bool:
+    present = values.dropna()
+    return bool(len(present)) and isinstance(present.iloc[0], (list, np.ndarray))
+
+
+def _plain_lists(frame: pd.DataFrame) -> pd.DataFrame:
+    """List columns as Python lists, as Feast's parquet reader wants them (not NumPy arrays)."""
+    return frame.assign(**{c: frame[c].map(list) for c in frame.columns if _is_list_column(frame[c])})
+
+
 def feast_type(values: pd.Series) -> str:
     """The name of the ``feast.types`` type that holds ``values`` (features.py resolves it)."""
-    present = values.dropna()
-    if len(present) and isinstance(present.iloc[0], (list, np.ndarray)):
-        inner = pd.Series([x for row in present.head(1000) for x in row])
+    if _is_list_column(values):
+        inner = pd.Series([x for row in values.dropna().head(1000) for x in row])
         return f"Array({feast_type(inner) if len(inner) else 'Int64'})"
     if pd.api.types.is_bool_dtype(values):
         return "Bool"
@@ -95,22 +104,16 @@ def write_sources(data: RecipeData, users: pd.DataFrame, encoded_users: pd.DataF
     """
     stamp = pd.Timestamp(FEATURE_TIMESTAMP)
     empty_lists = pd.Series([[]] * len(users), index=users.index)
-    raw = users.assign(
-        history=users.get("history", empty_lists).map(lambda items: [int(i) for i in items]),
-        seen_items=users["seen_items"].map(lambda items: [int(i) for i in items]),
-    )
+    raw = users.assign(history=users.get("history", empty_lists))
     encoded = pd.DataFrame({f"{ENCODED_PREFIX}{c}": encoded_users[c].to_numpy() for c in encoded_users.columns})
     if f"{ENCODED_PREFIX}history" not in encoded:
         encoded[f"{ENCODED_PREFIX}history"] = empty_lists.to_numpy()
-    for column in encoded:
-        if encoded[column].dtype == object:  # list columns: plain lists, as Feast's parquet reader wants
-            encoded[column] = encoded[column].map(list)
     encoded.insert(0, "user_id", users["user_id"].to_numpy())
-    items = data.items.assign(**{c: data.items[c].map(list) for c in data.items if data.items[c].dtype == object and feast_type(data.items[c]).startswith("Array")})
     run = pd.DataFrame({"run_id": [RUN_ID], "workflow_fingerprint": [workflow_fingerprint]})
-    views = {USER_VIEW: (raw, "user_id"), QUERY_VIEW: (encoded, "user_id"), ITEM_VIEW: (items, "item_id"), RUN_VIEW: (run, "run_id")}
+    views = {USER_VIEW: (raw, "user_id"), QUERY_VIEW: (encoded, "user_id"), ITEM_VIEW: (data.items, "item_id"), RUN_VIEW: (run, "run_id")}
     columns = {}
     for view, (frame, key) in views.items():
+        frame = _plain_lists(frame)
         frame.assign(event_timestamp=stamp).to_parquet(repo_dir / "data" / f"{view}.parquet", index=False)
         columns[view] = {name: feast_type(frame[name]) for name in frame.columns if name != key}
     (repo_dir / COLUMNS_FILE).write_text(yaml.safe_dump(columns, sort_keys=False))
@@ -197,10 +200,7 @@ def add_rows(repo_dir: Path, view_name: str, rows: pd.DataFrame) -> None:
     view = store.get_feature_view(view_name)
     key = view.entity_columns[0].name
     stamp = view.batch_source.timestamp_field
-    new = rows[[key, *(f.name for f in view.features)]].assign(**{stamp: pd.Timestamp(FEATURE_TIMESTAMP)})
-    for field in view.features:  # list features: parquet hands them back as arrays, Feast takes lists
-        if field.dtype.to_value_type().name.endswith("_LIST"):
-            new[field.name] = new[field.name].map(list)
+    new = _plain_lists(rows[[key, *(f.name for f in view.features)]]).assign(**{stamp: pd.Timestamp(FEATURE_TIMESTAMP)})
     # The registry holds the source's absolute path from when the repository was applied; in a
     # copied or moved run that names the original's file, so take the file in this repository.
     source = Path(repo_dir) / "data" / Path(view.batch_source.path).name

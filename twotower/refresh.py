@@ -49,7 +49,7 @@ import pandas as pd
 import pyarrow
 
 from twotower.config import RecipeConfig
-from twotower.data import EXTERNAL_ID, DataError, load_recipe_data, side_table
+from twotower.data import EXTERNAL_ID, DataError, as_numbers, has_text_ids, load_recipe_data, side_table
 from twotower.manifest import REFRESHED, atomic_file, check_export, exclusive_lock, fingerprints, record_refresh
 
 SHOWN_IDS = 5  # ids named in a refusal
@@ -86,7 +86,8 @@ def read_new_items(path: Path, config: RecipeConfig) -> pd.DataFrame:
         raise RefreshRefused(f"{path}: not a readable parquet file ({str(error).splitlines()[0]})") from None
     if frame.empty:
         raise RefreshRefused(f"{path} has no rows")
-    expected = list(load_recipe_data(config.data_dir).items.columns)
+    run_items = load_recipe_data(config.data_dir).items
+    expected = list(run_items.columns)
     missing = [column for column in expected if column not in frame.columns]
     if missing:
         raise RefreshRefused(f"{path} lacks the column(s) {', '.join(missing)} of the run's item table ({', '.join(expected)})")
@@ -98,14 +99,14 @@ def read_new_items(path: Path, config: RecipeConfig) -> pd.DataFrame:
         table = side_table(frame, "item_id", schema.item_features, schema.list_separator, str(path))
     except DataError as error:
         raise RefreshRefused(str(error)) from None
-    if table[EXTERNAL_ID].dtype == object:
+    if has_text_ids(table[EXTERNAL_ID]):
         raise RefreshRefused(f"{path}: refresh-items takes integer item ids; this file's are text")
-    run_items = load_recipe_data(config.data_dir).items
     for column in schema.item_features:  # the saved workflow encodes each column as the run typed it
-        if pd.api.types.is_numeric_dtype(run_items[column]) and not pd.api.types.is_numeric_dtype(table[column]):
-            bad = pd.to_numeric(table[column], errors="coerce").isna() & table[column].notna()
-            row = int(bad.to_numpy().argmax())
-            raise RefreshRefused(f"{path}: column {column!r} must be numeric, as in the run's item table; row {row} has {table[column].iloc[row]!r}")
+        if pd.api.types.is_numeric_dtype(run_items[column]):
+            try:
+                as_numbers(table[column], str(path), column)
+            except DataError as error:
+                raise RefreshRefused(str(error)) from None
     items = table.assign(item_id=table[EXTERNAL_ID])[expected]
     ids = items["item_id"]
     negative = ids[ids < 0].to_numpy()
