@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -42,6 +43,9 @@ from twotower.config import RecipeConfig
 from twotower.console import timed_step
 from twotower.data import data_cutoff, load_recipe_data
 from twotower.manifest import check_export, fingerprint, fingerprints, read_manifest, recorded_stage
+
+if TYPE_CHECKING:  # TensorFlow loads only when retrain runs
+    from twotower.train import TrainingInputs
 
 
 class RetrainRefused(ValueError):
@@ -60,8 +64,8 @@ class RetrainReport:
     servers: list[str]  # gRPC addresses of the servers serving that version
 
 
-def new_training_rows(inputs, since: int, replay: float, seed: int):
-    """``inputs`` (``train.TrainingInputs``) narrowed to the training positives at or after ``since``
+def new_training_rows(inputs: TrainingInputs, since: int, replay: float, seed: int) -> tuple[TrainingInputs, int, int]:
+    """``inputs`` narrowed to the training positives at or after ``since``
     plus ``replay`` older training positives per new one, drawn at random; the logQ correction's
     item counts follow the rows kept (they are what the batches hold). Also returns how many rows
     are new and how many replayed."""
