@@ -91,6 +91,21 @@ def _refresh_items(config: RecipeConfig, args: argparse.Namespace) -> None:
         raise SystemExit(1) from None
 
 
+def _retrain(config: RecipeConfig, args: argparse.Namespace) -> None:
+    from twotower.config import parse_time
+    from twotower.refresh import RolloutFailed
+    from twotower.retrain import RetrainRefused, retrain
+
+    try:
+        retrain(config, parse_time(args.since, "--since"))
+    except (RetrainRefused, ConfigError) as error:  # the window or the run: exit 2, as for other usage errors
+        print(f"twotower: retrain refused, nothing changed: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except RolloutFailed as error:
+        print(f"twotower: retrain: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
 def _models(config: RecipeConfig, args: argparse.Namespace) -> None:
     from twotower.models import model_names
 
@@ -110,6 +125,7 @@ COMMANDS: dict[str, Command] = {
     "query": Command("ask the running server for the top-k of each --user ID", _query),
     "recommend": Command("top-k of --users FILE|all into --out FILE, no server", _recommend),
     "refresh-items": Command("add --items FILE to index and Feast; new served version", _refresh_items),
+    "retrain": Command("warm start on interactions since --since TIME; roll out", _retrain),
     "models": Command("list the models that model.name accepts", _models, loads_stack=False),
     "benchmark-quality": Command("popularity, EASE and two-tower setups; ablations", _benchmark("quality", "run_quality_benchmark")),
     "benchmark-models": Command("every model of the family, each served by Triton", _benchmark("model_benchmark", "run_model_benchmark")),
@@ -117,6 +133,7 @@ COMMANDS: dict[str, Command] = {
     "benchmark-faults": Command("serving under faults: Redis down, Triton killed, soak", _benchmark("fault_benchmark", "run_fault_benchmark")),
     "benchmark-scale": Command("index kinds on 10^4-10^6 items; Feast at 10^5-10^6 users", _benchmark("scale_benchmark", "run_scale_benchmark")),
     "benchmark-cold-start": Command("newest items held out, refreshed in, against trained", _benchmark("cold_start_benchmark", "run_cold_start_benchmark")),
+    "benchmark-replay": Command("time replayed: incremental against full retrains", _benchmark("replay_benchmark", "run_replay_benchmark")),
     "benchmark-train": Command("training throughput against plain tf.keras; a profile", _benchmark("train_benchmark", "run_train_benchmark")),
 }
 
@@ -140,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--users", dest="user_list", metavar="FILE|all", help="for 'recommend': 'all', or a file of user ids (twotower/batch.py)")
     parser.add_argument("--out", type=Path, metavar="FILE", help="for 'recommend': the parquet file to write")
     parser.add_argument("--items", type=Path, metavar="FILE", help="for 'refresh-items': parquet file of new items (the columns of the run's item table)")
+    parser.add_argument("--since", metavar="TIME", help="for 'retrain': where the new interactions begin (integer seconds or an ISO date)")
     return parser
 
 
@@ -161,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("recommend needs --users FILE|all and --out FILE")
     if args.command == "refresh-items" and args.items is None:
         parser.error("refresh-items needs --items FILE")
+    if args.command == "retrain" and args.since is None:
+        parser.error("retrain needs --since TIME")
     command = COMMANDS[args.command]
     if command.loads_stack:
         _load_stack()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import difflib
 import functools
 from dataclasses import dataclass, field
@@ -71,6 +72,9 @@ class DataConfig:
     min_rating: float = 4.0  # ratings at or above this count as positives
     test_fraction: float = 0.2  # each user's latest positives held out for testing
     validation_fraction: float = 0.1  # latest part of the rest, for early stopping
+    # The data cutoff: interactions at or after it are not yet known, nor the users whose first
+    # interaction they are. Integer seconds or an ISO date/time (UTC unless it names a zone); "": all.
+    until: int | str = ""
     synthetic_users: int = 300
     synthetic_items: int = 120
     synthetic_interactions_per_user: int = 30
@@ -105,6 +109,15 @@ class TrainConfig:
     # list columns (history, genres) in Python every epoch: 21 of the 42 s of an ML-1M epoch
     # (make benchmark-train measures both).
     loader: Literal["cached", "merlin"] = "cached"
+    # `twotower retrain` (twotower/retrain.py). Ids the saved workflow has not seen: oov keeps the
+    # workflow, so they get Categorify's out-of-vocabulary code, the embedding tables keep their
+    # shapes and the last model's weights are the warm start; refit fits the workflow again on the
+    # new data, which changes the tables, so it is a full retrain from scratch (train.epochs).
+    new_ids: Literal["oov", "refit"] = "oov"
+    retrain_epochs: int = 5  # of the warm start, on the new training positives (the best validation epoch is kept)
+    # Older training positives (before --since) replayed per new one, drawn at random, against
+    # forgetting; 0: the new positives alone (make benchmark-replay measures both)
+    retrain_replay: float = 0.0
 
 
 # The registered models (twotower/models/__init__.py keeps the builders; a test checks both agree).
@@ -232,6 +245,19 @@ class BenchmarkConfig:
     cold_start_share: float = 0.05  # of the catalogue: the items whose first interaction is latest, held out from training
 
 
+    # make benchmark-replay (twotower/replay_benchmark.py): time replayed in slices of the interactions
+    # (by timestamp); each step retrains incrementally (warm start, oov) and from scratch, both
+    # scored on the next slice's positives
+    replay_start: float = 0.8  # share of the interactions (oldest first) the first model is trained on
+    replay_slice: float = 0.05  # share of the interactions in each later slice
+    replay_steps: int = 3  # cutoff advances; each is scored on the slice after it
+    replay_ratios: list[float] = field(default_factory=lambda: [0.0, 1.0])  # train.retrain_replay of each incremental chain
+    # The runs' per-user holdouts (data.test_fraction, data.validation_fraction), small so that both
+    # chains train on nearly everything before each cutoff; validation still drives early stopping
+    replay_test_fraction: float = 0.01
+    replay_validation_fraction: float = 0.05
+
+
 @dataclass
 class RecipeConfig:
     seed: int = 42
@@ -278,6 +304,10 @@ class RecipeConfig:
     @property
     def item_vectors_path(self) -> Path:
         return self.model_dir / "item_vectors.npz"
+
+    @property
+    def model_weights_path(self) -> Path:
+        return self.model_dir / "weights.npz"  # the whole model's trainable weights: a warm start's
 
     @property
     def feature_repo_dir(self) -> Path:
@@ -354,6 +384,8 @@ def _checked(key: str, hint: Any, value: Any) -> Any:
         # YAML 1.1 reads exponents without a dot (1e-3) as text.
         with contextlib.suppress(ValueError):
             return float(value)
+    elif hint is str and isinstance(value, datetime.date):
+        return value.isoformat()  # YAML reads an unquoted 2000-12-31 as a date; the setting is its text
     quote = "; quote it to give it as text" if hint is str and value is not None else ""
     raise ConfigError(f"{key}: expected {_describe(hint)}, got {value!r}{quote}")
 
@@ -425,6 +457,20 @@ def load_config(path: Path | None = None, overrides: list[str] | None = None) ->
             raise ConfigError(f"override {item!r} is not of the form key=value")
         set_value(config, key.strip(), _parse_yaml(value, f"the value of override {item!r}"))
     return config
+
+
+def parse_time(value: int | str, what: str) -> int:
+    """``value`` as integer seconds: integer seconds as they are, or an ISO date or date and time
+    (UTC unless it names a zone). ConfigError, naming ``what``, for anything else."""
+    if isinstance(value, int) or (isinstance(value, str) and value.strip().lstrip("-").isdigit()):
+        return int(value)
+    try:
+        moment = datetime.datetime.fromisoformat(value.strip())
+    except (AttributeError, ValueError):
+        raise ConfigError(f"{what}: {value!r} is neither integer seconds nor an ISO date (2000-12-31 or 2000-12-31T08:00:00)") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.timezone.utc)
+    return int(moment.timestamp())
 
 
 def config_to_dict(config: RecipeConfig) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from twotower.config import DataConfig, SchemaConfig
+from twotower.config import DataConfig, SchemaConfig, parse_time
 
 INTERACTION_COLUMNS = ("user_id", "item_id", "rating", "timestamp")
 EXTERNAL_ID = "external_id"  # the id as the input files spell it
@@ -452,6 +452,22 @@ def load_dataset(config: DataConfig, seed: int) -> RecipeData:
     if config.dataset == "synthetic":
         return make_synthetic(config.synthetic_users, config.synthetic_items, config.synthetic_interactions_per_user, seed, config.schema)
     return load_files(config)
+
+
+def data_cutoff(config: DataConfig) -> int | None:
+    """``data.until`` in integer seconds; None: no cutoff, everything is known."""
+    return None if config.until == "" else parse_time(config.until, "data.until")
+
+
+def known_before(data: RecipeData, until: int | None) -> RecipeData:
+    """What is known at ``until``: the interactions before it and the users who had one (a user
+    whose first interaction is later has not arrived yet). Every item stays: the catalogue is the
+    vocabulary that training fits, and refresh-items adds items that have no interactions."""
+    if until is None:
+        return data
+    interactions = data.interactions[data.interactions["timestamp"] < until].reset_index(drop=True)
+    users = data.users[data.users["user_id"].isin(interactions["user_id"])].reset_index(drop=True)
+    return RecipeData(interactions, users, data.items)
 
 
 def positive_threshold(config: DataConfig) -> float:

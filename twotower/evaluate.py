@@ -113,11 +113,18 @@ def saved_query_vectors(config: RecipeConfig, user_ids) -> np.ndarray:
     features (history: everything before the test period) encoded by the saved user workflow,
     embedded by the query tower's serving signature."""
     from twotower.data import known_before_test, load_recipe_data, load_split
+
+    data, split = load_recipe_data(config.data_dir), load_split(config.splits_dir)
+    return query_vectors_of(config, data.users, known_before_test(split), user_ids)
+
+
+def query_vectors_of(config: RecipeConfig, users: pd.DataFrame, history_rows: pd.DataFrame, user_ids) -> np.ndarray:
+    """Query vectors of ``user_ids`` (rows of the side table ``users``, history from the positives
+    ``history_rows``) through the run's saved user workflow and query tower, as the server computes them."""
     from twotower.ensemble import call_signature, load_serving_signature
     from twotower.workflow import encoded_users, load_saved_workflows
 
-    data, split = load_recipe_data(config.data_dir), load_split(config.splits_dir)
-    encoded = encoded_users(load_saved_workflows(config.workflow_dir), data.users, known_before_test(split), config.train.history_length)
+    encoded = encoded_users(load_saved_workflows(config.workflow_dir), users, history_rows, config.train.history_length)
     return call_signature(load_serving_signature(config.query_tower_dir), encoded.loc[np.asarray(user_ids)])
 
 

@@ -96,21 +96,28 @@ def feast_type(values: pd.Series) -> str:
     return "String"
 
 
-def write_sources(data: RecipeData, users: pd.DataFrame, encoded_users: pd.DataFrame, workflow_fingerprint: str, repo_dir: Path) -> None:
-    """Parquet sources of the feature views, and their fields in ``columns.yaml``.
+def user_view_rows(users: pd.DataFrame, encoded_users: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """The rows of the two user views, keyed by ``user_id``, as Feast takes them.
 
-    ``users``: raw profile with ``history`` and ``seen_items`` lists; ``encoded_users``:
-    the user workflow's output for the same rows; ``workflow_fingerprint``: that workflow's.
+    ``users``: raw profile with ``history`` and ``seen_items`` lists; ``encoded_users``: the user
+    workflow's output for the same rows.
     """
-    stamp = pd.Timestamp(FEATURE_TIMESTAMP)
     empty_lists = pd.Series([[]] * len(users), index=users.index)
     raw = users.assign(history=users.get("history", empty_lists))
     encoded = pd.DataFrame({f"{ENCODED_PREFIX}{c}": encoded_users[c].to_numpy() for c in encoded_users.columns})
     if f"{ENCODED_PREFIX}history" not in encoded:
         encoded[f"{ENCODED_PREFIX}history"] = empty_lists.to_numpy()
     encoded.insert(0, "user_id", users["user_id"].to_numpy())
+    return {USER_VIEW: raw, QUERY_VIEW: encoded}
+
+
+def write_sources(data: RecipeData, users: pd.DataFrame, encoded_users: pd.DataFrame, workflow_fingerprint: str, repo_dir: Path) -> None:
+    """Parquet sources of the feature views, and their fields in ``columns.yaml``; the user views'
+    rows from ``user_view_rows``, ``workflow_fingerprint``: the user workflow's."""
+    stamp = pd.Timestamp(FEATURE_TIMESTAMP)
     run = pd.DataFrame({"run_id": [RUN_ID], "workflow_fingerprint": [workflow_fingerprint]})
-    views = {USER_VIEW: (raw, "user_id"), QUERY_VIEW: (encoded, "user_id"), ITEM_VIEW: (data.items, "item_id"), RUN_VIEW: (run, "run_id")}
+    user_views = {view: (rows, "user_id") for view, rows in user_view_rows(users, encoded_users).items()}
+    views = {**user_views, ITEM_VIEW: (data.items, "item_id"), RUN_VIEW: (run, "run_id")}
     columns = {}
     for view, (frame, key) in views.items():
         frame = _plain_lists(frame)
@@ -157,8 +164,8 @@ class FeatureTables(NamedTuple):
     workflow_fingerprint: str  # of that workflow, stored with the rows
 
 
-def feature_tables(config: RecipeConfig) -> FeatureTables:
-    """What Feast serves, from what is known before the test period."""
+def feature_tables(config: RecipeConfig, user_ids: np.ndarray | None = None) -> FeatureTables:
+    """What Feast serves, from what is known before the test period; for ``user_ids`` only, if given."""
     from twotower.data import known_before_test, latest_history, load_recipe_data, load_split, users_with_history
     from twotower.manifest import fingerprint
     from twotower.workflow import encode_users, load_saved_workflows
@@ -166,7 +173,8 @@ def feature_tables(config: RecipeConfig) -> FeatureTables:
     workflow_fingerprint = fingerprint(config.workflow_dir)
     data, split = load_recipe_data(config.data_dir), load_split(config.splits_dir)
     known = known_before_test(split)
-    users = users_with_history(data.users, known, config.train.history_length)
+    profiles = data.users if user_ids is None else data.users[data.users["user_id"].isin(user_ids)]
+    users = users_with_history(profiles, known, config.train.history_length)
     users = users.assign(seen_items=latest_history(known, users["user_id"].to_numpy(), None).to_numpy())
     return FeatureTables(data, users, encode_users(load_saved_workflows(config.workflow_dir), users), workflow_fingerprint)
 
@@ -208,6 +216,16 @@ def add_rows(repo_dir: Path, view_name: str, rows: pd.DataFrame) -> None:
     with atomic_file(source) as staging:
         pd.concat([kept[~kept[key].isin(new[key])], new], ignore_index=True).to_parquet(staging, index=False)
     store.write_to_online_store(view_name, new)
+
+
+def update_users(config: RecipeConfig, user_ids: np.ndarray) -> None:
+    """Rewrite the rows of ``user_ids`` in both user views of the run's Feast repository (offline
+    source and online store) from the run's data and saved workflow, as a full build would write
+    them: users new to the store get rows, the others their current history and seen items. The
+    other rows stay; the running servers read the new rows at once."""
+    tables = feature_tables(config, user_ids)
+    for view, rows in user_view_rows(tables.users, tables.encoded_users).items():
+        add_rows(config.feature_repo_dir, view, rows)
 
 
 def online_user_features(store: FeatureStore, user_ids: list[int], columns: list[str]) -> pd.DataFrame:

@@ -10,6 +10,10 @@ a content fingerprint of each input it read and each output it wrote::
 ``check_export`` compares them: a stage that used another run's inputs, or whose outputs
 on disk are no longer what it wrote, must run again, and so must every stage after it.
 
+``retrain`` (twotower/retrain.py) is no entry of its own: it runs the stages again, each recorded
+as above (with train.new_ids=oov the workflow stage keeps its fitted vocabularies and says so in
+its details, and the train stage records the weights it warm-started from).
+
 ``refresh-items`` (twotower/refresh.py) adds items to the outputs of three stages in place: the
 item vectors (train), the index and the Feast repository (features). Its entry, ``refresh``,
 records the fingerprints it started from and those it left; the export accepts the refreshed
@@ -58,7 +62,8 @@ DATA = ("users", "items", "splits")
 STAGES: dict[str, StageIO] = {
     "data": StageIO((), DATA),
     "workflow": StageIO(DATA, ("workflow", "train_encoded")),
-    "train": StageIO((*DATA, "workflow", "train_encoded"), ("query_tower", "candidate_tower", "item_vectors")),
+    # model_weights: the whole model's, what `twotower retrain` warm-starts from
+    "train": StageIO((*DATA, "workflow", "train_encoded"), ("query_tower", "candidate_tower", "item_vectors", "model_weights")),
     # the query tower's vectors measure the index's recall (index.kind=auto chooses by it)
     "index": StageIO(("item_vectors", "query_tower"), ("index",)),
     # the encoded user features come from the saved user workflow
@@ -82,6 +87,7 @@ def artifact_paths(config: RecipeConfig) -> dict[str, Path]:
         "query_tower": config.query_tower_dir,
         "candidate_tower": config.candidate_tower_dir,
         "item_vectors": config.item_vectors_path,
+        "model_weights": config.model_weights_path,
         "index": config.index_path,
         "feature_store": config.feature_repo_dir,
     }

@@ -17,7 +17,21 @@ import pandas as pd
 
 from twotower.config import RecipeConfig
 from twotower.console import held_back_output, timed_step
-from twotower.data import SPLITS, Split, check_split, join_features, load_dataset, load_recipe_data, load_split, positive_threshold, positives, split_by_time
+from twotower.data import (
+    SPLITS,
+    RecipeData,
+    Split,
+    check_split,
+    data_cutoff,
+    join_features,
+    known_before,
+    load_dataset,
+    load_recipe_data,
+    load_split,
+    positive_threshold,
+    positives,
+    split_by_time,
+)
 from twotower.manifest import EXPORT_RECORD, atomic_dir, atomic_file, check_export, recorded_stage
 
 if TYPE_CHECKING:  # heavy imports stay lazy: the CLI loads TensorFlow only for stages that need it
@@ -29,44 +43,68 @@ def _save_frame(frame: pd.DataFrame, path: Path) -> None:
         frame.to_parquet(staging, index=False)
 
 
-def run_data(config: RecipeConfig) -> Split:
-    """Load the data set, keep positives, split by time, write everything as parquet."""
+def prepare_data(config: RecipeConfig) -> tuple[RecipeData, Split]:
+    """The data set as known at ``data.until``, its positives split by time; nothing is written
+    (everything is read and checked first)."""
     dc = config.data
-    data = load_dataset(dc, config.seed)  # everything is read and checked before anything is written
+    data = known_before(load_dataset(dc, config.seed), data_cutoff(dc))
     split = split_by_time(positives(data.interactions, positive_threshold(dc)), dc.test_fraction, dc.validation_fraction)
     check_split(split, dc)
-    with recorded_stage(config, "data"):
+    return data, split
+
+
+def write_data(config: RecipeConfig, data: RecipeData, split: Split) -> None:
+    """The data stage's outputs, recorded with the cutoff they were taken at."""
+    dc = config.data
+    with recorded_stage(config, "data") as details:
+        details["until"] = data_cutoff(dc)
         for name, frame in (("interactions", data.interactions), ("users", data.users), ("items", data.items)):
             _save_frame(frame, config.data_dir / f"{name}.parquet")
         with atomic_dir(config.splits_dir) as splits_dir:
             for name in SPLITS:
                 getattr(split, name).to_parquet(splits_dir / f"{name}.parquet", index=False)
     print(
-        f"[data] {dc.dataset}: {len(data.interactions):,} interactions, {len(data.users):,} users, "
-        f"{len(data.items):,} items; positives train/valid/test = "
+        f"[data] {dc.dataset}{f' before {dc.until}' if dc.until != '' else ''}: {len(data.interactions):,} interactions, "
+        f"{len(data.users):,} users, {len(data.items):,} items; positives train/valid/test = "
         f"{len(split.train):,}/{len(split.valid):,}/{len(split.test):,}"
     )
+
+
+def run_data(config: RecipeConfig) -> Split:
+    """Load the data set (up to ``data.until``), keep positives, split by time, write everything as parquet."""
+    data, split = prepare_data(config)
+    write_data(config, data, split)
     return split
 
 
-def run_workflow(config: RecipeConfig) -> None:
-    """Fit the NVTabular workflow on the training split; write encoded training parquet."""
-    from twotower.workflow import dask_execution, fit_workflow, save_workflows, transform_to_parquet
+def run_workflow(config: RecipeConfig, refit: bool = True) -> None:
+    """Fit the NVTabular workflow on the training split; write encoded training parquet.
 
-    with recorded_stage(config, "workflow"):
+    ``refit`` False (``twotower retrain`` with train.new_ids=oov) keeps the saved workflow as it
+    is and encodes the current training split with it: ids it was not fitted on get Categorify's
+    out-of-vocabulary code, and the model's embedding tables keep their shapes."""
+    from twotower.workflow import FULL_WORKFLOW, dask_execution, fit_workflow, load_workflow, save_workflows, transform_to_parquet
+
+    with recorded_stage(config, "workflow") as details:
+        details["vocabulary"] = "fitted" if refit else "kept (train.new_ids=oov)"
         data, split = load_recipe_data(config.data_dir), load_split(config.splits_dir)
         train_rows = join_features(split.train, data, config.data.schema, config.train.history_length)
-        # Both folders are built aside and swapped in at the end: the fitted vocabularies
-        # (fit/) and the encoded rows are only replaced together with the saved workflows.
-        with (
-            dask_execution(config.workflow) as partitions,
-            atomic_dir(config.workflow_dir) as workflow_dir,
-            atomic_dir(config.train_encoded_dir) as encoded_dir,
-        ):
-            workflow = fit_workflow(train_rows, config.data.schema, workflow_dir / "fit", partitions)
-            save_workflows(workflow, workflow_dir)
-            transform_to_parquet(workflow, train_rows, encoded_dir, partitions)
-    print(f"[workflow] fitted on {len(train_rows):,} training rows in {partitions} partition(s); saved to {config.workflow_dir}")
+        if refit:
+            # Both folders are built aside and swapped in at the end: the fitted vocabularies
+            # (fit/) and the encoded rows are only replaced together with the saved workflows.
+            with (
+                dask_execution(config.workflow) as partitions,
+                atomic_dir(config.workflow_dir) as workflow_dir,
+                atomic_dir(config.train_encoded_dir) as encoded_dir,
+            ):
+                workflow = fit_workflow(train_rows, config.data.schema, workflow_dir / "fit", partitions)
+                save_workflows(workflow, workflow_dir)
+                transform_to_parquet(workflow, train_rows, encoded_dir, partitions)
+        else:
+            with dask_execution(config.workflow) as partitions, atomic_dir(config.train_encoded_dir) as encoded_dir:
+                transform_to_parquet(load_workflow(config.workflow_dir, FULL_WORKFLOW), train_rows, encoded_dir, partitions)
+    what = "fitted on" if refit else "kept (not refitted); it encoded"
+    print(f"[workflow] {what} {len(train_rows):,} training rows in {partitions} partition(s); saved in {config.workflow_dir}")
 
 
 def run_train(config: RecipeConfig) -> dict:

@@ -33,10 +33,11 @@ def plot_training(history: list[dict[str, float]], path: Path | None = None) -> 
     loss_ax.plot(epochs, [h["loss"] for h in history], marker="o")
     loss_ax.set(title="training loss", xlabel="epoch", ylabel="loss")
     for key in ("val_recall@10", "val_recall@100"):
-        if key in history[0]:
+        if history and key in history[0]:  # a warm start of 0 epochs has no history
             recall_ax.plot(epochs, [h[key] for h in history], marker="o", label=key.removeprefix("val_"))
     recall_ax.set(title="validation (full catalogue)", xlabel="epoch", ylabel="recall")
-    recall_ax.legend()
+    if history:
+        recall_ax.legend()
     for ax in (loss_ax, recall_ax):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     return _save(fig, path)
@@ -154,4 +155,30 @@ def plot_train_benchmark(report: dict, labels: dict[str, str], path: Path | None
     for name, row in scale.items():
         scale_ax.annotate(name, (row["interactions"], row["epoch_s"]), fontsize=8, xytext=(4, -10), textcoords="offset points")
     scale_ax.set(title="one epoch of the recipe against data size", xlabel="training interactions", ylabel="epoch (s)")
+    return _save(fig, path)
+
+
+def plot_replay(rows: list[dict], path: Path | None = None) -> Figure:
+    """Per replay step and way of retraining: Recall@10 and Recall@100 on the next slice, and the
+    wall seconds the retrain took."""
+    fig = Figure(figsize=(15, 4.5))
+    recall10_ax, recall100_ax, seconds_ax = fig.subplots(1, 3)
+    arms = list(dict.fromkeys(row["arm"] for row in rows))
+    timed_arms = [arm for arm in arms if any(row["arm"] == arm and row["wall_seconds"] is not None for row in rows)]
+    width = 0.8 / len(timed_arms)
+    for arm in arms:
+        mine = [row for row in rows if row["arm"] == arm]
+        steps = [row["step"] for row in mine]
+        recall10_ax.plot(steps, [row["recall@10"] for row in mine], marker="o", label=arm)
+        recall100_ax.plot(steps, [row["recall@100"] for row in mine], marker="o", label=arm)
+    for position, arm in enumerate(timed_arms):
+        timed = [row for row in rows if row["arm"] == arm and row["wall_seconds"] is not None]
+        offset = (position - (len(timed_arms) - 1) / 2) * width
+        seconds_ax.bar([row["step"] + offset for row in timed], [row["wall_seconds"] for row in timed], width, label=arm)
+    recall10_ax.set(title="Recall@10 on the next slice", xlabel="step (cutoff advanced by one slice)", ylabel="recall")
+    recall100_ax.set(title="Recall@100 on the next slice", xlabel="step (cutoff advanced by one slice)", ylabel="recall")
+    seconds_ax.set(title="retrain wall time (step 0: the first model)", xlabel="step", ylabel="seconds")
+    for ax in (recall10_ax, recall100_ax, seconds_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(fontsize=7)
     return _save(fig, path)

@@ -186,13 +186,10 @@ def _other_versions_loaded(client, model_name: str, version: int, timeout_s: flo
 def refresh_items(config: RecipeConfig, items_path: Path) -> RefreshReport:
     """refresh-items (module docstring): RefreshRefused or ArtifactMismatch before anything changes,
     RolloutFailed if a server did not load the new version."""
-    from twotower.pipeline import run_export_version
-    from twotower.serve import recipe_servers
     from twotower.train import load_item_vectors
 
     model_dir = config.export_dir / config.serve.model_name
-    # One refresh at a time: each reads the index and the vectors and writes them back.
-    with exclusive_lock(config.output_dir / ".refresh.lock"):
+    with served_run_lock(config):
         items = read_new_items(items_path, config)
         if not (model_dir / "config.pbtxt").exists():
             raise RefreshRefused(f"no exported model at {model_dir}: run `twotower export` first")
@@ -204,11 +201,29 @@ def refresh_items(config: RecipeConfig, items_path: Path) -> RefreshReport:
         record_refresh(config, consumed, items["item_id"].tolist())
         print(f"[refresh] {len(items):,} new items embedded (cold start: the shared out-of-vocabulary id, their own features) "
               f"and added to Feast's item view; the index holds {catalogue_size:,} items")
-        version = run_export_version(config)
-        servers = recipe_servers(config.export_dir)
-        for url in servers:
-            roll_out(url, config.serve.model_name, version, config.serve.startup_timeout_s)
-            print(f"[refresh] {url} serves version {version}; the previous version was unloaded once its requests completed")
-        if not servers:
-            print(f"[refresh] no running server of {config.export_dir}: the next one started serves version {version}")
+        version, servers = roll_out_new_version(config, "refresh")
     return RefreshReport(catalogue_size, version, servers)
+
+
+def roll_out_new_version(config: RecipeConfig, step: str) -> tuple[int, list[str]]:
+    """Export the run as the next version of its exported model and have every running server the
+    recipe started on that model repository serve it (``roll_out``, no restart); the version and
+    the servers now serving it. ``step`` names the command in the lines printed. Used by
+    refresh-items and retrain."""
+    from twotower.pipeline import run_export_version
+    from twotower.serve import recipe_servers
+
+    version = run_export_version(config)
+    servers = recipe_servers(config.export_dir)
+    for url in servers:
+        roll_out(url, config.serve.model_name, version, config.serve.startup_timeout_s)
+        print(f"[{step}] {url} serves version {version}; the previous version was unloaded once its requests completed")
+    if not servers:
+        print(f"[{step}] no running server of {config.export_dir}: the next one started serves version {version}")
+    return version, servers
+
+
+def served_run_lock(config: RecipeConfig):
+    """One command at a time that rewrites a served run's artifacts in place (refresh-items, retrain):
+    each reads the index, the vectors and the store, and writes them back."""
+    return exclusive_lock(config.output_dir / ".refresh.lock")

@@ -58,6 +58,7 @@ class TrainingInputs:
     catalogue: Catalogue
     valid_users: pd.DataFrame  # encoded, history from training positives
     test_users: pd.DataFrame  # encoded, history from everything before the test period
+    item_vocabulary: pd.DataFrame  # Categorify's item ids: row index is the code
     item_counts: np.ndarray  # training positives per encoded item id (for the logQ correction)
 
     @property
@@ -75,6 +76,7 @@ def load_training_inputs(config: RecipeConfig) -> TrainingInputs:
     workflows = load_saved_workflows(config.workflow_dir)
     train_dataset = merlin.io.Dataset(str(config.train_encoded_dir), engine="parquet")
     history_length = config.train.history_length
+    item_vocabulary = category_table(workflows.item, "item_id")
     return TrainingInputs(
         split=split,
         consumed=consumed,
@@ -82,7 +84,8 @@ def load_training_inputs(config: RecipeConfig) -> TrainingInputs:
         catalogue=encoded_catalogue(workflows, data.items),
         valid_users=encoded_users(workflows, data.users, split.train, history_length),
         test_users=encoded_users(workflows, data.users, known_before_test(split), history_length),
-        item_counts=item_frequencies(train_dataset.schema, category_table(workflows.item, "item_id"), split.train["item_id"]),
+        item_vocabulary=item_vocabulary,
+        item_counts=item_frequencies(train_dataset.schema, item_vocabulary, split.train["item_id"]),
     )
 
 
@@ -177,12 +180,19 @@ def training_batches(config: RecipeConfig, dataset: merlin.io.Dataset) -> mm.Loa
     return cached_batches(dataset, config.train.batch_size, config.seed)
 
 
-def fit_model(config: RecipeConfig, inputs: TrainingInputs, verbose: int = 0) -> tuple[RetrievalModel, FullCatalogueEarlyStopping]:
+def fit_model(
+    config: RecipeConfig, inputs: TrainingInputs, verbose: int = 0, epochs: int | None = None, warm_start: Path | None = None
+) -> tuple[RetrievalModel, FullCatalogueEarlyStopping]:
     """Build and fit the configured model with full-catalogue early stopping on the validation
-    split. Returns the model (best epoch's weights) and the callback, whose ``history`` and
-    ``best_epoch`` describe the run."""
+    split, for ``epochs`` (default ``train.epochs``). ``warm_start``: weights an earlier train stage
+    saved (``RetrievalModel.save_weights``) to start from instead of the initialisation. Returns the
+    model (best epoch's weights) and the callback, whose ``history`` and ``best_epoch`` describe the run."""
     set_seeds(config.seed)
     model = build_model(config, inputs)
+    batches = training_batches(config, inputs.train_dataset)
+    if warm_start is not None:
+        first = next(iter(batches))
+        model.load_weights(warm_start, first[0] if isinstance(first, tuple) else first)  # mm.Loader gives (features, targets)
     split = inputs.split
     stopper = FullCatalogueEarlyStopping(
         model,
@@ -192,7 +202,7 @@ def fit_model(config: RecipeConfig, inputs: TrainingInputs, verbose: int = 0) ->
         config.train.early_stopping_metric,
         config.train.early_stopping_patience,
     )
-    model.keras.fit(training_batches(config, inputs.train_dataset), epochs=config.train.epochs, callbacks=[stopper], verbose=verbose)
+    model.keras.fit(batches, epochs=config.train.epochs if epochs is None else epochs, callbacks=[stopper], verbose=verbose)
     return model, stopper
 
 
@@ -209,18 +219,23 @@ def evaluate_on_test(config: RecipeConfig, inputs: TrainingInputs, model: Retrie
     }
 
 
-def save_training(config: RecipeConfig, inputs: TrainingInputs, model: RetrievalModel, stopper: FullCatalogueEarlyStopping, results: dict) -> dict:
-    """Both towers as SavedModels, catalogue item vectors, history, curves and metrics.json;
-    the model folder is replaced whole, then the run manifest records the stage."""
+def save_training(
+    config: RecipeConfig, inputs: TrainingInputs, model: RetrievalModel, stopper: FullCatalogueEarlyStopping, results: dict, details: dict | None = None
+) -> dict:
+    """Both towers as SavedModels, the whole model's weights, catalogue item vectors, history,
+    curves and metrics.json; the model folder is replaced whole, then the run manifest records the
+    stage (with ``details``, such as where a warm start started from)."""
     from twotower.plots import plot_training
 
     item_vectors = model.item_vectors(inputs.catalogue.features)
     with atomic_dir(config.model_dir) as model_dir:
-        query_dir, candidate_dir, vectors_path = (
-            model_dir / path.relative_to(config.model_dir) for path in (config.query_tower_dir, config.candidate_tower_dir, config.item_vectors_path)
+        query_dir, candidate_dir, vectors_path, weights_path = (
+            model_dir / path.relative_to(config.model_dir)
+            for path in (config.query_tower_dir, config.candidate_tower_dir, config.item_vectors_path, config.model_weights_path)
         )
         model.save_query_tower(query_dir)
         model.save_item_tower(candidate_dir)
+        model.save_weights(weights_path)
         save_item_vectors(inputs.catalogue.item_ids, item_vectors, vectors_path)
         save_history(stopper.history, model_dir / "history.json")
     with atomic_file(config.output_dir / "training_curves.png") as staging:
@@ -239,7 +254,7 @@ def save_training(config: RecipeConfig, inputs: TrainingInputs, model: Retrieval
     }
     with atomic_file(config.metrics_path) as staging:
         staging.write_text(json.dumps(metrics, indent=2))
-    record_stage(config, "train", inputs.consumed)
+    record_stage(config, "train", inputs.consumed, details)
     return metrics
 
 

@@ -28,6 +28,7 @@ from twotower.data import model_features, users_with_history
 
 USER_SUBGRAPH = "user"
 ITEM_SUBGRAPH = "item"
+FULL_WORKFLOW = "full"  # both subgraphs: what encodes the training rows
 
 
 def item_vocabulary(train_rows: pd.DataFrame) -> pd.Series:
@@ -133,7 +134,7 @@ def transform_frame(workflow: nvt.Workflow, rows: pd.DataFrame) -> pd.DataFrame:
 
 def save_workflows(workflow: nvt.Workflow, workflow_dir: Path) -> None:
     """Save the full workflow and its user/item subworkflows (each self-contained)."""
-    workflow.save(str(workflow_dir / "full"))
+    workflow.save(str(workflow_dir / FULL_WORKFLOW))
     for name in (USER_SUBGRAPH, ITEM_SUBGRAPH):
         workflow.get_subworkflow(name).save(str(workflow_dir / name))
 

@@ -71,6 +71,29 @@ class RetrievalModel:
     def save_item_tower(self, path: Path) -> None:
         self.keras.candidate_encoder.save(str(path), include_optimizer=False)
 
+    def save_weights(self, path: Path) -> None:
+        """Every trainable variable of the whole model, in the model's own order (the towers'
+        SavedModels leave out what only training uses, and cannot be trained further)."""
+        np.savez(path, *(variable.numpy() for variable in self.keras.trainable_variables))
+
+    def load_weights(self, path: Path, features: dict[str, tf.Tensor]) -> None:
+        """Start from the weights ``save_weights`` wrote for a model built the same way (same model,
+        settings and vocabulary). merlin-models creates variables on the first call, so the model
+        is called once on ``features`` (one training batch) first. Non-trainable state stays this
+        model's own: the logQ correction's sampling probabilities describe its own batches."""
+        self.keras(features, training=False)
+        variables = self.keras.trainable_variables
+        with np.load(path) as saved:
+            values = [saved[f"arr_{position}"] for position in range(len(saved.files))]
+        mismatched = len(values) != len(variables) or any(v.shape != value.shape for v, value in zip(variables, values))
+        if mismatched:
+            raise ValueError(
+                f"{path} holds {len(values)} weights of another model or vocabulary than this one ({len(variables)} weights); "
+                "a warm start needs the same model.* and train.* settings and the same workflow"
+            )
+        for variable, value in zip(variables, values):
+            variable.assign(value)
+
     @staticmethod
     def load_query_tower(path: Path):
         """A saved query tower's serving signature (plain TensorFlow, as the server runs it)."""

@@ -1,0 +1,176 @@
+"""twotower retrain on a small run known up to a cutoff, then retrained on everything: the warm
+start starts from the last weights, the new interactions reach the served Feast rows, the
+vocabulary policy decides whether the workflow changes, and the export accepts the result."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import small_config
+from twotower import pipeline
+from twotower.config import ConfigError, RecipeConfig, load_config, parse_time, set_value
+from twotower.data import EXTERNAL_ID, known_before_test, load_dataset, load_recipe_data, load_split, make_synthetic
+from twotower.ensemble import load_exported_ensemble, model_versions, recommend_in_process
+from twotower.feature_store import USER_VIEW, OnlineReader
+from twotower.manifest import EXPORT_RECORD, check_export, fingerprint, read_manifest
+from twotower.retrain import RetrainRefused, retrain
+from twotower.train import load_item_vectors
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+
+CUTOFF = 950_000_000  # the synthetic interactions are spread over 9e8..1e9 s
+LATE = 5  # users whose every interaction is moved past the cutoff: new at the retrain
+
+
+def _first_interactions(config: RecipeConfig):
+    """Each user's first interaction time in the data set the configuration reads."""
+    return load_dataset(config.data, config.seed).interactions.groupby("user_id")["timestamp"].min()
+
+
+def _user_vocabulary(config: RecipeConfig):
+    from twotower.workflow import category_table, load_saved_workflows
+
+    return category_table(load_saved_workflows(config.workflow_dir).user, "user_id")
+
+
+@pytest.fixture(scope="module")
+def data_files(tmp_path_factory) -> tuple[str, ...]:
+    """The synthetic data set as files (data.dataset=files), its last ``LATE`` users arriving after ``CUTOFF``."""
+    data = make_synthetic(300, 120, 30, seed=42)
+    interactions = data.interactions.copy()
+    late = interactions["user_id"].isin(data.users["user_id"].tail(LATE))
+    interactions.loc[late, "timestamp"] += CUTOFF - 900_000_000
+    folder = tmp_path_factory.mktemp("files")
+    tables = {"interactions": interactions, "users": data.users.drop(columns=EXTERNAL_ID), "items": data.items.drop(columns=EXTERNAL_ID)}
+    for name, table in tables.items():
+        table.to_parquet(folder / f"{name}.parquet", index=False)
+    return ("data.dataset=files", *(f"data.files.{name}={folder / name}.parquet" for name in tables))
+
+
+@pytest.fixture(scope="module")
+def cutoff() -> int:
+    return CUTOFF
+
+
+@pytest.fixture(scope="module")
+def known_run(tmp_path_factory, data_files, cutoff) -> RecipeConfig:
+    """Every stage up to the export on the interactions before ``cutoff``."""
+    config = small_config(tmp_path_factory.mktemp("known"), *data_files, "train.epochs=2", f"data.until={cutoff}")
+    pipeline.run_all(config)
+    return config
+
+
+def _copy(run: RecipeConfig, root, *settings: str) -> RecipeConfig:
+    """A copy of ``run`` (outputs and model repository) knowing everything (data.until ""), with ``settings``."""
+    config = copy.deepcopy(run)
+    config.output_dir, config.export_dir, config.data.until = root / "artifacts", root / "triton_models", ""
+    for setting in settings:
+        key, _, value = setting.partition("=")
+        set_value(config, key, yaml.safe_load(value))
+    shutil.copytree(run.output_dir, config.output_dir)
+    shutil.copytree(run.export_dir, config.export_dir)
+    return config
+
+
+@pytest.fixture(scope="module")
+def retrained(known_run, cutoff, tmp_path_factory) -> RecipeConfig:
+    config = _copy(known_run, tmp_path_factory.mktemp("retrained"), "train.retrain_epochs=1")
+    report = retrain(config, cutoff)
+    assert report.policy == "oov" and report.new_users == 5 and report.version == 2
+    return config
+
+
+def test_times_are_integer_seconds_or_iso_dates():
+    assert parse_time(978307200, "t") == parse_time("978307200", "t") == parse_time("2001-01-01", "t") == 978307200
+    assert parse_time("2001-01-01T01:00:00+01:00", "t") == 978307200
+    assert load_config(overrides=["data.until=2001-01-01"]).data.until == "2001-01-01"  # YAML reads it as a date
+    with pytest.raises(ConfigError, match="--since"):
+        parse_time("last tuesday", "--since")
+
+
+def test_the_known_run_holds_only_what_came_before_the_cutoff(known_run, cutoff):
+    users = set(load_recipe_data(known_run.data_dir).users["user_id"])
+    first = _first_interactions(known_run)
+    assert users == set(first.index[first < cutoff]) and len(first) - len(users) == 5
+    assert load_recipe_data(known_run.data_dir).interactions["timestamp"].max() < cutoff
+
+
+def test_a_warm_start_of_no_epochs_keeps_the_last_vectors_and_one_epoch_moves_them(known_run, cutoff, retrained, tmp_path):
+    _, last = load_item_vectors(known_run.item_vectors_path)
+    run = _copy(known_run, tmp_path, "train.retrain_epochs=0")
+    retrain(run, cutoff)
+    ids, unchanged = load_item_vectors(run.item_vectors_path)
+    np.testing.assert_allclose(unchanged, last, atol=1e-6)  # a fresh initialisation would not be the last model
+    _, moved = load_item_vectors(retrained.item_vectors_path)
+    assert np.abs(moved - last).max() > 1e-3
+    assert len(ids) == len(last)  # oov: the catalogue is the vocabulary the workflow was fitted on
+    started_from = read_manifest(retrained)["train"]["details"]["warm_start"]
+    assert started_from["model_weights"] == fingerprint(known_run.model_weights_path)
+    assert started_from["since"] == cutoff and started_from["new_positives"] > 0
+
+
+def test_new_interactions_reach_the_served_rows_and_new_users_get_rows(known_run, retrained, cutoff):
+    split = load_split(retrained.splits_dir)
+    known = known_before_test(split)
+    returning = known[(known["timestamp"] >= cutoff) & known["user_id"].isin(load_split(known_run.splits_dir).train["user_id"])]
+    changed = int(returning["user_id"].iloc[0])
+    first = _first_interactions(retrained)
+    new = int(first.index[first >= cutoff][0])
+
+    before = OnlineReader(known_run.feature_repo_dir, USER_VIEW).read(np.array([changed, new]))
+    after = OnlineReader(retrained.feature_repo_dir, USER_VIEW).read(np.array([changed, new]))
+    assert before[1] is None and after[1] is not None
+    for row, user in zip(after, (changed, new)):
+        assert sorted(row["seen_items"]) == sorted(known.loc[known["user_id"] == user, "item_id"])
+    assert set(before[0]["seen_items"]) < set(after[0]["seen_items"])
+    assert after[0]["history"][-1] == known[known["user_id"] == changed].sort_values(["timestamp", "item_id"])["item_id"].iloc[-1]
+
+    old = recommend_in_process(load_exported_ensemble(known_run.export_dir), np.array([new]))
+    served = recommend_in_process(load_exported_ensemble(retrained.export_dir), np.array([new]))
+    assert old["is_fallback"].tolist() == [True] and served["is_fallback"].tolist() == [False]
+
+
+def test_the_export_accepts_the_retrained_run_and_packaged_it_as_the_next_version(retrained):
+    packaged = check_export(retrained)  # raises ArtifactMismatch if a stage disagrees with another
+    model_dir = retrained.export_dir / retrained.serve.model_name
+    assert model_versions(model_dir) == [1, 2]
+    assert json.loads((model_dir / EXPORT_RECORD).read_text()) == packaged
+    assert packaged["item_vectors"] == fingerprint(retrained.item_vectors_path)
+
+
+def test_oov_keeps_the_workflow_and_refit_fits_it_again_from_scratch(known_run, retrained, cutoff, tmp_path, capsys):
+    known = read_manifest(known_run)["workflow"]
+    kept = read_manifest(retrained)["workflow"]
+    assert kept["produced"]["workflow"] == known["produced"]["workflow"] == fingerprint(retrained.workflow_dir)
+    assert kept["details"]["vocabulary"].startswith("kept") and kept["produced"]["train_encoded"] != known["produced"]["train_encoded"]
+
+    run = _copy(known_run, tmp_path, "train.new_ids=refit")
+    capsys.readouterr()
+    report = retrain(run, cutoff)
+    assert "full retrain from scratch" in capsys.readouterr().out
+    refitted = read_manifest(run)
+    assert refitted["workflow"]["produced"]["workflow"] != known["produced"]["workflow"]
+    assert "warm_start" not in refitted["train"].get("details", {})
+    assert len(_user_vocabulary(run)) == len(_user_vocabulary(known_run)) + 5  # the new users have ids of their own now
+    assert report.version == 2 and check_export(run)
+
+
+def test_a_window_that_leaves_a_gap_or_has_nothing_new_is_refused_before_anything_changes(known_run, cutoff, tmp_path):
+    run = _copy(known_run, tmp_path)
+    manifest = run.manifest_path.read_text()
+    with pytest.raises(RetrainRefused, match="after the run's data cutoff"):
+        retrain(run, cutoff + 1)
+    run.data.until = cutoff
+    with pytest.raises(RetrainRefused, match="not before data.until"):
+        retrain(run, cutoff)
+    run.model_weights_path.unlink()
+    run.data.until = ""
+    with pytest.raises(RetrainRefused, match="no saved model weights"):
+        retrain(run, cutoff)
+    assert run.manifest_path.read_text() == manifest
