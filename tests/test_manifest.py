@@ -18,7 +18,7 @@ from feast import FeatureStore
 from twotower import pipeline
 from twotower.config import RecipeConfig
 from twotower.data import load_split
-from twotower.ensemble import load_exported_ensemble, recommend_in_process
+from twotower.ensemble import FEATURE_REPO_ENV, load_exported_ensemble, recommend_in_process
 from twotower.feature_store import QUERY_VIEW, RUN_VIEW, OnlineReader
 from twotower.manifest import (
     EXPORT_RECORD,
@@ -178,19 +178,24 @@ def test_train_killed_mid_write_leaves_the_previous_run_whole(run):
     pipeline.run_export(run)
 
 
-def test_the_served_graph_refuses_an_online_store_from_another_workflow(run):
-    answer = recommend_in_process(load_exported_ensemble(run.export_dir), _test_users(run))
+def test_the_served_graph_refuses_an_online_store_from_another_workflow(run, monkeypatch):
+    users = _test_users(run)
+    answer = recommend_in_process(load_exported_ensemble(run.export_dir), users)
     assert not answer["is_fallback"].any()  # the copied export loads against its own store
 
-    # The store re-materialized from a workflow fitted on other data while the export still
-    # holds the old model.
+    # The run's store re-materialized from a workflow fitted on other data while the export still
+    # holds the old model: the export reads its own copy and answers as before ...
     run.seed = 7
     pipeline.run_data(run)
     pipeline.run_workflow(run)
     pipeline.run_features(run)
+    again = recommend_in_process(load_exported_ensemble(run.export_dir), users)
+    np.testing.assert_array_equal(again["item_ids"], answer["item_ids"])
+    assert "Re-run, in this order: twotower train, twotower index;" in _refusal(run)
+    # ... and refuses the run's store when told to read it instead
+    monkeypatch.setenv(FEATURE_REPO_ENV, str(run.feature_repo_dir))
     with pytest.raises(ArtifactMismatch, match=r"online store .* holds features encoded by workflow \w{12}, but this model was exported for workflow"):
         load_exported_ensemble(run.export_dir)
-    assert "Re-run, in this order: twotower train, twotower index;" in _refusal(run)
 
     # a store without the record (built before it existed) is refused too
     FeatureStore(repo_path=str(run.feature_repo_dir)).delete_feature_view(RUN_VIEW)

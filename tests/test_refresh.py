@@ -6,35 +6,28 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
-import threading
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pytest
-import tritonclient.grpc as grpcclient
 
 from twotower import pipeline
 from twotower.cli import main as twotower_main
-from twotower.client import OUTPUTS, user_id_request
-from twotower.config import RecipeConfig, ServeConfig
+from twotower.config import RecipeConfig
 from twotower.data import load_recipe_data, load_split
 from twotower.ensemble import load_exported_ensemble, model_versions, recommend_in_process
 from twotower.manifest import REFRESH, ArtifactMismatch, artifact_paths, fingerprint, read_manifest
 from twotower.refresh import refresh_items
-from twotower.serve import TritonServer, recipe_servers
+from twotower.serve import recipe_servers
 from twotower.train import load_item_vectors
 
 from conftest import SMALL_RUN, small_config
+from rollout import check_answers, roll_out_under_load
 
 pytestmark = pytest.mark.integration
 
-CLIENT_THREADS = 4
 NEW_IDS_FROM = 10_001
-TIMEOUT_S = 30
 
 
 def _copy_run(exported: RecipeConfig, root: Path) -> RecipeConfig:
@@ -70,34 +63,6 @@ def _unchanged_parts(config: RecipeConfig) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------------- the rollout
-@dataclass
-class Answer:
-    sent: float  # time.monotonic() when the request left
-    item_ids: np.ndarray
-
-
-@dataclass
-class Traffic:
-    """Requests driven at a server from several threads until stopped."""
-
-    url: str
-    users: np.ndarray
-    answers: list[Answer] = field(default_factory=list)
-    failures: list[str] = field(default_factory=list)
-    stop: threading.Event = field(default_factory=threading.Event)
-
-    def drive(self) -> None:
-        with grpcclient.InferenceServerClient(self.url) as client:
-            while not self.stop.is_set():
-                sent = time.monotonic()
-                try:
-                    result = client.infer("executor_model", [user_id_request(self.users)], client_timeout=TIMEOUT_S,
-                                          outputs=[grpcclient.InferRequestedOutput(n) for n in OUTPUTS])
-                    self.answers.append(Answer(sent, result.as_numpy("item_ids")))
-                except Exception as error:  # noqa: BLE001 - every failure is counted, whatever it is
-                    self.failures.append(f"{type(error).__name__}: {error}")
-
-
 def test_refresh_items_rolls_out_a_new_version_under_load_without_a_failed_or_mixed_answer(exported, tmp_path):
     run = _copy_run(exported, tmp_path / "served")
     items = _new_items(run, 12, tmp_path / "new.parquet")
@@ -116,42 +81,10 @@ def test_refresh_items_rolls_out_a_new_version_under_load_without_a_failed_or_mi
     rows = np.concatenate([np.flatnonzero(changed)[:6], np.flatnonzero(~changed)[:2]])
     batch, old_answer, new_answer = users[rows], old[rows], new[rows]
 
-    server = TritonServer(run.export_dir, tmp_path / "triton", ServeConfig(grpc_port=0, http_port=0, metrics_port=0, top_k=5))
-    server.start()
-    try:
-        assert recipe_servers(run.export_dir) == [server.grpc_url]  # what refresh-items will roll out to
-        assert recipe_servers(twin.export_dir) == []
-        traffic = Traffic(server.grpc_url, batch)
-        threads = [threading.Thread(target=traffic.drive) for _ in range(CLIENT_THREADS)]
-        for thread in threads:
-            thread.start()
-        time.sleep(2)
-        refresh = subprocess.run(_refresh_command(run, items), capture_output=True, text=True, timeout=240)
-        rolled_out = time.monotonic()
-        time.sleep(3)
-        traffic.stop.set()
-        for thread in threads:
-            thread.join()
-        assert refresh.returncode == 0, refresh.stderr[-3000:]
-        assert f"[refresh] {server.grpc_url} serves version 2" in refresh.stdout
-
-        assert traffic.failures == [], f"{len(traffic.failures)} failed requests, e.g. {traffic.failures[:3]}"
-        is_old = [np.array_equal(a.item_ids, old_answer) for a in traffic.answers]
-        is_new = [np.array_equal(a.item_ids, new_answer) for a in traffic.answers]
-        mixed = [a.item_ids for a, o, n in zip(traffic.answers, is_old, is_new) if not (o or n)]
-        assert mixed == [], f"{len(mixed)} answers are neither the old version's nor the new one's"
-        after = [n for a, n in zip(traffic.answers, is_new) if a.sent > rolled_out]
-        print(f"rollout under load: {len(traffic.answers)} requests, {sum(is_old)} old, {sum(is_new)} new, "
-              f"{len(after)} sent after the rollout, 0 failed")
-        assert sum(is_old) > 0 and len(after) > 0 and all(after)
-
-        # the same server process, now on version 2 only
-        assert server.process.poll() is None
-        with grpcclient.InferenceServerClient(server.grpc_url) as client:
-            states = {m["version"]: m["state"] for m in client.get_model_repository_index(as_json=True)["models"]}
-            assert states["2"] == "READY" and states.get("1") != "READY"
-    finally:
-        server.stop()
+    assert recipe_servers(twin.export_dir) == []
+    rollout = roll_out_under_load(run.export_dir, tmp_path / "triton", batch, _refresh_command(run, items), timeout_s=240)
+    assert f"[refresh] {rollout.server_url} serves version 2" in rollout.command.stdout, rollout.command.stdout[-3000:]
+    print(check_answers(rollout, old_answer, new_answer, version=2))
 
     # a new item is served because of its vector: its score is the query . the refreshed item vector
     from twotower.evaluate import saved_query_vectors

@@ -7,12 +7,14 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+import sys
 
 import numpy as np
 import pytest
 import yaml
 
-from conftest import small_config
+from conftest import SMALL_RUN, small_config
+from rollout import check_answers, roll_out_under_load
 from twotower import pipeline
 from twotower.config import ConfigError, RecipeConfig, load_config, parse_time, set_value
 from twotower.data import EXTERNAL_ID, known_before_test, load_dataset, load_recipe_data, load_split, make_synthetic
@@ -26,6 +28,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 CUTOFF = 950_000_000  # the synthetic interactions are spread over 9e8..1e9 s
 LATE = 5  # users whose every interaction is moved past the cutoff: new at the retrain
+KNOWN_RUN = ("train.epochs=2",)
 
 
 def _first_interactions(config: RecipeConfig):
@@ -61,7 +64,7 @@ def cutoff() -> int:
 @pytest.fixture(scope="module")
 def known_run(tmp_path_factory, data_files, cutoff) -> RecipeConfig:
     """Every stage up to the export on the interactions before ``cutoff``."""
-    config = small_config(tmp_path_factory.mktemp("known"), *data_files, "train.epochs=2", f"data.until={cutoff}")
+    config = small_config(tmp_path_factory.mktemp("known"), *data_files, *KNOWN_RUN, f"data.until={cutoff}")
     pipeline.run_all(config)
     return config
 
@@ -174,3 +177,28 @@ def test_a_window_that_leaves_a_gap_or_has_nothing_new_is_refused_before_anythin
     with pytest.raises(RetrainRefused, match="no saved model weights"):
         retrain(run, cutoff)
     assert run.manifest_path.read_text() == manifest
+
+
+def test_a_retrain_rolls_out_under_load_without_a_failed_or_mixed_answer(known_run, cutoff, data_files, tmp_path):
+    """Through `twotower retrain` against a real server: every answer is wholly the last version's
+    or the retrained one's, model, index and Feast rows together. The batch holds a new user (the
+    fallback before, the retrained model's answer after) and returning users whose history grew
+    (the old model on their new rows would answer neither)."""
+    run = _copy(known_run, tmp_path / "served")
+    first = _first_interactions(run)
+    split = load_split(run.splits_dir)
+    known_then = known_before_test(load_split(known_run.splits_dir))["user_id"]
+    known_now = known_before_test(split)
+    returning = known_now.loc[(known_now["timestamp"] >= cutoff) & known_now["user_id"].isin(known_then), "user_id"].unique()
+    batch = np.concatenate([first.index[first >= cutoff][:1], returning[:5], split.test["user_id"].drop_duplicates()[:2]]).astype(np.int64)
+    old = recommend_in_process(load_exported_ensemble(run.export_dir), batch)
+
+    settings = [*SMALL_RUN, *data_files, *KNOWN_RUN, "train.retrain_epochs=1", f"output_dir={run.output_dir}", f"export_dir={run.export_dir}"]
+    command = [sys.executable, "-m", "twotower", "retrain", "--since", str(cutoff), *(a for s in settings for a in ("--set", s))]
+    rollout = roll_out_under_load(run.export_dir, tmp_path / "triton", batch, command, timeout_s=540)
+    assert f"[retrain] {rollout.server_url} serves version 2" in rollout.command.stdout, rollout.command.stdout[-3000:]
+
+    new = recommend_in_process(load_exported_ensemble(run.export_dir), batch)
+    assert old["is_fallback"][0] and not new["is_fallback"][0]
+    assert (old["item_ids"] != new["item_ids"]).any(axis=1).sum() >= 3, "the retrain must change the answers"
+    print(check_answers(rollout, old["item_ids"], new["item_ids"], version=2))

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FEATURE_REPO_ENV = "TWOTOWER_FEATURE_REPO"  # overrides where the executor finds Feast
+SERVED_FEATURE_REPO = "feature_repo"  # each exported version's copy of the run's Feast repository
 MODEL_NAME = "executor_model"
 RAGGED_SEPARATOR = "__"
 UNKNOWN_CODE = -1  # never a user id of the recipe (they are the files' integers or 1..N)
@@ -154,11 +155,13 @@ def call_signature(signature, features: TensorTable | pd.DataFrame) -> np.ndarra
 
 
 class _FeatureRepoOperator(BaseOperator):
-    """An operator that reads the run's Feast repository (not copied: it is live data).
+    """An operator that reads the run's Feast repository.
 
-    The repository is found relative to the exported model repository, so a moved
-    project (model repository and outputs together) still resolves, or through
-    the TWOTOWER_FEATURE_REPO environment variable.
+    The export copies the repository into the version it writes (``feature_store.served_copy``,
+    ``<model>/<version>/feature_repo``), and the version reads its copy: a retrain or refresh
+    that changes the run's rows changes what is served only with the version built on them.
+    The TWOTOWER_FEATURE_REPO environment variable names another repository instead (every
+    version then reads that one).
     """
 
     def __init__(self, feature_repo: Path):
@@ -177,7 +180,13 @@ class _FeatureRepoOperator(BaseOperator):
         return self._client
 
     def save_artifacts(self, artifact_path: str) -> None:
-        self._repo_from_artifacts = os.path.relpath(self.feature_repo, artifact_path)
+        from twotower.feature_store import served_copy
+
+        # the version's own copy, beside its ensemble/ (the first operator of the graph makes it)
+        served = Path(artifact_path).parent / SERVED_FEATURE_REPO
+        if not served.exists():
+            served_copy(Path(self.feature_repo), served)
+        self._repo_from_artifacts = os.path.relpath(served, artifact_path)
 
     def load_artifacts(self, artifact_path: str) -> None:
         override = os.environ.get(FEATURE_REPO_ENV)

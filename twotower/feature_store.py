@@ -16,6 +16,7 @@ the serving graph checks at load.
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import types
 from datetime import datetime, timedelta, timezone
@@ -34,7 +35,7 @@ from typing import NamedTuple
 
 from twotower.config import PROJECT_ROOT, FeaturesConfig, RecipeConfig
 from twotower.data import EXTERNAL_ID, RecipeData
-from twotower.manifest import ArtifactMismatch, atomic_dir, atomic_file
+from twotower.manifest import ArtifactMismatch, atomic_dir, atomic_file, fingerprint
 
 TEMPLATE_DIR = next(d for d in (PROJECT_ROOT / "feature_repo", Path(__file__).with_name("feature_repo")) if d.is_dir())  # checkout; installed
 USER_VIEW = "user_features"
@@ -153,6 +154,28 @@ def apply_and_materialize(repo_dir: Path, final_dir: Path | None = None) -> Feat
     if final_dir is not None:
         store.apply(load_definitions(repo_dir, located_at=final_dir))
     return store
+
+
+def served_copy(repo_dir: Path, target: Path) -> Path:
+    """A copy of the run's Feast repository at ``target`` (a new folder) for one exported model
+    version to read, so that a later change of the run's features (retrain, refresh-items) reaches
+    requests only with the version built on it: each request sees one model, index and feature set.
+
+    A SQLite online store is a file and is copied with the rest. A Redis store is shared, so the
+    copy gets a project of its own (Redis keys carry the project), named after the copy's sources
+    (two versions with the same features share its rows), and is materialized into it.
+    """
+    shutil.copytree(repo_dir, target)
+    settings_path = target / "feature_store.yaml"
+    settings = yaml.safe_load(settings_path.read_text())
+    if settings.get("online_store", {}).get("type") == "redis":
+        (target / "data" / "online_store.db").unlink(missing_ok=True)
+        sources = sorted((target / "data").glob("*.parquet"))
+        content = fingerprint(target / COLUMNS_FILE) + "".join(fingerprint(path) for path in sources)
+        settings["project"] = f"{settings['project']}_{hashlib.sha256(content.encode()).hexdigest()[:12]}"
+        settings_path.write_text(yaml.safe_dump(settings, sort_keys=False))
+        apply_and_materialize(target)
+    return target
 
 
 class FeatureTables(NamedTuple):
