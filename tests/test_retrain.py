@@ -20,7 +20,7 @@ from twotower.config import ConfigError, RecipeConfig, load_config, parse_time, 
 from twotower.data import EXTERNAL_ID, known_before_test, load_dataset, load_recipe_data, load_split, make_synthetic
 from twotower.ensemble import load_exported_ensemble, model_versions, recommend_in_process
 from twotower.feature_store import USER_VIEW, OnlineReader
-from twotower.manifest import EXPORT_RECORD, check_export, fingerprint, read_manifest
+from twotower.manifest import EXPORT_RECORD, REFRESH, check_export, fingerprint, read_manifest
 from twotower.retrain import RetrainRefused, retrain
 from twotower.train import load_item_vectors
 
@@ -202,3 +202,24 @@ def test_a_retrain_rolls_out_under_load_without_a_failed_or_mixed_answer(known_r
     assert old["is_fallback"][0] and not new["is_fallback"][0]
     assert (old["item_ids"] != new["item_ids"]).any(axis=1).sum() >= 3, "the retrain must change the answers"
     print(check_answers(rollout, old["item_ids"], new["item_ids"], version=2))
+
+
+def test_items_added_by_refresh_items_stay_served_through_a_retrain_embedded_by_the_new_tower(known_run, cutoff, tmp_path):
+    from twotower.refresh import embed_items, refresh_items
+
+    run = _copy(known_run, tmp_path)
+    new_ids = np.arange(10_001, 10_004)
+    items = load_recipe_data(known_run.data_dir).items.head(3).assign(item_id=new_ids)
+    items.to_parquet(tmp_path / "new.parquet", index=False)
+    refresh_items(run, tmp_path / "new.parquet")
+    _, refreshed_vectors = load_item_vectors(run.item_vectors_path)
+
+    run.train.retrain_epochs = 1
+    retrain(run, cutoff)
+    ids, vectors = load_item_vectors(run.item_vectors_path)
+    assert np.isin(new_ids, ids).all() and len(ids) == len(refreshed_vectors)
+    carried = vectors[[np.flatnonzero(ids == i)[0] for i in new_ids]]
+    np.testing.assert_allclose(carried, embed_items(items, run), rtol=1e-5, atol=1e-6)  # the retrained tower's vectors
+    assert np.abs(carried - refreshed_vectors[-3:]).max() > 1e-4  # not the last tower's
+    assert read_manifest(run)[REFRESH]["added"][-1]["item_ids"] == new_ids.tolist()
+    check_export(run)

@@ -50,7 +50,7 @@ import pyarrow
 
 from twotower.config import RecipeConfig
 from twotower.data import EXTERNAL_ID, DataError, as_numbers, has_text_ids, load_recipe_data, side_table
-from twotower.manifest import REFRESHED, atomic_file, check_export, exclusive_lock, fingerprints, record_refresh
+from twotower.manifest import REFRESH, REFRESHED, atomic_file, check_export, exclusive_lock, fingerprints, read_manifest, record_refresh, refresh_in_effect
 
 SHOWN_IDS = 5  # ids named in a refusal
 
@@ -155,6 +155,29 @@ def add_to_catalogue(items: pd.DataFrame, vectors: np.ndarray, config: RecipeCon
     return index.ntotal
 
 
+def add_new_items(items: pd.DataFrame, config: RecipeConfig) -> int:
+    """Embed ``items`` (none in the catalogue), add them to the catalogue and record the refresh in
+    the manifest; the index's new size."""
+    consumed = fingerprints(config, REFRESHED)
+    catalogue_size = add_to_catalogue(items, embed_items(items, config), config)
+    record_refresh(config, consumed, items["item_id"].tolist())
+    return catalogue_size
+
+
+def refreshed_items(config: RecipeConfig) -> pd.DataFrame:
+    """The items that refresh-items added and that are still served (the refresh in effect), with
+    the features they were added with (Feast's item view source); no rows if there are none."""
+    from twotower.feature_store import ITEM_VIEW
+
+    entries = read_manifest(config)
+    columns = list(load_recipe_data(config.data_dir).items.columns)
+    if not refresh_in_effect(entries):
+        return pd.DataFrame(columns=columns)
+    added = [item for refresh in entries[REFRESH]["added"] for item in refresh["item_ids"]]
+    rows = pd.read_parquet(config.feature_repo_dir / "data" / f"{ITEM_VIEW}.parquet")
+    return rows[rows["item_id"].isin(added)][columns].reset_index(drop=True)
+
+
 def roll_out(url: str, model_name: str, version: int, timeout_s: float) -> None:
     """Have the server at ``url`` load the model again, which serves ``version`` (its newest), and
     wait until the versions it served before are unloaded. RolloutFailed if it does not load it:
@@ -194,11 +217,8 @@ def refresh_items(config: RecipeConfig, items_path: Path) -> RefreshReport:
         if not (model_dir / "config.pbtxt").exists():
             raise RefreshRefused(f"no exported model at {model_dir}: run `twotower export` first")
         check_export(config)  # the run must agree with itself before it is extended
-        consumed = fingerprints(config, REFRESHED)
         refuse_catalogued(items, load_item_vectors(config.item_vectors_path)[0])
-        vectors = embed_items(items, config)
-        catalogue_size = add_to_catalogue(items, vectors, config)
-        record_refresh(config, consumed, items["item_id"].tolist())
+        catalogue_size = add_new_items(items, config)
         print(f"[refresh] {len(items):,} new items embedded (cold start: the shared out-of-vocabulary id, their own features) "
               f"and added to Feast's item view; the index holds {catalogue_size:,} items")
         version, servers = roll_out_new_version(config, "refresh")

@@ -19,7 +19,8 @@ manifest as the pipeline records them, so ``twotower export`` accepts the result
    validation and test, as in the train stage), plus ``train.retrain_replay`` older training
    positives per new one, drawn at random. The best validation epoch is kept and scored on the
    test split, as the train stage does; the manifest records which weights it started from;
-4. ``index``: rebuilt over the re-embedded catalogue;
+4. ``index``: rebuilt over the re-embedded catalogue; then the items refresh-items had added are
+   added back, embedded by the retrained item tower (``carry_refreshed_items``);
 5. ``features`` (oov): the Feast rows of the users whose positives changed and of the users who
    are new are rewritten in place (offline source and online store); the other rows are still
    what a full build would write. A profile changed in the data set's user file for a user with
@@ -124,6 +125,21 @@ def rewrite_user_rows(config: RecipeConfig, user_ids: np.ndarray) -> None:
     print(f"[features] rows of {len(user_ids):,} users rewritten in {config.feature_repo_dir} ({config.features.online_store})")
 
 
+def carry_refreshed_items(config: RecipeConfig, items: pd.DataFrame) -> None:
+    """Add the items refresh-items had added before the retrain (``items``) to the retrained
+    catalogue, embedded by the retrained item tower, as refresh-items adds them; those that are in
+    the catalogue now (a refit's vocabulary holds the items that have training positives since)
+    have trained vectors and are left as they are."""
+    from twotower.refresh import add_new_items
+    from twotower.train import load_item_vectors
+
+    items = items[~items["item_id"].isin(load_item_vectors(config.item_vectors_path)[0])]
+    if len(items):
+        catalogue_size = add_new_items(items, config)
+        print(f"[retrain] {len(items):,} items added by refresh-items embedded again by the retrained item tower; "
+              f"the index holds {catalogue_size:,} items")
+
+
 def _store_has_current_items(config: RecipeConfig) -> bool:
     """Whether the Feast repository was built from the items table and workflow on disk now."""
     consumed = read_manifest(config).get("features", {}).get("consumed", {})
@@ -150,7 +166,7 @@ def retrain(config: RecipeConfig, since: int) -> RetrainReport:
     changes; ``refresh.RolloutFailed`` if a server did not load the new version."""
     from twotower.ensemble import model_versions
     from twotower.pipeline import prepare_data, run_stage, run_workflow, write_data
-    from twotower.refresh import roll_out_new_version, served_run_lock
+    from twotower.refresh import refreshed_items, roll_out_new_version, served_run_lock
 
     policy = config.train.new_ids
     with served_run_lock(config):
@@ -160,6 +176,7 @@ def retrain(config: RecipeConfig, since: int) -> RetrainReport:
                 raise RetrainRefused(f"no saved model weights at {config.model_weights_path} to warm-start from: run `twotower train` first")
             check_export(config)  # the last model must be the one its workflow and data belong to
         known_users = load_recipe_data(config.data_dir).users["user_id"].to_numpy()
+        refreshed = refreshed_items(config)  # read before the stages below drop them
         data, split = prepare_data(config)
         positives = pd.concat([split.train, split.valid, split.test])
         fresh = positives[positives["timestamp"] >= since]
@@ -190,6 +207,7 @@ def retrain(config: RecipeConfig, since: int) -> RetrainReport:
             else:
                 run_stage("features", config)
 
+        carry_refreshed_items(config, refreshed)
         model_dir = config.export_dir / config.serve.model_name
         if (model_dir / "config.pbtxt").exists():
             version, servers = roll_out_new_version(config, "retrain")
