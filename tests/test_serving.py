@@ -12,7 +12,7 @@ from tritonclient.utils import InferenceServerException
 
 from twotower.client import recommend
 from twotower.config import ServeConfig
-from twotower.ensemble import load_exported_ensemble, recommend_in_process
+from twotower.ensemble import SERVED_FEATURE_REPO, load_exported_ensemble, model_versions, recommend_in_process
 from twotower import serve
 from twotower.serve import PortInUse, TritonServer
 
@@ -184,8 +184,10 @@ def test_a_server_fault_is_internal_in_one_line_with_the_traceback_in_the_log_on
     shutil.copytree(relocated / "artifacts", run / "artifacts")
     shutil.copytree(relocated / "triton_models", run / "triton_models")
     with TritonServer(run / "triton_models", tmp_path / "triton", _serve_config()) as running:
-        with sqlite3.connect(run / "artifacts" / "feature_repo" / "data" / "online_store.db") as store:
-            store.execute("DROP TABLE twotower_user_query_features")  # the online store breaks under the server
+        # the online store the served version reads (its own copy) breaks under the server
+        served = run / "triton_models" / "executor_model" / str(model_versions(run / "triton_models" / "executor_model")[-1])
+        with sqlite3.connect(served / SERVED_FEATURE_REPO / "data" / "online_store.db") as store:
+            store.execute("DROP TABLE twotower_user_query_features")
         with pytest.raises(InferenceServerException) as raised:
             recommend(_test_users(exported, 1), running.grpc_url)
         assert raised.value.status() == "StatusCode.INTERNAL"
