@@ -13,10 +13,10 @@ LAB_PORT ?= 8888
 # JupyterLab fetches a news feed and checks for updates on the internet unless told not to.
 LAB_OFFLINE := --LabApp.news_url=None --LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate
 
-.PHONY: venv run test serve query export notebooks lab clean help benchmark-quality benchmark-models benchmark-serving benchmark-faults benchmark-scale benchmark-train benchmark-cold-start benchmark-replay perf-analyzer docker-up docker-down docker-logs
+.PHONY: venv run test serve query export notebooks lab clean help benchmark-quality benchmark-models benchmark-serving benchmark-faults benchmark-scale benchmark-train benchmark-cold-start benchmark-replay benchmark-prerank perf-analyzer docker-up docker-down docker-logs
 
 help:
-	@echo "make run | test | serve | query USER=<id> | export | notebooks | lab | benchmark-quality | benchmark-models | benchmark-serving | benchmark-faults | benchmark-scale | benchmark-train | benchmark-cold-start | benchmark-replay | clean | docker-up | docker-down | docker-logs"
+	@echo "make run | test | serve | query USER=<id> | export | notebooks | lab | benchmark-quality | benchmark-models | benchmark-serving | benchmark-faults | benchmark-scale | benchmark-train | benchmark-cold-start | benchmark-replay | benchmark-prerank | clean | docker-up | docker-down | docker-logs"
 
 $(STAMP): requirements/lock.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -100,6 +100,11 @@ benchmark-cold-start: venv
 # a full retrain at each cutoff, both scored on the next slice (about 35 min on 2 cores).
 benchmark-replay: venv
 	$(TWOTOWER) benchmark-replay
+
+# IntTower's Table 2 (ML-1M) as a click-through task: LR, two-tower, DAT, IntTower and DCN-v2,
+# without and with training-only mean-rating features.
+benchmark-prerank: venv
+	$(TWOTOWER) benchmark-prerank
 
 test: venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

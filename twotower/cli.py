@@ -134,6 +134,7 @@ COMMANDS: dict[str, Command] = {
     "benchmark-scale": Command("index kinds on 10^4-10^6 items; Feast at 10^5-10^6 users", _benchmark("scale_benchmark", "run_scale_benchmark")),
     "benchmark-cold-start": Command("newest items held out, refreshed in, against trained", _benchmark("cold_start_benchmark", "run_cold_start_benchmark")),
     "benchmark-replay": Command("time replayed: incremental against full retrains", _benchmark("replay_benchmark", "run_replay_benchmark")),
+    "benchmark-prerank": Command("IntTower's ML-1M Table 2 as click-through: LR to DCN-v2", _benchmark("prerank_benchmark", "run_prerank_benchmark")),
     "benchmark-train": Command("training throughput against plain tf.keras; a profile", _benchmark("train_benchmark", "run_train_benchmark")),
 }
 

@@ -146,6 +146,22 @@ class SequenceConfig:
 
 
 @dataclass
+class IntTowerConfig:
+    """IntTower's FE-Block and CIR (twotower/models/inttower.py). Defaults from the official ML-1M
+    script (train_movielens_IntTower.py): user_head=32, item_head=32, field_dim=64 (the size of each
+    head); its towers have 3 layers and all 3 take part."""
+
+    user_heads: int = 32  # head vectors per user-tower layer taking part
+    item_heads: int = 32  # head vectors of the item tower's last output
+    head_size: int = 64
+    fe_layers: list[int] = field(default_factory=lambda: [0, 1, 2])  # user-tower layers (0 = first) projected into heads
+    # CIR: InfoNCE between a positive row's user and item FE representations (the last
+    # fe_layers entry's heads, flattened: needs user_heads == item_heads), in-batch negatives
+    cir_weight: float = 1.0  # 0 turns it off
+    cir_temperature: float = 0.07
+
+
+@dataclass
 class ModelConfig:
     name: ModelName = "two_tower"  # `twotower models` lists them
     # Learning approach, with any model: softmax (contrastive over in-batch, optionally
@@ -156,6 +172,7 @@ class ModelConfig:
     senet_reduction: int = 2  # SENet's squeeze ratio: fields -> fields // ratio -> fields
     dat: DATConfig = field(default_factory=DATConfig)
     sequence: SequenceConfig = field(default_factory=SequenceConfig)
+    inttower: IntTowerConfig = field(default_factory=IntTowerConfig)  # make benchmark-prerank's inttower row
 
 
 IndexKind = Literal["flat", "hnsw", "ivf_flat", "ivf_pq"]
@@ -212,6 +229,27 @@ class FeaturesConfig:
 
 
 @dataclass
+class PrerankConfig:
+    """make benchmark-prerank (twotower/prerank_benchmark.py): IntTower's Table 2 protocol on ML-1M
+    as a click-through task; defaults are the official ML-1M script's."""
+
+    models: list[str] = field(default_factory=list)  # names from prerank_benchmark.MODELS; empty: all
+    setups: list[str] = field(default_factory=list)  # names from prerank_benchmark.SETUPS; empty: all
+    sample_rows: int = 0  # 0: every rating; N: N ratings drawn at random first (tests, quick looks)
+    test_fraction: float = 0.2  # random rows (after sorting by time), as sklearn's train_test_split
+    validation_fraction: float = 0.2  # the last rows of the training part, as Keras' validation_split
+    epochs: int = 10
+    patience: int = 5  # epochs without a better validation AUC before stopping (best epoch's weights kept)
+    batch_size: int = 2048
+    learning_rate: float = 1e-3
+    embedding_dim: int = 32
+    embedding_l2: float = 1e-5  # on the embedding tables, added to the batch's summed BCE
+    tower_layers: list[int] = field(default_factory=lambda: [300, 300, 128])  # batch norm and dropout on each
+    dropout: float = 0.3
+    cross_depth: int = 2  # dcn_v2's cross layers before its MLP
+
+
+@dataclass
 class BenchmarkConfig:
     requests_per_phase: int = 2000  # per load phase and graph
     warmup_requests: int = 50
@@ -256,6 +294,7 @@ class BenchmarkConfig:
     # chains train on nearly everything before each cutoff; validation still drives early stopping
     replay_test_fraction: float = 0.01
     replay_validation_fraction: float = 0.05
+    prerank: PrerankConfig = field(default_factory=PrerankConfig)
 
 
 @dataclass

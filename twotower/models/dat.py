@@ -62,9 +62,14 @@ class AugmentedVector(tf.keras.layers.Layer):
         return {**super().get_config(), "column": self.column, "cardinality": self.cardinality, "dim": self.dim}
 
 
+def mimic_distances(augmented: tf.Tensor, other_tower: tf.Tensor) -> tf.Tensor:
+    """Per row [batch]: ``||augmented - stop_gradient(other_tower)||^2``."""
+    return tf.reduce_sum(tf.square(augmented - tf.stop_gradient(other_tower)), axis=-1)
+
+
 def mimic_loss(augmented: tf.Tensor, other_tower: tf.Tensor) -> tf.Tensor:
     """Mean over positive pairs of ``||augmented - stop_gradient(other_tower)||^2``."""
-    return tf.reduce_mean(tf.reduce_sum(tf.square(augmented - tf.stop_gradient(other_tower)), axis=-1))
+    return tf.reduce_mean(mimic_distances(augmented, other_tower))
 
 
 def category_alignment_loss(vectors: tf.Tensor, membership: tf.Tensor) -> tf.Tensor:
