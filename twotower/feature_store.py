@@ -225,7 +225,7 @@ def build_feature_store(
 def add_rows(repo_dir: Path, view_name: str, rows: pd.DataFrame) -> None:
     """Add ``rows`` (the view's join key and features; other columns are ignored) to a feature view
     of the deployed repository: to its offline source, replacing earlier rows with the same keys,
-    and to the online store, where the running servers read them. The offline source keeps what a
+    and to its online store, which the next exported version copies (``served_copy``). The offline source keeps what a
     later ``materialize`` would write equal to what is served. Rows get the recipe's fixed stamp."""
     store = FeatureStore(repo_path=str(repo_dir))
     view = store.get_feature_view(view_name)
@@ -245,7 +245,7 @@ def update_users(config: RecipeConfig, user_ids: np.ndarray) -> None:
     """Rewrite the rows of ``user_ids`` in both user views of the run's Feast repository (offline
     source and online store) from the run's data and saved workflow, as a full build would write
     them: users new to the store get rows, the others their current history and seen items. The
-    other rows stay; the running servers read the new rows at once."""
+    other rows stay; servers read the new rows from the next exported version (``served_copy``)."""
     tables = feature_tables(config, user_ids)
     for view, rows in user_view_rows(tables.users, tables.encoded_users).items():
         add_rows(config.feature_repo_dir, view, rows)

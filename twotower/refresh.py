@@ -27,8 +27,8 @@ N answers every request until N+1 is ready. Then new requests go to N+1, and N i
 the requests it is answering have completed (Triton's model management documentation: a reload
 replaces the model "without any loss in availability"; its core's model lifecycle keeps the old
 version alive while requests hold it). A request is answered by one version, so by one query
-tower and one index; both read the same Feast store, where the refresh only adds item rows, which
-the serving graph does not read.
+tower, one index and one copy of the Feast repository (the export copies it into each version,
+``feature_store.served_copy``): the refreshed item rows reach requests with the new version only.
 
 **Refusals.** An unreadable or empty file, a missing column, a bad value, a repeated id, a
 negative id (FAISS reserves -1) and an id already in the catalogue are refused with one line
@@ -164,13 +164,13 @@ def add_new_items(items: pd.DataFrame, config: RecipeConfig) -> int:
     return catalogue_size
 
 
-def refreshed_items(config: RecipeConfig) -> pd.DataFrame:
+def refreshed_items(config: RecipeConfig, columns: list[str]) -> pd.DataFrame:
     """The items that refresh-items added and that are still served (the refresh in effect), with
-    the features they were added with (Feast's item view source); no rows if there are none."""
+    the features they were added with (Feast's item view source) in ``columns``, the run's item
+    table's; no rows if there are none."""
     from twotower.feature_store import ITEM_VIEW
 
     entries = read_manifest(config)
-    columns = list(load_recipe_data(config.data_dir).items.columns)
     if not refresh_in_effect(entries):
         return pd.DataFrame(columns=columns)
     added = [item for refresh in entries[REFRESH]["added"] for item in refresh["item_ids"]]

@@ -175,8 +175,9 @@ def retrain(config: RecipeConfig, since: int) -> RetrainReport:
             if not config.model_weights_path.exists():
                 raise RetrainRefused(f"no saved model weights at {config.model_weights_path} to warm-start from: run `twotower train` first")
             check_export(config)  # the last model must be the one its workflow and data belong to
-        known_users = load_recipe_data(config.data_dir).users["user_id"].to_numpy()
-        refreshed = refreshed_items(config)  # read before the stages below drop them
+        known = load_recipe_data(config.data_dir)
+        known_users = known.users["user_id"].to_numpy()
+        refreshed = refreshed_items(config, list(known.items.columns))  # read before the stages below drop them
         data, split = prepare_data(config)
         positives = pd.concat([split.train, split.valid, split.test])
         fresh = positives[positives["timestamp"] >= since]
