@@ -127,7 +127,7 @@ def test_benchmark_prerank_smoke_run_writes_every_row(tmp_path, capsys):
     config = load_config(overrides=[
         "data.dataset=synthetic", "data.synthetic_users=60", "data.synthetic_items=40",
         "benchmark.prerank.epochs=1", "benchmark.prerank.batch_size=128", "benchmark.prerank.sample_rows=1200",
-        "benchmark.prerank.tower_layers=[16, 16, 8]", "model.inttower.user_heads=4", "model.inttower.item_heads=4", "model.inttower.head_size=8",
+        "benchmark.prerank.tower_layers=[16, 16, 8]", "benchmark.prerank.inttower.user_heads=4", "benchmark.prerank.inttower.item_heads=4", "benchmark.prerank.inttower.head_size=8",
     ])
     config.output_dir = tmp_path
     path = run_prerank_benchmark(config)

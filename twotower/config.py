@@ -172,7 +172,7 @@ class ModelConfig:
     senet_reduction: int = 2  # SENet's squeeze ratio: fields -> fields // ratio -> fields
     dat: DATConfig = field(default_factory=DATConfig)
     sequence: SequenceConfig = field(default_factory=SequenceConfig)
-    inttower: IntTowerConfig = field(default_factory=IntTowerConfig)  # make benchmark-prerank's inttower row
+    inttower: IntTowerConfig = field(default_factory=IntTowerConfig)  # model.name=inttower
 
 
 IndexKind = Literal["flat", "hnsw", "ivf_flat", "ivf_pq"]
@@ -247,6 +247,7 @@ class PrerankConfig:
     tower_layers: list[int] = field(default_factory=lambda: [300, 300, 128])  # batch norm and dropout on each
     dropout: float = 0.3
     cross_depth: int = 2  # dcn_v2's cross layers before its MLP
+    inttower: IntTowerConfig = field(default_factory=IntTowerConfig)  # the inttower row's FE-Block and CIR
 
 
 @dataclass

@@ -236,7 +236,7 @@ class TwoTowerClick(ClickModel):
 
     def __init__(self, prepared: Prepared, settings: PrerankConfig, kind: str, model: ModelConfig):
         super().__init__(prepared, settings)
-        self.kind, self.model_config = kind, model
+        self.kind, self.model_config, self.settings = kind, model, settings
         augments = [None, None]
         if kind == "dat":
             augments = [AugmentedVector(column, prepared.cardinalities[column], settings.tower_layers[-1]) for column in ("user_id", "item_id")]
@@ -244,8 +244,8 @@ class TwoTowerClick(ClickModel):
         self.user_tower = Tower(settings, prepared.dense["user"], gate, augments[0])
         self.item_tower = Tower(settings, prepared.dense["item"], gate, augments[1])
         if kind == "inttower":
-            check_inttower(model.inttower, len(settings.tower_layers))
-            fe = model.inttower
+            check_inttower(settings.inttower, len(settings.tower_layers))
+            fe = settings.inttower
             self.fe = FEBlock(len(fe.fe_layers), fe.user_heads, fe.item_heads, fe.head_size)
 
     def logits(self, features, training):
@@ -253,7 +253,7 @@ class TwoTowerClick(ClickModel):
         item = self.item_tower(self.embeddings(features, ITEM_FIELDS), features, training=training)
         labels = features.get(LABEL) if training else None
         if self.kind == "inttower":
-            fe = self.model_config.inttower
+            fe = self.settings.inttower
             user_heads, item_heads = self.fe.heads([user[index] for index in fe.fe_layers], item[-1])
             if labels is not None and fe.cir_weight:
                 self.add_loss(fe.cir_weight * tf.reduce_sum(contrastive_interaction_loss(user_heads[-1], item_heads, labels, fe.cir_temperature)))
@@ -284,9 +284,9 @@ class DeepCrossNetwork(ClickModel):
 
 def check_inttower(config: IntTowerConfig, tower_layers: int) -> None:
     if not config.fe_layers or any(not 0 <= index < tower_layers for index in config.fe_layers):
-        raise ValueError(f"model.inttower.fe_layers={config.fe_layers}: indices of the {tower_layers} tower layers, at least one")
+        raise ValueError(f"benchmark.prerank.inttower.fe_layers={config.fe_layers}: indices of the {tower_layers} tower layers, at least one")
     if config.cir_weight and config.user_heads != config.item_heads:
-        raise ValueError("model.inttower: CIR compares user and item heads one to one; set user_heads == item_heads or cir_weight=0")
+        raise ValueError("benchmark.prerank.inttower: CIR compares user and item heads one to one; set user_heads == item_heads or cir_weight=0")
 
 
 def build(name: str, prepared: Prepared, settings: PrerankConfig, model: ModelConfig) -> ClickModel:
@@ -426,7 +426,6 @@ def run_prerank_benchmark(config: RecipeConfig) -> Path:
         "paper": {name: {"auc": values[0], "logloss": values[1]} for name, values in PAPER.items()},
         "data": {"train": len(split.train), "valid": len(split.valid), "test": len(split.test), "test_click_rate": float(split.test[LABEL].mean())},
         "settings": dataclasses.asdict(settings),
-        "inttower": dataclasses.asdict(config.model.inttower),
         "seed": config.seed,
         "total_seconds": time.perf_counter() - started,
     }
