@@ -148,10 +148,12 @@ def prepare(split: Split, encoding: Encoding, setup: str) -> Prepared:
 class FieldEmbeddings(tf.keras.layers.Layer):
     """One table per field, L2-regularised; a list field ([batch, length], 0 pads) mean-pooled."""
 
-    def __init__(self, cardinalities: dict[str, int], dim: int, l2: float, **kwargs):
+    def __init__(self, cardinalities: dict[str, int], dim: int, l2: float, init_std: float, **kwargs):
         super().__init__(**kwargs)
         self.tables = {
-            name: tf.keras.layers.Embedding(rows, dim, embeddings_regularizer=tf.keras.regularizers.l2(l2), name=f"{name}_table")
+            name: tf.keras.layers.Embedding(
+                rows, dim, embeddings_initializer=_normal(init_std), embeddings_regularizer=tf.keras.regularizers.l2(l2), name=f"{name}_table"
+            )
             for name, rows in cardinalities.items()
         }
 
@@ -173,9 +175,25 @@ def _flat(fields: tf.Tensor, features: dict, dense: tuple[str, ...]) -> tf.Tenso
     return tf.concat([flat, *(features[name] for name in dense)], axis=-1)
 
 
+def _normal(std: float) -> tf.keras.initializers.Initializer:
+    return tf.keras.initializers.RandomNormal(stddev=std)
+
+
 def _mlp_layers(settings: PrerankConfig) -> list[mm.Block]:
-    """One merlin-models MLPBlock per layer (ReLU, batch norm, dropout), so each output is reachable."""
-    return [mm.MLPBlock([units], normalization="batch_norm", dropout=settings.dropout) for units in settings.tower_layers]
+    """One merlin-models MLPBlock per layer (ReLU, batch norm, dropout), so each output is reachable.
+
+    Batch norm as PyTorch's defaults, which the official code runs: Keras' momentum of 0.99 leaves the
+    moving statistics far behind the fast-growing activations of a near-zero start, and inference
+    (validation, test) then normalises with stale ones."""
+    return [
+        mm.MLPBlock(
+            [units],
+            kernel_initializer=_normal(settings.init_std),
+            normalization=tf.keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5),
+            dropout=settings.dropout,
+        )
+        for units in settings.tower_layers
+    ]
 
 
 class ClickModel(tf.keras.Model):
@@ -185,7 +203,7 @@ class ClickModel(tf.keras.Model):
     def __init__(self, prepared: Prepared, settings: PrerankConfig, dim: int | None = None):
         super().__init__()
         self.dense = prepared.dense
-        self.embeddings = FieldEmbeddings(prepared.cardinalities, dim or settings.embedding_dim, settings.embedding_l2)
+        self.embeddings = FieldEmbeddings(prepared.cardinalities, dim or settings.embedding_dim, settings.embedding_l2, settings.init_std)
         self.bias = tf.Variable(0.0, name="bias")
 
     def logits(self, features: dict, training: bool) -> tf.Tensor:
