@@ -5,6 +5,7 @@ Tiny hand-made tensors and frames; one short run of the benchmark on a small syn
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -15,7 +16,7 @@ import tensorflow as tf
 
 from twotower.config import load_config
 from twotower.models.inttower import FEBlock, contrastive_interaction_loss, fe_score
-from twotower.prerank_benchmark import LABEL, MODELS, SETUPS, click_rows, mean_rating_features, prerank_split, run_prerank_benchmark
+from twotower.prerank_benchmark import LABEL, MODELS, SETUPS, click_rows, mean_rating_features, mean_rating_sources, prerank_split, run_prerank_benchmark
 
 pytestmark = pytest.mark.unit
 
@@ -109,13 +110,18 @@ def test_protocol_drops_rating_3_and_splits_80_20_with_validation_last():
     assert set(split.test["timestamp"]).isdisjoint(set(pd.concat([split.train, split.valid])["timestamp"]))
 
 
+def _test_features(split, setup: str) -> dict[str, np.ndarray]:
+    return mean_rating_features(mean_rating_sources(split, setup)["test"], split.test)
+
+
 def test_train_mean_rating_of_test_rows_ignores_test_labels():
     split = prerank_split(click_rows(_ratings(400)), 0.2, 0.2, seed=1)
-    before = mean_rating_features(split.train, split.test)
-    flipped = split.test.assign(**{LABEL: 1.0 - split.test[LABEL]})
-    after = mean_rating_features(split.train, flipped)
-    for name in before:
-        np.testing.assert_array_equal(before[name], after[name])
+    flipped = dataclasses.replace(split, test=split.test.assign(**{LABEL: 1.0 - split.test[LABEL]}))
+    for name, values in _test_features(split, "train_mean_rating").items():
+        np.testing.assert_array_equal(values, _test_features(flipped, "train_mean_rating")[name])
+    # the official code's features do read the test labels: the comparison setup leaks, as it should
+    assert not np.array_equal(_test_features(split, "split_mean_rating")["user_mean_rating"], _test_features(flipped, "split_mean_rating")["user_mean_rating"])
+    assert mean_rating_sources(split, "no_mean_rating") == {}
     # unseen ids get the training mean
     unseen = pd.DataFrame({"user_id": [10_000], "item_id": [10_000], LABEL: [1.0]})
     assert mean_rating_features(split.train, unseen)["user_mean_rating"][0, 0] == pytest.approx(split.train[LABEL].mean())
