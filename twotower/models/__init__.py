@@ -18,6 +18,7 @@ REGISTRY: dict[str, str] = {
     "dat": "twotower.models.dat",
     "seq_attention": "twotower.models.sequence",
     "seq_gru": "twotower.models.sequence",
+    "inttower": "twotower.models.inttower",
 }
 
 
