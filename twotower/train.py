@@ -208,16 +208,20 @@ def fit_model(
     return model, stopper
 
 
+def test_eval_set(inputs: TrainingInputs) -> EvalSet:
+    """The test split's users, held-out positives and everything they had before (excluded)."""
+    return build_eval_set(inputs.split.test, known_before_test(inputs.split), inputs.catalogue.item_ids)
+
+
 def evaluate_on_test(config: RecipeConfig, inputs: TrainingInputs, model: RetrievalModel) -> dict[str, dict[str, float]]:
     """Test metrics of the model (under its name) and of popularity, full catalogue, earlier
     positives excluded."""
     from twotower.baselines import evaluate_popularity
 
-    split = inputs.split
-    test_set = build_eval_set(split.test, known_before_test(split), inputs.catalogue.item_ids)
+    test_set = test_eval_set(inputs)
     return {
         config.model.name: evaluate_model(model, test_set, inputs.test_users, inputs.catalogue),
-        "popularity": evaluate_popularity(split.train, test_set, inputs.catalogue.item_ids),
+        "popularity": evaluate_popularity(inputs.split.train, test_set, inputs.catalogue.item_ids),
     }
 
 
