@@ -41,7 +41,7 @@ from scipy.stats import rankdata
 
 import merlin.models.tf as mm
 
-from twotower.config import IntTowerConfig, ModelConfig, PrerankConfig, RecipeConfig
+from twotower.config import ModelConfig, PrerankConfig, RecipeConfig
 from twotower.data import RecipeData, Split, load_dataset
 from twotower.models.dat import AugmentedVector, mimic_distances
 from twotower.models.gating import LightSE
