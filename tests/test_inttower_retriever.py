@@ -110,6 +110,9 @@ def test_cir_reaches_the_loss_and_pairs_each_user_with_its_own_item(prepared, in
     value = float(keras.contrastive_interaction(tf.constant(query), tf.constant(candidate)))
     assert value == pytest.approx(_numpy_infonce(last_layer, candidate, fe.cir_temperature), rel=1e-4)
     assert value != pytest.approx(_numpy_infonce(last_layer, np.roll(candidate, 1, axis=0), fe.cir_temperature), rel=1e-3)
+    # outside training (a warm start's first call) the model scores each row's own pair by FE
+    own_pairs = np.asarray(keras(features, training=False)).reshape(-1)
+    np.testing.assert_allclose(own_pairs, np.diag(model.score(query, candidate)), rtol=1e-4, atol=1e-4)
 
 
 def test_inttower_refuses_settings_it_cannot_build(prepared, inputs):
