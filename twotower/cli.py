@@ -18,6 +18,7 @@ from twotower.config import ConfigError, RecipeConfig, load_config
 from twotower.console import ignore_known_warnings, quiet_library_logs, timed_step
 from twotower.data import DataError
 from twotower.manifest import ArtifactMismatch
+from twotower.models import NotServed
 from twotower.serve import PortInUse, triton_server
 
 Handler = Callable[[RecipeConfig, argparse.Namespace], None]
@@ -191,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"twotower: configuration error: {error}\n")
     try:
         command.run(config, args)
-    except (ArtifactMismatch, PortInUse, DataError, RecommendError) as error:  # what the user must act on, not a crash
+    except (ArtifactMismatch, NotServed, PortInUse, DataError, RecommendError) as error:  # what the user must act on, not a crash
         parser.exit(2, f"twotower: {error}\n")
     return 0
 

@@ -121,7 +121,7 @@ class TrainConfig:
 
 
 # The registered models (twotower/models/__init__.py keeps the builders; a test checks both agree).
-ModelName = Literal["two_tower", "dat", "seq_attention", "seq_gru"]
+ModelName = Literal["two_tower", "dat", "seq_attention", "seq_gru", "inttower"]
 
 
 @dataclass
@@ -147,18 +147,36 @@ class SequenceConfig:
 
 @dataclass
 class IntTowerConfig:
-    """IntTower's FE-Block and CIR (twotower/models/inttower.py). Defaults from the official ML-1M
-    script (train_movielens_IntTower.py): user_head=32, item_head=32, field_dim=64 (the size of each
-    head); its towers have 3 layers and all 3 take part."""
+    """IntTower's FE-Block and CIR (twotower/models/inttower.py), sized for model.name=inttower.
 
-    user_heads: int = 32  # head vectors per user-tower layer taking part
-    item_heads: int = 32  # head vectors of the item tower's last output
-    head_size: int = 64
-    fe_layers: list[int] = field(default_factory=lambda: [0, 1, 2])  # user-tower layers (0 = first) projected into heads
+    The official ML-1M script (train_movielens_IntTower.py) uses 32 user heads and 32 item heads of
+    size 64 on 3 tower layers: it scores given (user, item) rows, one pair at a time. A retriever
+    scores every pair, and trains on a batch x batch score matrix: its cost grows with
+    layers x user heads x item heads x head size per pair, 196,608 multiply-adds there against 64
+    for the two-tower dot product. 2 layers x 4 user heads x 4 item heads x size 32 (1,024 per pair)
+    keep exact scoring of 6,040 users x 3,706 items and a 4,096 x 4,096 in-batch matrix affordable
+    on 2 CPU cores. benchmark.prerank.inttower keeps the official values (PrerankConfig)."""
+
+    user_heads: int = 4  # head vectors per user-tower layer taking part
+    item_heads: int = 4  # head vectors of the item tower's last output
+    head_size: int = 32
+    fe_layers: list[int] = field(default_factory=lambda: [0, 1])  # user-tower layers (0 = first) projected into heads
     # CIR: InfoNCE between a positive row's user and item FE representations (the last
     # fe_layers entry's heads, flattened: needs user_heads == item_heads), in-batch negatives
     cir_weight: float = 1.0  # 0 turns it off
     cir_temperature: float = 0.07
+    # The multi-vector retriever (twotower/multi_vector.py): item head vectors each user head
+    # vector fetches from FAISS; the union of their items is re-scored exactly by the FE score
+    # (doubled for a user until k unseen items are among the candidates)
+    search_depth: int = 100
+
+
+def official_inttower() -> IntTowerConfig:
+    """The official ML-1M script's FE-Block: 32 user heads, 32 item heads of size 64, 3 layers; CIR
+    off, as at the official HEAD. On a 200,000-rating sample (2026-11-29) CIR at weight 1 (summed
+    over the batch like the BCE) kept validation AUC under 0.5 for 3 epochs, where without it
+    IntTower reached 0.79."""
+    return IntTowerConfig(user_heads=32, item_heads=32, head_size=64, fe_layers=[0, 1, 2], cir_weight=0.0)
 
 
 @dataclass
@@ -250,12 +268,7 @@ class PrerankConfig:
     tower_layers: list[int] = field(default_factory=lambda: [300, 300, 128])  # batch norm and dropout on each
     dropout: float = 0.3
     cross_depth: int = 2  # dcn_v2's cross layers before its MLP
-    # the inttower row's FE-Block and CIR: the official script's heads; CIR off as at the official HEAD. On
-    # a 200,000-rating sample (2026-11-29) CIR at weight 1 (summed over the batch like the BCE) kept
-    # validation AUC under 0.5 for 3 epochs, where without it IntTower reached 0.79
-    inttower: IntTowerConfig = field(
-        default_factory=lambda: IntTowerConfig(user_heads=32, item_heads=32, head_size=64, fe_layers=[0, 1, 2], cir_weight=0.0)
-    )
+    inttower: IntTowerConfig = field(default_factory=official_inttower)  # the inttower row's FE-Block and CIR
 
 
 @dataclass

@@ -5,8 +5,10 @@ per-user temporal split, ranked over the whole catalogue with earlier positives 
 Each variant tries a handful of settings (its first is the default); the one with the best
 validation metric (``train.early_stopping_metric``) is its row, the test split is only
 reported. Each row's model is then exported and served by a real Triton server started
-here, and single-user requests at concurrency 1 measure its serving latency. The best rows
-are trained again with other seeds to show the spread.
+here, and single-user requests at concurrency 1 measure its serving latency (a model the
+graph does not serve yet, ``inttower``, records why instead). ``inttower``'s row also measures
+its multi-vector FAISS retrieval against its exact scoring. The best rows are trained again
+with other seeds to show the spread.
 
 Data and workflow are prepared once and copied into each run's own output folder, so
 every run has its own complete, exportable artifacts.
@@ -40,6 +42,7 @@ VARIANTS: dict[str, list[dict]] = {
     ],
     "seq_attention": [{"model.name": "seq_attention"}, {"model.name": "seq_attention", "model.sequence.dropout": 0.3}],
     "seq_gru": [{"model.name": "seq_gru"}],
+    "inttower": [{"model.name": "inttower"}],
     "two_tower/bpr": [{"model.loss": "bpr"}],
     "two_tower/bce": [{"model.loss": "bce"}],
 }
@@ -69,12 +72,15 @@ def run_folder(base: RecipeConfig, shared: RecipeConfig, run_name: str, override
 
 
 def _train(config: RecipeConfig) -> dict:
+    from twotower.models.inttower import IntTowerRetrievalModel
     from twotower.train import train_and_save
 
     started = time.perf_counter()
     model, metrics = train_and_save(config, verbose=2)
     history = metrics["history"]
     validation = f"val_{config.train.early_stopping_metric}"
+    wall_seconds = time.perf_counter() - started
+    multi_vector = {"multi_vector": _multi_vector_retrieval(config, model)} if isinstance(model, IntTowerRetrievalModel) else {}
     return {
         **metrics["test"][config.model.name],
         "validation": max(h[validation] for h in history),
@@ -82,17 +88,52 @@ def _train(config: RecipeConfig) -> dict:
         "seconds_per_epoch": float(np.median([h["train_seconds"] for h in history])),
         "epochs_run": len(history),
         "best_epoch": metrics["best_epoch"],
-        "wall_seconds": time.perf_counter() - started,
+        "wall_seconds": wall_seconds,
+        **multi_vector,
     }
 
 
-def _serving_latency(config: RecipeConfig) -> dict[str, float]:
+def _multi_vector_retrieval(config: RecipeConfig, model) -> dict[str, float]:
+    """An IntTower model's test split retrieved through FAISS over item heads
+    (``twotower/multi_vector.py``, depth ``model.inttower.search_depth``): its Recall@10/100 and
+    how much of the exact full-catalogue FE top 10/100 it finds (the row's own metrics are exact)."""
+    from twotower.evaluate import ranking_metrics, top_k_positions
+    from twotower.multi_vector import multi_vector_top_k, overlap_at_k
+    from twotower.train import load_training_inputs, held_out_eval_set
+
+    inputs = load_training_inputs(config)
+    test_set = held_out_eval_set(inputs)
+    users = model.query_vectors(inputs.test_users.loc[test_set.user_ids])
+    items = model.item_vectors(inputs.catalogue.features)
+    k = min(max(RECALL_KS), len(items))
+    exact = top_k_positions(lambda rows: model.score(users[rows], items), test_set, k)
+    layout, depth = model.keras.layout, config.model.inttower.search_depth
+    started = time.perf_counter()
+    found = multi_vector_top_k(layout.query(users).numpy(), layout.items(items).numpy(), k, depth, test_set.seen)
+    seconds = time.perf_counter() - started
+    metrics = ranking_metrics(found, test_set)
+    return {
+        "search_depth": depth,
+        **{name: metrics[name] for name in ("recall@10", "recall@100") if name in metrics},
+        **{f"overlap@{n}": overlap_at_k(found, exact, n) for n in (10, 100) if n <= k},
+        "ms_per_user": 1000 * seconds / len(users),
+    }
+
+
+def _serving_latency(config: RecipeConfig) -> dict[str, float | str | None]:
     """Index, feature store and export of this run, then single-user requests at concurrency 1
-    through a Triton server started here on free ports."""
+    through a Triton server started here on free ports; for a model the graph does not serve
+    (``twotower.models.NOT_SERVED``), no latency and the reason."""
     from twotower.data import load_split
+    from twotower.models import NotServed, check_served
     from twotower.serve import TritonServer
     from twotower.serving_benchmark import drive_requests, latency_summary, user_batches
 
+    try:
+        check_served(config.model.name)
+    except NotServed as error:  # recorded in the row instead of a latency
+        print(f"[benchmark-models] {error}", flush=True)
+        return {"serving_p50_ms": None, "serving_p99_ms": None, "not_served": str(error)}
     pipeline.run_index(config)
     pipeline.run_features(config)
     pipeline.run_export(config)
@@ -193,6 +234,12 @@ def run_model_benchmark(base: RecipeConfig) -> Path:
     print("\n" + _table(rows))
     for name, spread in seed_runs.items():
         print(f"{name} over seeds {rows[name]['seeds']}: " + ", ".join(f"{c} {v['mean']:.4f} ± {v['std']:.4f}" for c, v in spread["spread"].items()))
+    for name, row in rows.items():
+        if "multi_vector" in row:
+            found = row["multi_vector"]
+            print(f"{name} through FAISS over item heads (depth {found['search_depth']}): " + ", ".join(f"{key} {value:.4f}" for key, value in found.items() if key != "search_depth"))
+        if row.get("not_served"):
+            print(f"{name} not served: {row['not_served']}")
     print(f"total {report['total_seconds'] / 60:.1f} min; plot {out_dir / 'tradeoff.png'}")
     print(json_path)
     return json_path

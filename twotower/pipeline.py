@@ -33,6 +33,7 @@ from twotower.data import (
     split_by_time,
 )
 from twotower.manifest import EXPORT_RECORD, atomic_dir, atomic_file, check_export, recorded_stage
+from twotower.models import check_served
 
 if TYPE_CHECKING:  # heavy imports stay lazy: the CLI loads TensorFlow only for stages that need it
     from feast import FeatureStore
@@ -124,6 +125,7 @@ def run_index(config: RecipeConfig) -> None:
     from twotower.index import build_index, print_choice, save_index
     from twotower.train import load_item_vectors
 
+    check_served(config.model.name)
     with recorded_stage(config, "index") as details:
         item_ids, vectors = load_item_vectors(config.item_vectors_path)
         queries = validation_query_vectors(config)
@@ -146,13 +148,20 @@ def run_features(config: RecipeConfig) -> FeatureStore:
     return store
 
 
+def export_checks(config: RecipeConfig) -> dict[str, str]:
+    """Refuse a model the graph cannot serve (``NotServed``) or artifacts of different runs
+    (``ArtifactMismatch``); the fingerprints the export packages."""
+    check_served(config.model.name)
+    return check_export(config)
+
+
 def run_export(config: RecipeConfig) -> Path:
-    """Check that the run's artifacts agree (``ArtifactMismatch`` names the stages to re-run),
+    """Check that the model is served and the run's artifacts agree (``export_checks``),
     then write the model with its serving settings and the fingerprints it packaged."""
     from twotower.ensemble import export_ensemble, recipe_ensemble
     from twotower.triton_config import apply_serving_settings
 
-    packaged = check_export(config)
+    packaged = export_checks(config)
 
     def finish(model_dir: Path) -> None:
         apply_serving_settings(model_dir, config.serve)
@@ -184,7 +193,7 @@ def run_export_version(config: RecipeConfig) -> int:
     one a server may be serving (refresh-items); its number. The fingerprints record follows it."""
     from twotower.ensemble import export_version, recipe_ensemble
 
-    packaged = check_export(config)
+    packaged = export_checks(config)
     version = export_version(recipe_ensemble(config), config.export_dir, config.serve.model_name)
     _write_export_record(config.export_dir / config.serve.model_name, packaged)
     print(f"[export] version {version} of {config.serve.model_name} written to {config.export_dir}")

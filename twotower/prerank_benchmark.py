@@ -42,11 +42,11 @@ from scipy.stats import rankdata
 
 import merlin.models.tf as mm
 
-from twotower.config import IntTowerConfig, ModelConfig, PrerankConfig, RecipeConfig
+from twotower.config import ModelConfig, PrerankConfig, RecipeConfig
 from twotower.data import RecipeData, Split, load_dataset
 from twotower.models.dat import AugmentedVector, mimic_distances
 from twotower.models.gating import LightSE
-from twotower.models.inttower import FEBlock, contrastive_interaction_loss, fe_score
+from twotower.models.inttower import FEBlock, check_inttower, contrastive_interaction_loss, fe_score
 from twotower.train import set_seeds, shuffled_batches
 
 SETUPS = ("no_mean_rating", "train_mean_rating", "split_mean_rating")
@@ -275,7 +275,7 @@ class TwoTowerClick(ClickModel):
         self.user_tower = Tower(settings, prepared.dense["user"], gate, augments[0])
         self.item_tower = Tower(settings, prepared.dense["item"], gate, augments[1])
         if kind == "inttower":
-            check_inttower(settings.inttower, len(settings.tower_layers))
+            check_inttower(settings.inttower, len(settings.tower_layers), "benchmark.prerank.inttower")
             fe = settings.inttower
             self.fe = FEBlock(len(fe.fe_layers), fe.user_heads, fe.item_heads, fe.head_size)
 
@@ -311,13 +311,6 @@ class DeepCrossNetwork(ClickModel):
         for layer in self.mlp:
             hidden = layer(hidden, training=training)
         return self.out(hidden)[:, 0]
-
-
-def check_inttower(config: IntTowerConfig, tower_layers: int) -> None:
-    if not config.fe_layers or any(not 0 <= index < tower_layers for index in config.fe_layers):
-        raise ValueError(f"benchmark.prerank.inttower.fe_layers={config.fe_layers}: indices of the {tower_layers} tower layers, at least one")
-    if config.cir_weight and config.user_heads != config.item_heads:
-        raise ValueError("benchmark.prerank.inttower: CIR compares user and item heads one to one; set user_heads == item_heads or cir_weight=0")
 
 
 def build(name: str, prepared: Prepared, settings: PrerankConfig, model: ModelConfig) -> ClickModel:

@@ -4,7 +4,7 @@ The model comes from the registry (``model.name``); whatever it is, training fit
 the encoded training positives, early stopping watches full-catalogue recall on the
 validation split, and the test split is scored over the whole catalogue with earlier
 positives excluded. Only the model interface (``query_vectors``, ``item_vectors``, tower
-save) is used here.
+save, ``score``) is used here.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from merlin.schema import Schema, Tags
 
 from twotower.config import RecipeConfig, config_to_dict
 from twotower.data import Split, known_before_test, load_recipe_data, load_split
-from twotower.evaluate import EvalSet, build_eval_set, evaluate_embeddings
+from twotower.evaluate import EvalSet, build_eval_set, evaluate_scores
 from twotower.manifest import STAGES, atomic_dir, atomic_file, fingerprints, record_stage
 from twotower.models import builder
 from twotower.models.base import RetrievalModel, TrainingStats
@@ -90,9 +90,11 @@ def load_training_inputs(config: RecipeConfig) -> TrainingInputs:
 
 
 def evaluate_model(model: RetrievalModel, eval_set: EvalSet, user_features: pd.DataFrame, catalogue: Catalogue) -> dict[str, float]:
-    """Ranking metrics of ``model`` over the whole catalogue; ``user_features`` is indexed by user id."""
+    """Ranking metrics of ``model`` over the whole catalogue, by its own ``score``; ``user_features``
+    is indexed by user id."""
     users = model.query_vectors(user_features.loc[eval_set.user_ids])
-    return evaluate_embeddings(users, model.item_vectors(catalogue.features), eval_set)
+    items = model.item_vectors(catalogue.features)
+    return evaluate_scores(lambda rows: model.score(users[rows], items), eval_set)
 
 
 class FullCatalogueEarlyStopping(tf.keras.callbacks.Callback):
@@ -206,16 +208,20 @@ def fit_model(
     return model, stopper
 
 
+def held_out_eval_set(inputs: TrainingInputs) -> EvalSet:
+    """The test split's users, held-out positives and everything they had before (excluded)."""
+    return build_eval_set(inputs.split.test, known_before_test(inputs.split), inputs.catalogue.item_ids)
+
+
 def evaluate_on_test(config: RecipeConfig, inputs: TrainingInputs, model: RetrievalModel) -> dict[str, dict[str, float]]:
     """Test metrics of the model (under its name) and of popularity, full catalogue, earlier
     positives excluded."""
     from twotower.baselines import evaluate_popularity
 
-    split = inputs.split
-    test_set = build_eval_set(split.test, known_before_test(split), inputs.catalogue.item_ids)
+    test_set = held_out_eval_set(inputs)
     return {
         config.model.name: evaluate_model(model, test_set, inputs.test_users, inputs.catalogue),
-        "popularity": evaluate_popularity(split.train, test_set, inputs.catalogue.item_ids),
+        "popularity": evaluate_popularity(inputs.split.train, test_set, inputs.catalogue.item_ids),
     }
 
 

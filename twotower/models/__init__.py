@@ -18,7 +18,24 @@ REGISTRY: dict[str, str] = {
     "dat": "twotower.models.dat",
     "seq_attention": "twotower.models.sequence",
     "seq_gru": "twotower.models.sequence",
+    "inttower": "twotower.models.inttower",
 }
+
+# models the serving graph (FAISS over one vector per item, searched with one query vector) cannot
+# answer for yet: model name -> why
+NOT_SERVED: dict[str, str] = {
+    "inttower": "its FE score is a sum of maxima over head vectors, not one inner product; "
+    "twotower/multi_vector.py retrieves by it in process, the Triton graph does not",
+}
+
+
+class NotServed(ValueError):
+    """The index or export stage was asked for a model the serving graph cannot answer for."""
+
+
+def check_served(name: str) -> None:
+    if name in NOT_SERVED:
+        raise NotServed(f"model.name={name} is not served yet: {NOT_SERVED[name]}")
 
 
 def model_names() -> list[str]:

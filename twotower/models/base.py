@@ -64,6 +64,11 @@ class RetrievalModel:
         """Candidate-tower outputs for encoded item rows (ITEM columns), in order."""
         return encode(self.keras.candidate_encoder, features, self.item_schema)
 
+    def score(self, query_vectors: np.ndarray, item_vectors: np.ndarray) -> np.ndarray:
+        """Scores [queries, items] of every pair of rows of ``query_vectors`` and ``item_vectors``
+        (this class's outputs): what evaluation ranks by. A dot product unless a model says otherwise."""
+        return query_vectors @ item_vectors.T
+
     def save_query_tower(self, path: Path) -> None:
         """The query tower as a SavedModel whose ``serving_default`` the server calls."""
         self.keras.query_encoder.save(str(path), include_optimizer=False)
@@ -154,9 +159,11 @@ def field_inputs(schema: Schema, tables: mm.ParallelBlock, model: ModelConfig) -
     return mm.InputBlockV2(schema, categorical=tables, aggregation="concat" if model.gating == "none" else None)
 
 
-def compile_model(keras_model: mm.RetrievalModelV2, schema: Schema, train: TrainConfig, model: ModelConfig) -> RetrievalModel:
+def compile_model(
+    keras_model: mm.RetrievalModelV2, schema: Schema, train: TrainConfig, model: ModelConfig, kind: type[RetrievalModel] = RetrievalModel
+) -> RetrievalModel:
     keras_model.compile(optimizer=tf.keras.optimizers.Adam(train.learning_rate), loss=loss_for(model.loss), metrics=[])
-    return RetrievalModel(keras_model, schema)
+    return kind(keras_model, schema)
 
 
 def check_field_dims(train: TrainConfig, model: ModelConfig) -> None:

@@ -19,6 +19,9 @@ negatives as drawn.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import numpy as np
 import pandas as pd
 import tensorflow as tf
@@ -124,10 +127,17 @@ class UniformCatalogueSampler(CandidateSampler):
 
 
 def contrastive_output(
-    schema: Schema, item_counts: np.ndarray, catalogue_features: pd.DataFrame, candidate: mm.Encoder, train: TrainConfig, model: ModelConfig
+    schema: Schema,
+    item_counts: np.ndarray,
+    catalogue_features: pd.DataFrame,
+    candidate: mm.Encoder,
+    train: TrainConfig,
+    model: ModelConfig,
+    make_output: Callable[..., mm.ContrastiveOutput] | None = None,
 ) -> mm.ContrastiveOutput:
     """Scores of each positive and its negatives (in-batch, plus ``train.mixed_negatives``
-    uniform catalogue items), over the temperature, logQ-corrected for ``softmax``."""
+    uniform catalogue items), over the temperature, logQ-corrected for ``softmax``. The scores are
+    dot products unless ``make_output`` (called with the output's settings) scores otherwise."""
     samplers: list = ["in-batch"]
     item_probabilities = item_counts / item_counts.sum()
     if train.mixed_negatives:
@@ -143,8 +153,7 @@ def contrastive_output(
         # ContrastiveOutput divides by the temperature after `post`; scaling the
         # correction by it leaves logits/T - log(q) in the softmax.
         post = PopularityLogitsCorrection(item_probabilities, is_prob_distribution=True, schema=schema, reg_factor=train.temperature)
-    return mm.ContrastiveOutput(
-        DotProduct(),
+    return (make_output or functools.partial(mm.ContrastiveOutput, DotProduct()))(
         schema=schema.select_by_tag(Tags.ITEM_ID),
         negative_samplers=samplers,
         logits_temperature=train.temperature,
