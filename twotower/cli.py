@@ -7,7 +7,6 @@ import importlib
 import logging
 import signal
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,6 @@ from twotower.models import NotServed
 from twotower.serve import PortInUse, triton_server
 
 Handler = Callable[[RecipeConfig, argparse.Namespace], None]
-SIGNAL_CHECK_S = 0.2  # how soon `serve` notices a termination signal delivered to another thread
 
 
 @dataclass(frozen=True)
@@ -66,10 +64,7 @@ def _serve(config: RecipeConfig, args: argparse.Namespace) -> None:
         print(f"Triton serving {config.export_dir} on grpc {server.grpc_url} (http {server.ports.http}, "
               f"metrics {server.ports.metrics}); Ctrl-C stops it", flush=True)
         try:
-            # Wake up often rather than block in waitpid: a SIGTERM or SIGHUP the kernel hands to
-            # another thread (gRPC's, TensorFlow's) runs its handler only when this thread runs Python.
-            while server.process.poll() is None:
-                time.sleep(SIGNAL_CHECK_S)
+            server.process.wait()
         except KeyboardInterrupt:
             pass
     if server.process.returncode not in (0, -signal.SIGTERM):
