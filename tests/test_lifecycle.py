@@ -30,10 +30,18 @@ def _port_free(port: int) -> bool:
     return not listening_sockets(port)
 
 
+def _hangup_by_default() -> None:
+    """In the child: SIGHUP's default action, as in a terminal's session. A test run started under
+    nohup passes SIGHUP on ignored, and `twotower serve` rightly keeps an ignore it inherits."""
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 def _start_serving(command: list[str], log: Path) -> tuple[subprocess.Popen, tuple[int, int, int]]:
     """Start ``command`` in a new session (as `setsid` would) and wait for the serving line."""
     with open(log, "w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=PROJECT_ROOT)
+        process = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=PROJECT_ROOT, preexec_fn=_hangup_by_default
+        )
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         match = SERVING_LINE.search(log.read_text())
