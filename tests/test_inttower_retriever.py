@@ -18,7 +18,7 @@ import tensorflow as tf
 
 from twotower.config import IntTowerConfig, PrerankConfig, set_value
 from twotower.evaluate import EvalSet, build_eval_set, evaluate_scores, top_k_positions
-from twotower.models import NotServed, builder
+from twotower.models import builder
 from twotower.models.inttower import HeadLayout, IntTowerRetrievalModel, fe_score_matrix
 from twotower.multi_vector import multi_vector_top_k, overlap_at_k
 from twotower.train import evaluate_model, load_training_inputs, training_batches
@@ -122,16 +122,13 @@ def test_inttower_refuses_settings_it_cannot_build(prepared, inputs):
         _inttower(prepared, inputs, **{"model.inttower.item_heads": 2})
 
 
-def test_index_and_export_refuse_inttower_in_one_line_before_reading_artifacts(tmp_path):
+def test_refresh_items_refuses_inttower_in_one_line(tmp_path):
     from conftest import small_config
-    from twotower import pipeline
+    from twotower.refresh import RefreshRefused, refresh_items
 
-    config = small_config(tmp_path, "model.name=inttower")  # an empty run: any other check would fail differently
-    for stage in (pipeline.run_index, pipeline.run_export, pipeline.run_export_version):
-        with pytest.raises(NotServed, match="model.name=inttower is not served yet") as refused:
-            stage(config)
-        assert "\n" not in str(refused.value)
-    assert not config.export_dir.exists()
+    config = small_config(tmp_path, "model.name=inttower")
+    with pytest.raises(RefreshRefused, match="model.name=inttower indexes item heads; refresh-items adds single item vectors"):
+        refresh_items(config, tmp_path / "new_items.parquet")
 
 
 # ------------------------------------------------------------------ the multi-vector retriever
@@ -213,24 +210,39 @@ def test_multi_vector_refuses_bad_inputs():
 
 
 # ------------------------------------------------------------------ make benchmark-models
-@pytest.mark.timeout(600)
-def test_benchmark_models_inttower_row_measures_the_retriever_and_records_why_it_is_not_served(tmp_path, capsys):
+@pytest.mark.timeout(900)
+def test_benchmark_models_serves_inttower_and_measures_the_cascade(tmp_path, capsys):
     from conftest import small_config
     from twotower.model_benchmark import run_model_benchmark
 
     config = small_config(
         tmp_path,
         "train.epochs=1",
-        "benchmark.model_variants=[inttower]",
+        "benchmark.model_variants=[two_tower, inttower]",
         "benchmark.model_seed_rows=0",
+        "benchmark.model_serving_requests=20",
+        "benchmark.warmup_requests=5",
+        "benchmark.cascade_candidates=20",
+        "serve.top_k=10",  # the served top 10 is what the rows' recall@10 and ndcg@10 rank
         "model.inttower.search_depth=100000",  # covers every item head: the retriever must equal exact scoring
     )
     path = run_model_benchmark(config)
     out = capsys.readouterr().out
-    assert "inttower not served: model.name=inttower is not served yet" in out
-    row = json.loads(path.read_text())["models"]["inttower"]
-    assert row["serving_p50_ms"] is None and row["not_served"].startswith("model.name=inttower is not served yet")
+    report = json.loads(path.read_text())
+    row = report["models"]["inttower"]
+    assert row["serving_p50_ms"] > 0  # served through Triton by its multi-vector graph
     found = row["multi_vector"]
     assert found["overlap@10"] == 1.0 and found["overlap@100"] == 1.0
     assert found["recall@10"] == pytest.approx(row["recall@10"]) and found["recall@100"] == pytest.approx(row["recall@100"])
     assert found["ms_per_user"] > 0
+
+    cascade = report["cascade"]
+    assert set(cascade) == {"retrieval_only", "with_prerank"}
+    for stage in cascade.values():
+        assert set(stage) >= {"recall@10", "ndcg@10", "p50_ms", "latency"}
+        assert stage["p50_ms"] > 0 and stage["latency"]["c16"]["errors"] == 0
+    # the served two-tower graph over the whole test split scores what the row's in-process metrics do
+    for metric in ("recall@10", "ndcg@10"):
+        assert cascade["retrieval_only"][metric] == pytest.approx(report["models"]["two_tower"][metric], abs=1e-6)
+    assert cascade["with_prerank"]["candidates"] == 20 and cascade["with_prerank"]["prerank_model"] == "inttower"
+    assert "cascade (served, every test user" in out

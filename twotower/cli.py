@@ -18,7 +18,6 @@ from twotower.config import ConfigError, RecipeConfig, load_config
 from twotower.console import ignore_known_warnings, quiet_library_logs, timed_step
 from twotower.data import DataError
 from twotower.manifest import ArtifactMismatch
-from twotower.models import NotServed
 from twotower.serve import PortInUse, triton_server
 
 Handler = Callable[[RecipeConfig, argparse.Namespace], None]
@@ -38,6 +37,11 @@ def _stage(name: str) -> Handler:
 def _benchmark(module: str, function: str) -> Handler:
     """A benchmark's entry point, imported only when it runs (each pulls in its own tools)."""
     return lambda config, args: getattr(importlib.import_module(f"twotower.{module}"), function)(config)
+
+
+def _prerank(config: RecipeConfig, args: argparse.Namespace) -> None:
+    with timed_step("prerank"):
+        pipeline.run_prerank(config)
 
 
 def _all(config: RecipeConfig, args: argparse.Namespace) -> None:
@@ -122,6 +126,7 @@ COMMANDS: dict[str, Command] = {
     "export": Command("write the Triton model repository (parts must agree)", _stage("export")),
     "all": Command("the six stages above in order, then where outputs are", _all),
     "run": Command("all, then a Triton server answering a few test users", _run),
+    "prerank": Command("train serve.prerank_model as the cascade's pre-ranker", _prerank),
     "serve": Command("Triton on the exported model, in the foreground (Ctrl-C)", _serve),
     "query": Command("ask the running server for the top-k of each --user ID", _query),
     "recommend": Command("top-k of --users FILE|all into --out FILE, no server", _recommend),
@@ -192,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"twotower: configuration error: {error}\n")
     try:
         command.run(config, args)
-    except (ArtifactMismatch, NotServed, PortInUse, DataError, RecommendError) as error:  # what the user must act on, not a crash
+    except (ArtifactMismatch, ConfigError, PortInUse, DataError, RecommendError) as error:  # what the user must act on, not a crash
         parser.exit(2, f"twotower: {error}\n")
     return 0
 

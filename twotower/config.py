@@ -238,6 +238,13 @@ class ServeConfig:
     dynamic_batching: bool = False
     max_batch_size: int = 256  # largest batch one request may carry when dynamic_batching is on
     max_queue_delay_us: int = 100  # how long Triton may hold a request to group it with others
+    # The cascade's pre-ranking stage (twotower/ensemble.py PrerankCandidates): retrieval fetches
+    # this many candidates and the pre-ranker returns the best top_k of them; 0: no such stage.
+    prerank_candidates: int = 0
+    prerank_model: ModelName = "inttower"  # the model `twotower prerank` trains as the pre-ranker
+    # The pre-ranker's run folder (same data and workflow as this run's); null: <output_dir>/prerank,
+    # where `twotower prerank` trains it.
+    prerank_run: Path | None = None
 
 
 @dataclass
@@ -291,6 +298,9 @@ class BenchmarkConfig:
     model_seed_rows: int = 1  # the best rows (validation) trained again with each extra seed
     model_extra_seeds: list[int] = field(default_factory=lambda: [43, 44])
     model_serving_requests: int = 300  # single-user requests at concurrency 1 through Triton, per model
+    # with both two_tower and inttower rows: two_tower retrieves this many candidates and inttower
+    # pre-ranks them (serve.prerank_candidates), against two_tower alone; 0: not measured
+    cascade_candidates: int = 200
     # make benchmark-scale (twotower/scale_benchmark.py); 10_000_000 fits 23 GB of memory but
     # takes hours on 2 cores, so it is opt-in: --set "benchmark.scale_sizes=[...]"
     scale_sizes: list[int] = field(default_factory=lambda: [10_000, 100_000, 1_000_000])
@@ -369,6 +379,10 @@ class RecipeConfig:
     @property
     def model_weights_path(self) -> Path:
         return self.model_dir / "weights.npz"  # the whole model's trainable weights: a warm start's
+
+    @property
+    def prerank_dir(self) -> Path:
+        return self.serve.prerank_run or self.output_dir / "prerank"
 
     @property
     def feature_repo_dir(self) -> Path:

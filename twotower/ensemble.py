@@ -37,6 +37,7 @@ from merlin.table import TensorColumn, TensorTable
 from twotower.errors import RequestError, ServiceUnavailable
 from twotower.index import ItemIndex, load_index
 from twotower.manifest import atomic_dir, staging_dir
+from twotower.multi_vector import HeadIndex, HeadShape, candidate_scores
 
 if TYPE_CHECKING:
     from twotower.config import RecipeConfig
@@ -305,9 +306,11 @@ class RetrieveTopK(_ArtifactOperator):
         fallback_scores: np.ndarray,
         exclude_seen: bool,
         item_names: np.ndarray | None = None,
+        passthrough: Schema | None = None,
     ):
         super().__init__(index_path)
         self.item_names = item_names  # the files' text item id per int id; None: answers carry the int ids
+        self.passthrough = passthrough or Schema()  # handed on unchanged (a pre-ranker's query features)
         catalogue_size = self.resource.ntotal
         if top_k > catalogue_size:
             log.warning("top_k=%d exceeds the catalogue of %d items; serving %d", top_k, catalogue_size, catalogue_size)
@@ -330,7 +333,10 @@ class RetrieveTopK(_ArtifactOperator):
                 ColumnSchema("scores", dtype=np.float32, dims=(None, self.top_k)),
                 ColumnSchema("is_fallback", dtype=md.boolean),
             ]
-        )
+        ) + self.passthrough
+
+    def _search(self, vectors: np.ndarray, seen: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        return self.resource.search(vectors, self.top_k, seen)
 
     def _seen_lists(self, transformable, n_rows: int) -> list[np.ndarray]:
         if not self.exclude_seen or "seen_items" not in transformable.columns:
@@ -350,9 +356,113 @@ class RetrieveTopK(_ArtifactOperator):
             item_ids[~known], item_scores[~known] = self.fallback_items, self.fallback_scores
         rows = np.flatnonzero(known)
         if len(rows):
-            item_ids[rows], item_scores[rows] = self.resource.search(vectors[rows], self.top_k, [seen[row] for row in rows])
+            item_ids[rows], item_scores[rows] = self._search(vectors[rows], [seen[row] for row in rows])
         answer_ids = item_ids if self.item_names is None else self.item_names[item_ids]
-        return TensorTable({"item_ids": answer_ids, "scores": item_scores, "is_fallback": ~known})
+        passed = {c: transformable[c] for c in self.passthrough.column_names}
+        return TensorTable({"item_ids": answer_ids, "scores": item_scores, "is_fallback": ~known, **passed})
+
+
+class RetrieveByHeads(RetrieveTopK):
+    """``RetrieveTopK`` for a multi-vector model (``model.name=inttower``): the query vector is
+    the user's head vectors flattened, the index holds every item head, and each user's union of
+    candidates is re-scored by the FE score (``multi_vector.HeadIndex``, ``depth`` rows per head)."""
+
+    def __init__(self, index_path: Path, shape: HeadShape, depth: int, *args, **kwargs):
+        self.shape, self.depth = shape, depth  # before the base class loads the index
+        super().__init__(index_path, *args, **kwargs)
+
+    def _load(self, path: Path):
+        import faiss
+
+        faiss.omp_set_num_threads(1)  # as RetrieveTopK's
+        return HeadIndex(load_index(path), self.shape.item_heads)
+
+    def _search(self, vectors: np.ndarray, seen: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        return self.resource.search(self.shape.query(vectors), self.top_k, self.depth, seen)
+
+
+class PrerankCandidates(_ArtifactOperator):
+    """The cascade's second stage: a pre-ranker (another run's model, ``serve.prerank_model``)
+    scores the retrieved candidates and keeps the best ``top_k``.
+
+    Its query tower runs on the user's features from the same Feast lookup; the candidates' item
+    vectors were computed by its item tower at training (an item tower reads item features only,
+    so they are what it would compute from the store's item rows). Scores are the pre-ranker's
+    own: the FE score for IntTower (``shape``), the dot product for a single-vector model. Rows
+    answered by the popularity fallback pass through unchanged; seen items were excluded by
+    retrieval. Only the pre-ranker's query tower and item vectors are copied into the export.
+    """
+
+    artifact_name = "prerank"
+    parts = ("query_tower", "item_vectors.npz")
+
+    def __init__(self, model_dir: Path, shape: HeadShape | None, top_k: int, item_names: np.ndarray | None = None):
+        super().__init__(model_dir)
+        self.shape, self.top_k, self.item_names = shape, top_k, item_names
+
+    def _load(self, path: Path):
+        from twotower.train import load_item_vectors
+
+        item_ids, vectors = load_item_vectors(path / "item_vectors.npz")
+        return load_serving_signature(path / "query_tower"), pd.Index(item_ids), vectors
+
+    def save_artifacts(self, artifact_path: str) -> None:
+        target = Path(artifact_path) / self.artifact_name
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(Path(self.source) / "query_tower", target / "query_tower", dirs_exist_ok=True)
+        shutil.copy2(Path(self.source) / "item_vectors.npz", target / "item_vectors.npz")
+
+    def compute_output_schema(self, input_schema: Schema, col_selector: ColumnSelector, prev_output_schema: Schema = None) -> Schema:
+        return Schema(
+            [
+                ColumnSchema("item_ids", dtype=np.int64 if self.item_names is None else md.string, dims=(None, self.top_k)),
+                ColumnSchema("scores", dtype=np.float32, dims=(None, self.top_k)),
+                ColumnSchema("is_fallback", dtype=md.boolean),
+            ]
+        )
+
+    def transform(self, col_selector: ColumnSelector, transformable):
+        signature, catalogue, item_vectors = self.resource
+        candidates = np.asarray(transformable["item_ids"].values)
+        retrieval_scores = np.asarray(transformable["scores"].values)
+        fallback = np.asarray(transformable["is_fallback"].values)
+        query_vectors = call_signature(signature, transformable)
+        item_ids = candidates[:, : self.top_k].copy()  # fallback rows: the popularity list as it came
+        item_scores = retrieval_scores[:, : self.top_k].astype(np.float32)
+        for row in np.flatnonzero(~fallback):
+            positions = catalogue.get_indexer(candidates[row])
+            if (positions < 0).any():  # the export checks the catalogues match; a mismatch here is a fault
+                raise RuntimeError(f"item {candidates[row][positions < 0][0]} retrieved but not in the pre-ranker's catalogue")
+            scores = candidate_scores(query_vectors[row], item_vectors[positions], self.shape)
+            best = np.argsort(-scores, kind="stable")[: self.top_k]
+            item_ids[row], item_scores[row] = candidates[row][best], scores[best]
+        answer_ids = item_ids if self.item_names is None else self.item_names[item_ids]
+        return TensorTable({"item_ids": answer_ids, "scores": item_scores, "is_fallback": fallback})
+
+
+class MultiVector(NamedTuple):
+    """The retriever is a multi-vector model: how its vectors split into heads, and the rows each
+    user head fetches (``model.inttower.search_depth``)."""
+
+    shape: HeadShape
+    depth: int
+
+
+class Prerank(NamedTuple):
+    """The cascade's pre-ranking stage: the pre-ranker run's model folder, its head shape (None:
+    a single-vector model) and how many candidates retrieval hands it."""
+
+    model_dir: Path
+    shape: HeadShape | None
+    candidates: int
+
+
+def _union(*schemas: Schema) -> Schema:
+    columns: dict[str, ColumnSchema] = {}
+    for schema in schemas:
+        for column in schema:
+            columns.setdefault(column.name, column)
+    return Schema(list(columns.values()))
 
 
 def build_ensemble(
@@ -365,20 +475,30 @@ def build_ensemble(
     max_users: int,
     workflow_fingerprint: str,
     external_ids: ExternalIds | None = None,
+    multi_vector: MultiVector | None = None,
+    prerank: Prerank | None = None,
 ) -> Ensemble:
     """The recipe's serving graph; ``workflow_fingerprint`` is the workflow the query tower was
     trained on, which the online store's features must come from. ``external_ids`` maps text ids
-    of the data files to the recipe's int ids and back."""
+    of the data files to the recipe's int ids and back. With ``prerank``, retrieval fetches
+    ``prerank.candidates`` items (and as many fallback items) and the pre-ranker keeps ``top_k``."""
     external_ids = external_ids or ExternalIds()
-    model_inputs = _signature_schema(PredictQueryTower(query_tower_dir))
+    prerank_inputs = _signature_schema(PredictQueryTower(prerank.model_dir / "query_tower")) if prerank else Schema()
+    model_inputs = _union(_signature_schema(PredictQueryTower(query_tower_dir)), prerank_inputs)
     lookup = OnlineQueryFeatures(feature_repo, model_inputs, max_users, workflow_fingerprint, external_ids.user_codes)
     retrieval_inputs = lookup.compute_output_schema(Schema(), None).select_by_name(["seen_items", "known"])
-    graph = (
-        ["user_id"]
-        >> lookup
-        >> PredictQueryTower(query_tower_dir, passthrough=retrieval_inputs)
-        >> RetrieveTopK(index_path, top_k, *fallback, exclude_seen=exclude_seen, item_names=external_ids.item_names)
+    retrieved = prerank.candidates if prerank else top_k
+    retrieval_names = None if prerank else external_ids.item_names  # the pre-ranker reads int ids and names them
+    retrieval_args = (retrieved, *fallback)
+    retrieval_kwargs = {"exclude_seen": exclude_seen, "item_names": retrieval_names, "passthrough": prerank_inputs}
+    retrieve = (
+        RetrieveByHeads(index_path, multi_vector.shape, multi_vector.depth, *retrieval_args, **retrieval_kwargs)
+        if multi_vector
+        else RetrieveTopK(index_path, *retrieval_args, **retrieval_kwargs)
     )
+    graph = ["user_id"] >> lookup >> PredictQueryTower(query_tower_dir, passthrough=_union(retrieval_inputs, prerank_inputs)) >> retrieve
+    if prerank:
+        graph = graph >> PrerankCandidates(prerank.model_dir, prerank.shape, min(top_k, retrieve.top_k), external_ids.item_names)
     return Ensemble(graph, Schema([ColumnSchema("user_id", dtype=np.int64 if external_ids.user_codes is None else md.string)]))
 
 
@@ -428,31 +548,44 @@ def _signature_schema(tower: PredictQueryTower) -> Schema:
     return Schema([columns[name] for name in dict.fromkeys(n.partition(RAGGED_SEPARATOR)[0] for n in specs)])
 
 
-def popular_items(config: RecipeConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Cold-start answer: catalogue items by training count, scores as a share of the top item's."""
+def popular_items(config: RecipeConfig, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cold-start answer: the ``count`` catalogue items with most training positives, scores as a
+    share of the top item's."""
     from twotower.data import load_split
     from twotower.train import load_item_vectors
 
     catalogue, _ = load_item_vectors(config.item_vectors_path)
     counts = load_split(config.splits_dir).train["item_id"].value_counts()
-    counts = counts[counts.index.isin(catalogue)].head(config.serve.top_k)
+    counts = counts[counts.index.isin(catalogue)].head(count)
     return counts.index.to_numpy(dtype=np.int64), (counts / counts.iloc[0]).to_numpy(dtype=np.float32)
 
 
 def recipe_ensemble(config: RecipeConfig, feature_repo: Path | None = None) -> Ensemble:
-    """The serving graph over this run's artifacts (``feature_repo`` defaults to the run's)."""
+    """The serving graph over this run's artifacts (``feature_repo`` defaults to the run's): the
+    retriever's own (multi-vector for a model with heads), then the pre-ranker of
+    ``serve.prerank_run`` when ``serve.prerank_candidates`` is set."""
     from twotower.manifest import fingerprint
+    from twotower.models import head_shape
+    from twotower.pipeline import prerank_config
 
+    shape = head_shape(config.model)
+    multi_vector = MultiVector(shape, config.model.inttower.search_depth) if shape else None
+    prerank = None
+    if config.serve.prerank_candidates:
+        ranker = prerank_config(config)
+        prerank = Prerank(ranker.model_dir, head_shape(ranker.model), config.serve.prerank_candidates)
     return build_ensemble(
         feature_repo or config.feature_repo_dir,
         config.query_tower_dir,
         config.index_path,
         config.serve.top_k,
-        popular_items(config),
+        popular_items(config, prerank.candidates if prerank else config.serve.top_k),
         exclude_seen=config.serve.exclude_seen,
         max_users=config.serve.max_request_users,
         workflow_fingerprint=fingerprint(config.workflow_dir),
         external_ids=load_external_ids(config),
+        multi_vector=multi_vector,
+        prerank=prerank,
     )
 
 

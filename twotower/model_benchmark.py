@@ -5,10 +5,12 @@ per-user temporal split, ranked over the whole catalogue with earlier positives 
 Each variant tries a handful of settings (its first is the default); the one with the best
 validation metric (``train.early_stopping_metric``) is its row, the test split is only
 reported. Each row's model is then exported and served by a real Triton server started
-here, and single-user requests at concurrency 1 measure its serving latency (a model the
-graph does not serve yet, ``inttower``, records why instead). ``inttower``'s row also measures
-its multi-vector FAISS retrieval against its exact scoring. The best rows are trained again
-with other seeds to show the spread.
+here, and single-user requests at concurrency 1 measure its serving latency. ``inttower``'s row
+also measures its multi-vector FAISS retrieval against its exact scoring. With both the
+``two_tower`` and ``inttower`` rows, the cascade is measured through Triton: two_tower's served
+graph alone against it with inttower pre-ranking ``benchmark.cascade_candidates`` retrieved
+items (quality over every test user; latency at concurrency 1 and 16). The best rows are
+trained again with other seeds to show the spread.
 
 Data and workflow are prepared once and copied into each run's own output folder, so
 every run has its own complete, exportable artifacts.
@@ -19,7 +21,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import shutil
 import time
 from datetime import date
 from pathlib import Path
@@ -47,7 +48,6 @@ VARIANTS: dict[str, list[dict]] = {
     "two_tower/bce": [{"model.loss": "bce"}],
 }
 COLUMNS = [*(f"recall@{k}" for k in RECALL_KS), "ndcg@10", "mrr@100", "coverage@10"]
-DATA_PARTS = ("data", "workflows", "manifest.json")
 
 
 def _slug(name: str) -> str:
@@ -62,25 +62,21 @@ def run_folder(base: RecipeConfig, shared: RecipeConfig, run_name: str, override
     config.export_dir = config.output_dir / "triton_models"
     for key, value in overrides.items():
         set_value(config, key, value)
-    if config.output_dir.exists():
-        shutil.rmtree(config.output_dir)
-    config.output_dir.mkdir(parents=True)
-    for part in DATA_PARTS:
-        source = shared.output_dir / part
-        (shutil.copytree if source.is_dir() else shutil.copy2)(source, config.output_dir / part)
+    pipeline.copy_run_inputs(shared, config)
     return config
 
 
 def _train(config: RecipeConfig) -> dict:
     from twotower.models.inttower import IntTowerRetrievalModel
-    from twotower.train import train_and_save
+    from twotower.train import load_training_inputs, train_and_save
 
     started = time.perf_counter()
-    model, metrics = train_and_save(config, verbose=2)
+    inputs = load_training_inputs(config)
+    model, metrics = train_and_save(config, verbose=2, inputs=inputs)
     history = metrics["history"]
     validation = f"val_{config.train.early_stopping_metric}"
     wall_seconds = time.perf_counter() - started
-    multi_vector = {"multi_vector": _multi_vector_retrieval(config, model)} if isinstance(model, IntTowerRetrievalModel) else {}
+    multi_vector = {"multi_vector": _multi_vector_retrieval(config, inputs, model)} if isinstance(model, IntTowerRetrievalModel) else {}
     return {
         **metrics["test"][config.model.name],
         "validation": max(h[validation] for h in history),
@@ -93,15 +89,14 @@ def _train(config: RecipeConfig) -> dict:
     }
 
 
-def _multi_vector_retrieval(config: RecipeConfig, model) -> dict[str, float]:
+def _multi_vector_retrieval(config: RecipeConfig, inputs, model) -> dict[str, float]:
     """An IntTower model's test split retrieved through FAISS over item heads
     (``twotower/multi_vector.py``, depth ``model.inttower.search_depth``): its Recall@10/100 and
     how much of the exact full-catalogue FE top 10/100 it finds (the row's own metrics are exact)."""
     from twotower.evaluate import ranking_metrics, top_k_positions
     from twotower.multi_vector import multi_vector_top_k, overlap_at_k
-    from twotower.train import load_training_inputs, held_out_eval_set
+    from twotower.train import held_out_eval_set
 
-    inputs = load_training_inputs(config)
     test_set = held_out_eval_set(inputs)
     users = model.query_vectors(inputs.test_users.loc[test_set.user_ids])
     items = model.item_vectors(inputs.catalogue.features)
@@ -120,34 +115,85 @@ def _multi_vector_retrieval(config: RecipeConfig, model) -> dict[str, float]:
     }
 
 
-def _serving_latency(config: RecipeConfig) -> dict[str, float | str | None]:
-    """Index, feature store and export of this run, then single-user requests at concurrency 1
-    through a Triton server started here on free ports; for a model the graph does not serve
-    (``twotower.models.NOT_SERVED``), no latency and the reason."""
-    from twotower.data import load_split
-    from twotower.models import NotServed, check_served
-    from twotower.serve import TritonServer
-    from twotower.serving_benchmark import drive_requests, latency_summary, user_batches
-
-    try:
-        check_served(config.model.name)
-    except NotServed as error:  # recorded in the row instead of a latency
-        print(f"[benchmark-models] {error}", flush=True)
-        return {"serving_p50_ms": None, "serving_p99_ms": None, "not_served": str(error)}
+def _serve_run(config: RecipeConfig) -> None:
+    """Index, feature store and export of this run."""
     pipeline.run_index(config)
     pipeline.run_features(config)
     pipeline.run_export(config)
-    users = load_split(config.splits_dir).test["user_id"].unique()
-    serve = dataclasses.replace(config.serve, grpc_port=0, http_port=0, metrics_port=0)
-    requests = config.benchmark.model_serving_requests
-    with TritonServer(config.export_dir, config.output_dir / "triton", serve) as server:
-        timeout = config.serve.client_timeout_s
-        drive_requests(server.grpc_url, serve.model_name, user_batches(users, config.benchmark.warmup_requests, 1, config.seed), 1, timeout)
-        latencies, errors, wall = drive_requests(server.grpc_url, serve.model_name, user_batches(users, requests, 1, config.seed + 1), 1, timeout)
-    summary = latency_summary(latencies, errors, wall, 1)
+
+
+def _latency(config: RecipeConfig, url: str, users: np.ndarray, concurrency: int) -> dict[str, float]:
+    """Single-user requests at ``concurrency`` (after a warm-up) to the server at ``url``."""
+    from twotower.serving_benchmark import drive_requests, latency_summary, user_batches
+
+    requests, timeout = config.benchmark.model_serving_requests, config.serve.client_timeout_s
+    drive_requests(url, config.serve.model_name, user_batches(users, config.benchmark.warmup_requests, 1, config.seed), concurrency, timeout)
+    latencies, errors, wall = drive_requests(url, config.serve.model_name, user_batches(users, requests, 1, config.seed + 1), concurrency, timeout)
     if errors:
         raise RuntimeError(f"{errors} of {requests} requests failed while measuring {config.output_dir.name}")
+    return latency_summary(latencies, errors, wall, 1)
+
+
+def _served(config: RecipeConfig):
+    """A Triton server started here, on free ports, on this run's export."""
+    from twotower.serve import TritonServer
+
+    serve = dataclasses.replace(config.serve, grpc_port=0, http_port=0, metrics_port=0)
+    return TritonServer(config.export_dir, config.output_dir / "triton", serve)
+
+
+def _test_users(config: RecipeConfig) -> np.ndarray:
+    from twotower.data import load_split
+
+    return load_split(config.splits_dir).test["user_id"].unique()
+
+
+def _serving_latency(config: RecipeConfig) -> dict[str, float]:
+    """Index, feature store and export of this run, then single-user requests at concurrency 1
+    through a Triton server started here on free ports."""
+    _serve_run(config)
+    with _served(config) as server:
+        summary = _latency(config, server.grpc_url, _test_users(config), 1)
     return {"serving_p50_ms": summary["p50_ms"], "serving_p99_ms": summary["p99_ms"]}
+
+
+def _served_quality(config: RecipeConfig, url: str, test_set, catalogue_ids: np.ndarray) -> dict[str, float]:
+    """Recall@k and NDCG@10 of what the server at ``url`` answers for every user of ``test_set``
+    (requests of ``serve.max_request_users``), on the full-catalogue protocol: the same held-out
+    positives and exclusions as the rows' in-process metrics."""
+    from twotower.client import recommend
+    from twotower.evaluate import ranking_metrics
+
+    positions = {item: position for position, item in enumerate(catalogue_ids)}
+    size, answers = config.serve.max_request_users, []
+    for start in range(0, len(test_set.user_ids), size):
+        answer = recommend(test_set.user_ids[start : start + size], url, config.serve.model_name, config.serve.client_timeout_s)
+        answers.append(np.vectorize(positions.__getitem__)(answer["item_ids"]))
+    metrics = ranking_metrics(np.concatenate(answers), test_set, ks=(config.serve.top_k,))
+    return {name: metrics[name] for name in (f"recall@{config.serve.top_k}", "ndcg@10")}
+
+
+def _cascade(retriever: RecipeConfig, ranker: RecipeConfig, candidates: int) -> dict[str, dict]:
+    """The retriever's served graph (already exported) against it with ``ranker``'s model as the
+    pre-ranking stage over ``candidates`` retrieved items: quality through the server for every
+    test user, and single-user latency at concurrency 1 and 16."""
+    cascade = copy.deepcopy(retriever)
+    cascade.serve.prerank_candidates, cascade.serve.prerank_run, cascade.serve.prerank_model = candidates, ranker.output_dir, ranker.model.name
+    cascade.export_dir = retriever.output_dir / "triton_models_cascade"
+    pipeline.run_export(cascade)
+    from twotower.train import held_out_eval_set, load_training_inputs
+
+    inputs = load_training_inputs(retriever)
+    test_set, users = held_out_eval_set(inputs), _test_users(retriever)
+    results = {}
+    for name, config in (("retrieval_only", retriever), ("with_prerank", cascade)):
+        print(f"[benchmark-models] cascade: {name} through Triton", flush=True)
+        with _served(config) as server:
+            quality = _served_quality(config, server.grpc_url, test_set, inputs.catalogue.item_ids)
+            latency = {f"c{c}": _latency(config, server.grpc_url, users, c) for c in (1, 16)}
+        results[name] = {**quality, "p50_ms": latency["c1"]["p50_ms"], "latency": latency}
+    results["with_prerank"].update({"candidates": candidates, "prerank_model": ranker.model.name})
+    return results
 
 
 def _table(rows: dict[str, dict]) -> str:
@@ -212,6 +258,12 @@ def run_model_benchmark(base: RecipeConfig) -> Path:
         rows[name]["seeds"] = [base.seed, *bench.model_extra_seeds]
         seed_runs[name] = {"runs": [{c: r[c] for c in COLUMNS} for r in runs], "spread": _spread(runs)}
 
+    cascade = None
+    if bench.cascade_candidates and {"two_tower", "inttower"} <= set(rows):
+        print(f"\n[benchmark-models] cascade: two_tower retrieving {bench.cascade_candidates}, inttower pre-ranking", flush=True)
+        best = {name: max(tried[name], key=lambda run: run["validation"])["config"] for name in ("two_tower", "inttower")}
+        cascade = _cascade(best["two_tower"], best["inttower"], bench.cascade_candidates)
+
     reference = tried[names[0]][0]["config"]  # any run: they share data, split and catalogue
     for baseline, values in baselines(reference).items():
         # Not trained by gradient descent and not served: no epochs, no serving latency.
@@ -225,6 +277,7 @@ def run_model_benchmark(base: RecipeConfig) -> Path:
         "models": rows,
         "tried": {name: [{k: v for k, v in run.items() if k != "config"} for run in runs] for name, runs in tried.items()},
         "seed_repeats": seed_runs,
+        **({"cascade": cascade} if cascade else {}),
         "base_config": config_to_dict(base),
         "total_seconds": time.perf_counter() - started,
     }
@@ -238,8 +291,12 @@ def run_model_benchmark(base: RecipeConfig) -> Path:
         if "multi_vector" in row:
             found = row["multi_vector"]
             print(f"{name} through FAISS over item heads (depth {found['search_depth']}): " + ", ".join(f"{key} {value:.4f}" for key, value in found.items() if key != "search_depth"))
-        if row.get("not_served"):
-            print(f"{name} not served: {row['not_served']}")
+    if cascade:
+        print(f"cascade (served, every test user; p50 ms at concurrency 1 and 16):")
+        for stage, values in cascade.items():
+            latency = values["latency"]
+            print(f"  {stage:<15}" + "".join(f" {key} {values[key]:.4f}" for key in values if key.startswith(("recall@", "ndcg@")))
+                  + f"  p50 {latency['c1']['p50_ms']:.2f} / {latency['c16']['p50_ms']:.2f}")
     print(f"total {report['total_seconds'] / 60:.1f} min; plot {out_dir / 'tradeoff.png'}")
     print(json_path)
     return json_path

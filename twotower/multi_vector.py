@@ -1,14 +1,16 @@
-"""Multi-vector retrieval for ``model.name=inttower``: FAISS over item heads, exact FE re-scoring.
+"""Multi-vector scoring and retrieval for ``model.name=inttower``: FAISS over item heads, exact
+FE re-scoring, in process and in the Triton graph (NumPy and FAISS only: the executor imports it
+without merlin.models).
 
 The FE score, ``sum over user heads of max over item heads of <u_h, v_k>``, is not one inner
 product, so a single-vector index cannot rank by it. It is large for an item when its best head
 is close to many user heads, so each user head's nearest item heads are the likely winners:
 
 1. every item's head vectors go into one FAISS inner-product index, one row per (item, head),
-   rows item-major (row // item heads is the item's catalogue position);
+   each row carrying its item's id (``HeadIndex``);
 2. each of a user's head vectors (every FE layer's) fetches its ``depth`` best rows;
-3. the union of those rows' items is re-scored exactly by the FE score (``fe_score_matrix``),
-   the user's seen items are put last, and the best ``k`` are returned.
+3. the union of those rows' items is re-scored exactly by the FE score (``fe_scores``), the
+   user's seen items are put last, and the best ``k`` are returned.
 
 A user whose union holds fewer than ``k`` unseen items searches again at twice the depth, up to
 every row, so the answer always has ``k`` items and is the exact top k once the depth covers
@@ -18,11 +20,59 @@ head's ``depth`` nearest rows is never scored.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import faiss
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 
-from twotower.models.inttower import fe_score_matrix
+
+@dataclass(frozen=True)
+class HeadShape:
+    """How a multi-vector model's flat tower outputs split into head vectors: query vectors are
+    [n, fe layers * user heads * size], item vectors [n, item heads * size]."""
+
+    fe_layers: int
+    user_heads: int
+    item_heads: int
+    head_size: int
+
+    @property
+    def query_heads(self) -> int:
+        return self.fe_layers * self.user_heads
+
+    def query(self, vectors):
+        """Flat query vectors [n, fe layers * user heads * size] -> [n, fe layers * user heads, size]."""
+        return self._split(vectors, self.query_heads, "query")
+
+    def items(self, vectors):
+        """Flat item vectors [n, item heads * size] -> [n, item heads, size]."""
+        return self._split(vectors, self.item_heads, "item")
+
+    @staticmethod
+    def _reshape(vectors, shape):
+        return np.reshape(vectors, shape)
+
+    def _split(self, vectors, heads: int, side: str):
+        width = int(vectors.shape[-1])
+        if width != heads * self.head_size:
+            raise ValueError(f"{side} vectors of width {width}; this IntTower's are {heads} heads x {self.head_size} = {heads * self.head_size}")
+        return self._reshape(vectors, [-1, heads, self.head_size])
+
+
+def fe_scores(query_heads: np.ndarray, item_heads: np.ndarray) -> np.ndarray:
+    """One user's FE score of each item: ``query_heads`` [query heads, size], ``item_heads``
+    [items, item heads, size] -> [items]."""
+    return np.einsum("hd,ikd->ihk", query_heads, item_heads, optimize=True).max(axis=2).sum(axis=1)
+
+
+def candidate_scores(query_vector: np.ndarray, item_vectors: np.ndarray, shape: HeadShape | None) -> np.ndarray:
+    """A model's score of each of ``item_vectors`` for one flat ``query_vector``: the FE score for
+    a multi-vector model (``shape``), else the dot product."""
+    if shape is None:
+        return item_vectors @ query_vector
+    return fe_scores(shape.query(query_vector)[0], shape.items(item_vectors))
 
 
 def check_heads(query_heads: np.ndarray, item_heads: np.ndarray, k: int, depth: int) -> None:
@@ -37,31 +87,75 @@ def check_heads(query_heads: np.ndarray, item_heads: np.ndarray, k: int, depth: 
         raise ValueError(f"depth={depth}: at least 1 item head per query head")
 
 
-def head_index(item_heads: np.ndarray) -> faiss.IndexFlatIP:
-    """Exact inner-product index over every item head, one row per (item, head), item-major."""
-    rows = np.ascontiguousarray(item_heads.reshape(-1, item_heads.shape[2]), dtype=np.float32)
-    index = faiss.IndexFlatIP(rows.shape[1])
-    index.add(rows)
-    return index
+class HeadIndex:
+    """An exact inner-product FAISS index over every item head (an ``IndexIDMap`` whose rows carry
+    their item's id, each id once per head), searched by the union-and-rescore procedure above.
+    The item heads for re-scoring are read back from the index, so the index file is the whole
+    served artifact."""
+
+    def __init__(self, index: faiss.IndexIDMap, heads_per_item: int):
+        if index.ntotal % heads_per_item:
+            raise ValueError(f"the index holds {index.ntotal} rows, not a whole number of items of {heads_per_item} heads")
+        self.index = index
+        rows = faiss.downcast_index(index.index).reconstruct_n(0, index.ntotal)
+        self.item_heads = rows.reshape(-1, heads_per_item, index.d)
+        self.item_ids = faiss.vector_to_array(index.id_map)[::heads_per_item].astype(np.int64)
+        self._positions = pd.Index(self.item_ids)
+
+    @classmethod
+    def build(cls, item_ids: np.ndarray, item_heads: np.ndarray) -> HeadIndex:
+        """``item_heads`` [items, heads, size] of the items ``item_ids``, in that order."""
+        item_ids = np.asarray(item_ids, dtype=np.int64)
+        if item_heads.ndim != 3 or len(item_ids) != len(item_heads) or len(np.unique(item_ids)) != len(item_ids):
+            raise ValueError(f"need unique item ids, one per [heads, size] block: got {len(item_ids)} ids for heads {item_heads.shape}")
+        index = faiss.IndexIDMap(faiss.IndexFlatIP(item_heads.shape[2]))
+        index.add_with_ids(np.ascontiguousarray(item_heads.reshape(-1, item_heads.shape[2]), dtype=np.float32), np.repeat(item_ids, item_heads.shape[1]))
+        return cls(index, item_heads.shape[1])
+
+    @property
+    def ntotal(self) -> int:
+        """Items (not rows) in the index."""
+        return len(self.item_ids)
+
+    def search(self, query_heads: np.ndarray, k: int, depth: int, seen: list[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Each user's ``k`` best item ids by FE score and those scores, best first, each user's
+        ``seen`` ids last: ``query_heads`` [users, query heads, size] -> ([users, k], [users, k])."""
+        check_heads(query_heads, self.item_heads, k, depth)
+        seen = [np.empty(0, np.int64)] * len(query_heads) if seen is None else seen
+        if len(seen) != len(query_heads):
+            raise ValueError(f"{len(seen)} seen lists for {len(query_heads)} users")
+        ids = np.empty((len(query_heads), k), dtype=np.int64)
+        scores = np.empty((len(query_heads), k), dtype=np.float32)
+        for user, candidates in enumerate(self._candidates(query_heads, depth)):
+            user_depth, user_seen = depth, self._positions.get_indexer(np.asarray(seen[user]))
+            positions, user_scores, unseen = self._rescored(query_heads[user], candidates, user_seen, k)
+            while unseen < k and user_depth < self.index.ntotal:  # too few unseen candidates: search deeper
+                user_depth *= 2
+                candidates = self._candidates(query_heads[user : user + 1], user_depth)[0]
+                positions, user_scores, unseen = self._rescored(query_heads[user], candidates, user_seen, k)
+            ids[user], scores[user] = self.item_ids[positions], user_scores
+        return ids, scores
+
+    def _candidates(self, query_heads: np.ndarray, depth: int) -> list[np.ndarray]:
+        """Per user, the positions (sorted, unique) of the items whose heads are among the ``depth``
+        best rows of any of the user's head vectors."""
+        users, heads, size = query_heads.shape
+        _, found = self.index.search(np.ascontiguousarray(query_heads.reshape(-1, size), dtype=np.float32), min(depth, self.index.ntotal))
+        per_user = found.reshape(users, -1)
+        return [self._positions.get_indexer(np.unique(row[row >= 0])) for row in per_user]
+
+    def _rescored(self, query_heads: np.ndarray, candidates: np.ndarray, seen: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """The ``k`` best ``candidates`` by exact FE score, unseen before seen; their scores; how
+        many candidates are unseen."""
+        scores = fe_scores(query_heads, self.item_heads[candidates])
+        unseen = ~np.isin(candidates, seen)
+        order = np.lexsort((-scores, ~unseen))[:k]  # unseen first, then by score
+        return candidates[order], scores[order], int(unseen.sum())
 
 
-def candidate_items(index: faiss.Index, query_heads: np.ndarray, depth: int, heads_per_item: int) -> list[np.ndarray]:
-    """Per user, the catalogue positions (sorted, unique) of the items whose heads are among the
-    ``depth`` best rows of any of the user's head vectors."""
-    users, heads, size = query_heads.shape
-    _, rows = index.search(np.ascontiguousarray(query_heads.reshape(-1, size), dtype=np.float32), min(depth, index.ntotal))
-    per_user = rows.reshape(users, -1)
-    return [np.unique(found[found >= 0] // heads_per_item) for found in per_user]
-
-
-def rescored_top_k(query_heads: np.ndarray, item_heads: np.ndarray, candidates: np.ndarray, seen: np.ndarray, k: int) -> tuple[np.ndarray, int]:
-    """One user's ``k`` best ``candidates`` by exact FE score, seen ones last; and how many
-    candidates are unseen."""
-    scores = fe_score_matrix(query_heads[None], item_heads[candidates]).numpy()[0]
-    unseen = ~np.isin(candidates, seen)
-    scores[~unseen] = -np.inf
-    order = np.argsort(-scores, kind="stable")[:k]
-    return candidates[order], int(unseen.sum())
+def exact_top_k(heads: HeadIndex, query_heads: np.ndarray, k: int) -> np.ndarray:
+    """Each user's ``k`` best item ids by FE score over every item of ``heads``: [users, k]."""
+    return np.stack([heads.item_ids[np.argsort(-fe_scores(user, heads.item_heads), kind="stable")[:k]] for user in query_heads])
 
 
 def multi_vector_top_k(query_heads: np.ndarray, item_heads: np.ndarray, k: int, depth: int, seen: sp.csr_matrix | None = None) -> np.ndarray:
@@ -74,19 +168,9 @@ def multi_vector_top_k(query_heads: np.ndarray, item_heads: np.ndarray, k: int, 
     if seen is not None and seen.shape != (len(query_heads), len(item_heads)):
         raise ValueError(f"seen is {seen.shape}; expected users x items {(len(query_heads), len(item_heads))}")
     seen = sp.csr_matrix((len(query_heads), len(item_heads))) if seen is None else seen.tocsr()
-    index = head_index(item_heads)
-    heads_per_item = item_heads.shape[1]
-    top = np.empty((len(query_heads), k), dtype=np.int64)
-    for user, candidates in enumerate(candidate_items(index, query_heads, depth, heads_per_item)):
-        user_seen = seen.indices[seen.indptr[user] : seen.indptr[user + 1]]
-        user_depth = depth
-        best, unseen = rescored_top_k(query_heads[user], item_heads, candidates, user_seen, k)
-        while unseen < k and user_depth < index.ntotal:  # too few unseen candidates: search deeper
-            user_depth *= 2
-            candidates = candidate_items(index, query_heads[user : user + 1], user_depth, heads_per_item)[0]
-            best, unseen = rescored_top_k(query_heads[user], item_heads, candidates, user_seen, k)
-        top[user] = best
-    return top
+    seen_lists = [seen.indices[seen.indptr[user] : seen.indptr[user + 1]] for user in range(len(query_heads))]
+    positions, _ = HeadIndex.build(np.arange(len(item_heads)), item_heads).search(query_heads, k, depth, seen_lists)
+    return positions
 
 
 def overlap_at_k(found: np.ndarray, exact: np.ndarray, k: int) -> float:

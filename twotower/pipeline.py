@@ -8,14 +8,17 @@ The work of each stage lives in its own module; this file only wires them.
 
 from __future__ import annotations
 
+import copy
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
 
-from twotower.config import RecipeConfig
+from twotower.config import ConfigError, RecipeConfig, config_to_dict, set_value
 from twotower.console import held_back_output, timed_step
 from twotower.data import (
     SPLITS,
@@ -32,8 +35,17 @@ from twotower.data import (
     positives,
     split_by_time,
 )
-from twotower.manifest import EXPORT_RECORD, atomic_dir, atomic_file, check_export, recorded_stage
-from twotower.models import check_served
+from twotower.manifest import (
+    EXPORT_RECORD,
+    ArtifactMismatch,
+    atomic_dir,
+    atomic_file,
+    check_export,
+    fingerprints,
+    read_manifest,
+    recorded_stage,
+)
+from twotower.models import head_shape
 
 if TYPE_CHECKING:  # heavy imports stay lazy: the CLI loads TensorFlow only for stages that need it
     from feast import FeatureStore
@@ -120,20 +132,41 @@ def run_train(config: RecipeConfig) -> dict:
 
 def run_index(config: RecipeConfig) -> None:
     """Build the configured index kind (``auto``: the fastest that meets ``index.min_recall``),
-    measured on validation users' query vectors; the choice and its recall go in the manifest."""
+    measured on validation users' query vectors; the choice and its recall go in the manifest.
+    A multi-vector model's index holds every item head instead (``_index_heads``)."""
     from twotower.evaluate import validation_query_vectors
     from twotower.index import build_index, print_choice, save_index
     from twotower.train import load_item_vectors
 
-    check_served(config.model.name)
     with recorded_stage(config, "index") as details:
         item_ids, vectors = load_item_vectors(config.item_vectors_path)
         queries = validation_query_vectors(config)
+        if head_shape(config.model):
+            details["index"] = _index_heads(config, item_ids, vectors, queries)
+            return
         index, choice = build_index(item_ids, vectors, config.index, queries, config.serve.top_k, config.seed)
         save_index(index, config.index_path)
         details["index"] = choice.as_record()
     print_choice(choice)
     print(f"[index] {choice.chosen.factory} over {index.ntotal:,} items -> {config.index_path}")
+
+
+def _index_heads(config: RecipeConfig, item_ids, vectors, queries) -> dict:
+    """Every item head of a multi-vector model in one exact inner-product index (the served
+    retriever's, ``multi_vector.HeadIndex``); how much of the exact FE top 100 of the validation
+    queries it finds at ``model.inttower.search_depth`` is measured and recorded."""
+    from twotower.index import save_index
+    from twotower.multi_vector import HeadIndex, exact_top_k, overlap_at_k
+
+    shape, depth = head_shape(config.model), config.model.inttower.search_depth
+    heads = HeadIndex.build(item_ids, shape.items(vectors))
+    k = min(100, heads.ntotal)
+    found, _ = heads.search(shape.query(queries), k, depth)
+    overlap = overlap_at_k(found, exact_top_k(heads, shape.query(queries), k), k)
+    save_index(heads.index, config.index_path)
+    print(f"[index] every head of {heads.ntotal:,} items ({heads.index.ntotal:,} rows, exact inner product) -> {config.index_path}")
+    print(f"[index] multi-vector search at depth {depth} finds {overlap:.4f} of the exact FE top {k} ({len(queries)} validation users)")
+    return {"kind": "multi_vector", "rows": int(heads.index.ntotal), "search_depth": depth, f"overlap@{k}": overlap, "queries": len(queries)}
 
 
 def run_features(config: RecipeConfig) -> FeatureStore:
@@ -149,10 +182,83 @@ def run_features(config: RecipeConfig) -> FeatureStore:
 
 
 def export_checks(config: RecipeConfig) -> dict[str, str]:
-    """Refuse a model the graph cannot serve (``NotServed``) or artifacts of different runs
-    (``ArtifactMismatch``); the fingerprints the export packages."""
-    check_served(config.model.name)
-    return check_export(config)
+    """Refuse artifacts of different runs (``ArtifactMismatch``), here and in the pre-ranker's
+    run; the fingerprints the export packages."""
+    return {**check_export(config), **check_prerank(config)}
+
+
+def prerank_config(config: RecipeConfig) -> RecipeConfig:
+    """The pre-ranker's run: ``serve.prerank_model`` in ``config.prerank_dir``, every other setting this run's."""
+    ranker = copy.deepcopy(config)
+    ranker.output_dir = config.prerank_dir
+    set_value(ranker, "model.name", config.serve.prerank_model)
+    ranker.serve.prerank_candidates, ranker.serve.prerank_run = 0, None
+    return ranker
+
+
+def check_prerank(config: RecipeConfig) -> dict[str, str]:
+    """With ``serve.prerank_candidates`` set: refuse a pre-ranker that is missing, was trained on
+    another split or workflow than this run's (its catalogue and codes would differ), with other
+    model settings than the configuration names, or whose saved parts changed since. Returns the
+    fingerprints of the parts the export packages."""
+    serve = config.serve
+    if not serve.prerank_candidates:
+        return {}
+    if serve.prerank_candidates < serve.top_k:
+        raise ConfigError(f"serve.prerank_candidates={serve.prerank_candidates}: at least serve.top_k={serve.top_k} (0 turns the stage off)")
+    ranker = prerank_config(config)
+    trained = read_manifest(ranker).get("train")
+    if trained is None or not ranker.metrics_path.exists():
+        raise ArtifactMismatch(f"no pre-ranker trained in {ranker.output_dir}: run `twotower prerank` (or set serve.prerank_run)")
+    ours = fingerprints(config, ("splits", "workflow"))
+    other_inputs = [name for name, value in ours.items() if trained["consumed"].get(name) != value]
+    if other_inputs:
+        raise ArtifactMismatch(f"the pre-ranker in {ranker.output_dir} was trained on another {' and '.join(other_inputs)} than this run's; run `twotower prerank` again")
+    settings = json.loads(ranker.metrics_path.read_text())["config"]["model"]
+    if settings != config_to_dict(ranker)["model"]:
+        raise ArtifactMismatch(
+            f"the pre-ranker in {ranker.output_dir} is a {settings['name']} trained with other model.* settings than "
+            f"serve.prerank_model={serve.prerank_model} and this configuration's; run `twotower prerank` again"
+        )
+    from twotower.train import load_item_vectors
+
+    missing = np.setdiff1d(load_item_vectors(config.item_vectors_path)[0], load_item_vectors(ranker.item_vectors_path)[0])
+    if len(missing):
+        raise ArtifactMismatch(
+            f"{len(missing)} items of this run's catalogue (e.g. {missing[0]}) are not in the pre-ranker's in {ranker.output_dir} "
+            "(added by refresh-items?); run `twotower prerank` again"
+        )
+    parts = fingerprints(ranker, ("query_tower", "item_vectors"))
+    changed = [name for name, value in parts.items() if trained["produced"].get(name) != value]
+    if changed:
+        raise ArtifactMismatch(f"the pre-ranker's {' and '.join(changed)} in {ranker.output_dir} changed since it was trained; run `twotower prerank` again")
+    return {f"prerank_{name}": value for name, value in parts.items()}
+
+
+RUN_INPUTS = ("data", "workflows", "manifest.json")  # what a derived run copies: data, split, workflow
+
+
+def copy_run_inputs(source: RecipeConfig, target: RecipeConfig) -> None:
+    """Make ``target.output_dir`` afresh with a copy of ``source``'s data, split and fitted workflow
+    (and the manifest recording them), so a second model trains on exactly this run's inputs."""
+    if target.output_dir.exists():
+        shutil.rmtree(target.output_dir)
+    target.output_dir.mkdir(parents=True)
+    for part in RUN_INPUTS:
+        path = source.output_dir / part
+        (shutil.copytree if path.is_dir() else shutil.copy2)(path, target.output_dir / part)
+
+
+def run_prerank(config: RecipeConfig) -> dict:
+    """Train ``serve.prerank_model`` as the cascade's pre-ranker in ``<output_dir>/prerank``, on a
+    copy of this run's data and workflow; ``twotower export`` with ``serve.prerank_candidates``
+    then serves retrieval followed by it."""
+    if config.serve.prerank_run is not None:
+        raise ConfigError("serve.prerank_run names a pre-ranker trained elsewhere; `twotower prerank` trains into <output_dir>/prerank only")
+    ranker = prerank_config(config)
+    copy_run_inputs(config, ranker)
+    print(f"[prerank] training {ranker.model.name} in {ranker.output_dir}")
+    return run_train(ranker)
 
 
 def run_export(config: RecipeConfig) -> Path:

@@ -209,8 +209,11 @@ def _other_versions_loaded(client, model_name: str, version: int, timeout_s: flo
 def refresh_items(config: RecipeConfig, items_path: Path) -> RefreshReport:
     """refresh-items (module docstring): RefreshRefused or ArtifactMismatch before anything changes,
     RolloutFailed if a server did not load the new version."""
+    from twotower.models import head_shape
     from twotower.train import load_item_vectors
 
+    if head_shape(config.model):
+        raise RefreshRefused(f"model.name={config.model.name} indexes item heads; refresh-items adds single item vectors (retrain instead)")
     model_dir = config.export_dir / config.serve.model_name
     with served_run_lock(config):
         items = read_new_items(items_path, config)

@@ -264,9 +264,10 @@ def save_training(
     return metrics
 
 
-def train_and_save(config: RecipeConfig, verbose: int = 0) -> tuple[RetrievalModel, dict]:
-    """The train stage: fit, evaluate on the test split, save; the model and its metrics."""
-    inputs = load_training_inputs(config)
+def train_and_save(config: RecipeConfig, verbose: int = 0, inputs: TrainingInputs | None = None) -> tuple[RetrievalModel, dict]:
+    """The train stage: fit, evaluate on the test split, save; the model and its metrics.
+    ``inputs``: the run's training inputs if the caller already loaded them."""
+    inputs = inputs or load_training_inputs(config)
     model, stopper = fit_model(config, inputs, verbose=verbose)
     metrics = save_training(config, inputs, model, stopper, evaluate_on_test(config, inputs, model))
     return model, metrics

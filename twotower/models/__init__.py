@@ -12,6 +12,9 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 
+from twotower.config import ModelConfig
+from twotower.multi_vector import HeadShape
+
 # model name -> module whose ``build`` makes it (a module may build several variants)
 REGISTRY: dict[str, str] = {
     "two_tower": "twotower.models.two_tower",
@@ -21,21 +24,13 @@ REGISTRY: dict[str, str] = {
     "inttower": "twotower.models.inttower",
 }
 
-# models the serving graph (FAISS over one vector per item, searched with one query vector) cannot
-# answer for yet: model name -> why
-NOT_SERVED: dict[str, str] = {
-    "inttower": "its FE score is a sum of maxima over head vectors, not one inner product; "
-    "twotower/multi_vector.py retrieves by it in process, the Triton graph does not",
-}
-
-
-class NotServed(ValueError):
-    """The index or export stage was asked for a model the serving graph cannot answer for."""
-
-
-def check_served(name: str) -> None:
-    if name in NOT_SERVED:
-        raise NotServed(f"model.name={name} is not served yet: {NOT_SERVED[name]}")
+def head_shape(model: ModelConfig) -> HeadShape | None:
+    """How a multi-vector model's vectors split into heads: it is scored by the FE score and
+    served through ``multi_vector.HeadIndex``. None for a model scored by one dot product."""
+    if model.name != "inttower":
+        return None
+    fe = model.inttower
+    return HeadShape(len(fe.fe_layers), fe.user_heads, fe.item_heads, fe.head_size)
 
 
 def model_names() -> list[str]:

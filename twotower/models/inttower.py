@@ -65,6 +65,7 @@ from twotower.models.base import (
 )
 from twotower.models.gating import field_gate
 from twotower.models.losses import contrastive_output
+from twotower.multi_vector import HeadShape
 
 
 def fe_score(user_heads: list[tf.Tensor], item_heads: tf.Tensor) -> tf.Tensor:
@@ -161,31 +162,12 @@ def check_inttower(config: IntTowerConfig, tower_layers: int, key: str) -> None:
 
 # ------------------------------------------------------------------ model.name=inttower
 @dataclass(frozen=True)
-class HeadLayout:
-    """How the flat tower outputs of ``model.name=inttower`` split into head vectors."""
+class HeadLayout(HeadShape):
+    """``HeadShape`` splitting tensors inside the Keras graph (tf.reshape)."""
 
-    fe_layers: int
-    user_heads: int
-    item_heads: int
-    head_size: int
-
-    @property
-    def query_heads(self) -> int:
-        return self.fe_layers * self.user_heads
-
-    def query(self, vectors) -> tf.Tensor:
-        """Flat query vectors [n, fe layers * user heads * size] -> [n, fe layers * user heads, size]."""
-        return self._split(vectors, self.query_heads, "query")
-
-    def items(self, vectors) -> tf.Tensor:
-        """Flat item vectors [n, item heads * size] -> [n, item heads, size]."""
-        return self._split(vectors, self.item_heads, "item")
-
-    def _split(self, vectors, heads: int, side: str) -> tf.Tensor:
-        width = int(vectors.shape[-1])
-        if width != heads * self.head_size:
-            raise ValueError(f"{side} vectors of width {width}; this IntTower's are {heads} heads x {self.head_size} = {heads * self.head_size}")
-        return tf.reshape(vectors, [-1, heads, self.head_size])
+    @staticmethod
+    def _reshape(vectors, shape):
+        return tf.reshape(vectors, shape)
 
 
 @tf.keras.utils.register_keras_serializable(package="twotower")
