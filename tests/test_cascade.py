@@ -22,7 +22,7 @@ from tritonclient.utils import InferenceServerException
 
 from twotower import pipeline
 from twotower.client import recommend
-from twotower.config import ConfigError, set_value
+from twotower.config import ConfigError, prerank_config, set_value
 from twotower.ensemble import load_exported_ensemble, recommend_in_process
 from twotower.evaluate import saved_query_vectors
 from twotower.index import ItemIndex, load_index
@@ -55,7 +55,7 @@ def cascade(exported, tmp_path_factory):
 def ranker(cascade):
     """The pre-ranker's run folder, indexed and exported as an IntTower retriever that searches
     every item head (its answers must then be the exact FE top k)."""
-    config = pipeline.prerank_config(cascade)
+    config = prerank_config(cascade)
     set_value(config, "model.inttower.search_depth", 100_000)
     config.export_dir = config.output_dir / "triton_models"
     for stage in ("index", "features", "export"):
@@ -87,7 +87,7 @@ def test_cascade_answers_the_pre_rankers_best_of_the_retrieved_candidates(cascad
     users = _known_users(cascade)
     seen = _seen(cascade, users)
     candidates, _ = ItemIndex(load_index(cascade.index_path)).search(saved_query_vectors(cascade, users), CANDIDATES, seen)
-    ranker = pipeline.prerank_config(cascade)
+    ranker = prerank_config(cascade)
     ranker_ids, ranker_vectors = load_item_vectors(ranker.item_vectors_path)
     scores = _fe_scores(ranker, users, ranker_vectors)
     position = pd.Index(ranker_ids)

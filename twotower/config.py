@@ -8,6 +8,7 @@ value is checked against the field's annotation; a bad one raises ConfigError.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import datetime
 import difflib
@@ -559,3 +560,12 @@ def config_to_dict(config: RecipeConfig) -> dict[str, Any]:
         return value
 
     return convert(dataclasses.asdict(config))
+
+
+def prerank_config(config: RecipeConfig) -> RecipeConfig:
+    """The pre-ranker's run: ``serve.prerank_model`` in ``config.prerank_dir``, every other setting this run's."""
+    ranker = copy.deepcopy(config)
+    ranker.output_dir = config.prerank_dir
+    set_value(ranker, "model.name", config.serve.prerank_model)
+    ranker.serve.prerank_candidates, ranker.serve.prerank_run = 0, None
+    return ranker

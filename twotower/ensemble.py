@@ -6,7 +6,12 @@ The recipe's graph:
                the saved NVTabular user workflow, plus the user's seen items)
             -> PredictQueryTower (SavedModel) -> RetrieveTopK (FAISS, seen items
                excluded, most-popular fallback for unknown users)
+            -> [PrerankCandidates: with serve.prerank_candidates, retrieval fetches that many
+                and a pre-ranker (another run's model, IntTower by default) keeps the best top_k]
             -> item_ids, scores, is_fallback
+
+A multi-vector retriever (``model.name=inttower``) searches with ``RetrieveByHeads`` in place of
+``RetrieveTopK``.
 
 The reference graph the serving benchmark compares against (the public NVIDIA example's)
 lives beside that benchmark, in ``twotower/reference_graph.py``.
@@ -564,9 +569,9 @@ def recipe_ensemble(config: RecipeConfig, feature_repo: Path | None = None) -> E
     """The serving graph over this run's artifacts (``feature_repo`` defaults to the run's): the
     retriever's own (multi-vector for a model with heads), then the pre-ranker of
     ``serve.prerank_run`` when ``serve.prerank_candidates`` is set."""
+    from twotower.config import prerank_config
     from twotower.manifest import fingerprint
     from twotower.models import head_shape
-    from twotower.pipeline import prerank_config
 
     shape = head_shape(config.model)
     multi_vector = MultiVector(shape, config.model.inttower.search_depth) if shape else None

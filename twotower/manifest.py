@@ -39,7 +39,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from twotower.config import RecipeConfig
+import numpy as np
+
+from twotower.config import ConfigError, RecipeConfig, config_to_dict, prerank_config
 
 CHUNK_BYTES = 1 << 20
 STAGING_MARK = ".tmp-"  # staging names: .<target name>.tmp-<pid>-<random>[suffix]
@@ -376,3 +378,41 @@ def check_export(config: RecipeConfig) -> dict[str, str]:
             f"Re-run, in this order: {rerun}; then twotower export."
         )
     return {name: on_disk[name] for name in EXPORT_CONSUMES}
+
+
+def check_prerank(config: RecipeConfig) -> dict[str, str]:
+    """With ``serve.prerank_candidates`` set: refuse a pre-ranker that is missing, was trained on
+    another split or workflow than this run's (its catalogue and codes would differ), with other
+    model settings than the configuration names, or whose saved parts changed since. Returns the
+    fingerprints of the parts the export packages."""
+    serve = config.serve
+    if not serve.prerank_candidates:
+        return {}
+    if serve.prerank_candidates < serve.top_k:
+        raise ConfigError(f"serve.prerank_candidates={serve.prerank_candidates}: at least serve.top_k={serve.top_k} (0 turns the stage off)")
+    ranker = prerank_config(config)
+    trained = read_manifest(ranker).get("train")
+    if trained is None or not ranker.metrics_path.exists():
+        raise ArtifactMismatch(f"no pre-ranker trained in {ranker.output_dir}: run `twotower prerank` (or set serve.prerank_run)")
+    ours = fingerprints(config, ("splits", "workflow"))
+    other_inputs = [name for name, value in ours.items() if trained["consumed"].get(name) != value]
+    if other_inputs:
+        raise ArtifactMismatch(f"the pre-ranker in {ranker.output_dir} was trained on another {' and '.join(other_inputs)} than this run's; run `twotower prerank` again")
+    settings = json.loads(ranker.metrics_path.read_text())["config"]["model"]
+    if settings != config_to_dict(ranker)["model"]:
+        raise ArtifactMismatch(
+            f"the pre-ranker in {ranker.output_dir} is a {settings['name']} trained with other model.* settings than "
+            f"serve.prerank_model={serve.prerank_model} and this configuration's; run `twotower prerank` again"
+        )
+    with np.load(config.item_vectors_path) as ours, np.load(ranker.item_vectors_path) as theirs:  # train.save_item_vectors' files
+        missing = np.setdiff1d(ours["item_ids"], theirs["item_ids"])
+    if len(missing):
+        raise ArtifactMismatch(
+            f"{len(missing)} items of this run's catalogue (e.g. {missing[0]}) are not in the pre-ranker's in {ranker.output_dir} "
+            "(added by refresh-items?); run `twotower prerank` again"
+        )
+    parts = fingerprints(ranker, ("query_tower", "item_vectors"))
+    changed = [name for name, value in parts.items() if trained["produced"].get(name) != value]
+    if changed:
+        raise ArtifactMismatch(f"the pre-ranker's {' and '.join(changed)} in {ranker.output_dir} changed since it was trained; run `twotower prerank` again")
+    return {f"prerank_{name}": value for name, value in parts.items()}

@@ -15,10 +15,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import pandas as pd
 
-from twotower.config import ConfigError, RecipeConfig, config_to_dict, set_value
+from twotower.config import ConfigError, RecipeConfig, prerank_config
 from twotower.console import held_back_output, timed_step
 from twotower.data import (
     SPLITS,
@@ -35,16 +34,7 @@ from twotower.data import (
     positives,
     split_by_time,
 )
-from twotower.manifest import (
-    EXPORT_RECORD,
-    ArtifactMismatch,
-    atomic_dir,
-    atomic_file,
-    check_export,
-    fingerprints,
-    read_manifest,
-    recorded_stage,
-)
+from twotower.manifest import EXPORT_RECORD, atomic_dir, atomic_file, check_export, check_prerank, recorded_stage
 from twotower.models import head_shape
 
 if TYPE_CHECKING:  # heavy imports stay lazy: the CLI loads TensorFlow only for stages that need it
@@ -185,54 +175,6 @@ def export_checks(config: RecipeConfig) -> dict[str, str]:
     """Refuse artifacts of different runs (``ArtifactMismatch``), here and in the pre-ranker's
     run; the fingerprints the export packages."""
     return {**check_export(config), **check_prerank(config)}
-
-
-def prerank_config(config: RecipeConfig) -> RecipeConfig:
-    """The pre-ranker's run: ``serve.prerank_model`` in ``config.prerank_dir``, every other setting this run's."""
-    ranker = copy.deepcopy(config)
-    ranker.output_dir = config.prerank_dir
-    set_value(ranker, "model.name", config.serve.prerank_model)
-    ranker.serve.prerank_candidates, ranker.serve.prerank_run = 0, None
-    return ranker
-
-
-def check_prerank(config: RecipeConfig) -> dict[str, str]:
-    """With ``serve.prerank_candidates`` set: refuse a pre-ranker that is missing, was trained on
-    another split or workflow than this run's (its catalogue and codes would differ), with other
-    model settings than the configuration names, or whose saved parts changed since. Returns the
-    fingerprints of the parts the export packages."""
-    serve = config.serve
-    if not serve.prerank_candidates:
-        return {}
-    if serve.prerank_candidates < serve.top_k:
-        raise ConfigError(f"serve.prerank_candidates={serve.prerank_candidates}: at least serve.top_k={serve.top_k} (0 turns the stage off)")
-    ranker = prerank_config(config)
-    trained = read_manifest(ranker).get("train")
-    if trained is None or not ranker.metrics_path.exists():
-        raise ArtifactMismatch(f"no pre-ranker trained in {ranker.output_dir}: run `twotower prerank` (or set serve.prerank_run)")
-    ours = fingerprints(config, ("splits", "workflow"))
-    other_inputs = [name for name, value in ours.items() if trained["consumed"].get(name) != value]
-    if other_inputs:
-        raise ArtifactMismatch(f"the pre-ranker in {ranker.output_dir} was trained on another {' and '.join(other_inputs)} than this run's; run `twotower prerank` again")
-    settings = json.loads(ranker.metrics_path.read_text())["config"]["model"]
-    if settings != config_to_dict(ranker)["model"]:
-        raise ArtifactMismatch(
-            f"the pre-ranker in {ranker.output_dir} is a {settings['name']} trained with other model.* settings than "
-            f"serve.prerank_model={serve.prerank_model} and this configuration's; run `twotower prerank` again"
-        )
-    from twotower.train import load_item_vectors
-
-    missing = np.setdiff1d(load_item_vectors(config.item_vectors_path)[0], load_item_vectors(ranker.item_vectors_path)[0])
-    if len(missing):
-        raise ArtifactMismatch(
-            f"{len(missing)} items of this run's catalogue (e.g. {missing[0]}) are not in the pre-ranker's in {ranker.output_dir} "
-            "(added by refresh-items?); run `twotower prerank` again"
-        )
-    parts = fingerprints(ranker, ("query_tower", "item_vectors"))
-    changed = [name for name, value in parts.items() if trained["produced"].get(name) != value]
-    if changed:
-        raise ArtifactMismatch(f"the pre-ranker's {' and '.join(changed)} in {ranker.output_dir} changed since it was trained; run `twotower prerank` again")
-    return {f"prerank_{name}": value for name, value in parts.items()}
 
 
 RUN_INPUTS = ("data", "workflows", "manifest.json")  # what a derived run copies: data, split, workflow
