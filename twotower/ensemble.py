@@ -553,15 +553,15 @@ def _signature_schema(tower: PredictQueryTower) -> Schema:
     return Schema([columns[name] for name in dict.fromkeys(n.partition(RAGGED_SEPARATOR)[0] for n in specs)])
 
 
-def popular_items(config: RecipeConfig, count: int) -> tuple[np.ndarray, np.ndarray]:
-    """Cold-start answer: the ``count`` catalogue items with most training positives, scores as a
-    share of the top item's."""
+def popular_items(config: RecipeConfig, count: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Cold-start answer: the ``count`` (default ``serve.top_k``) catalogue items with most training
+    positives, scores as a share of the top item's."""
     from twotower.data import load_split
     from twotower.train import load_item_vectors
 
     catalogue, _ = load_item_vectors(config.item_vectors_path)
     counts = load_split(config.splits_dir).train["item_id"].value_counts()
-    counts = counts[counts.index.isin(catalogue)].head(count)
+    counts = counts[counts.index.isin(catalogue)].head(count or config.serve.top_k)
     return counts.index.to_numpy(dtype=np.int64), (counts / counts.iloc[0]).to_numpy(dtype=np.float32)
 
 
@@ -584,7 +584,7 @@ def recipe_ensemble(config: RecipeConfig, feature_repo: Path | None = None) -> E
         config.query_tower_dir,
         config.index_path,
         config.serve.top_k,
-        popular_items(config, prerank.candidates if prerank else config.serve.top_k),
+        popular_items(config, prerank.candidates if prerank else None),
         exclude_seen=config.serve.exclude_seen,
         max_users=config.serve.max_request_users,
         workflow_fingerprint=fingerprint(config.workflow_dir),

@@ -85,7 +85,7 @@ def export_with_index(config: RecipeConfig, index_path: Path, export_dir: Path) 
     from twotower.triton_config import apply_serving_settings
 
     ensemble = build_ensemble(
-        config.feature_repo_dir, config.query_tower_dir, index_path, config.serve.top_k, popular_items(config, config.serve.top_k),
+        config.feature_repo_dir, config.query_tower_dir, index_path, config.serve.top_k, popular_items(config),
         exclude_seen=config.serve.exclude_seen, max_users=config.serve.max_request_users,
         workflow_fingerprint=fingerprint(config.workflow_dir),
     )
