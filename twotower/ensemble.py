@@ -399,7 +399,7 @@ class PrerankCandidates(_ArtifactOperator):
     """
 
     artifact_name = "prerank"
-    parts = ("query_tower", "item_vectors.npz")
+    parts = ("query_tower", "item_vectors.npz")  # of the pre-ranker run's model folder
 
     def __init__(self, model_dir: Path, shape: HeadShape | None, top_k: int, item_names: np.ndarray | None = None):
         super().__init__(model_dir)
@@ -414,8 +414,9 @@ class PrerankCandidates(_ArtifactOperator):
     def save_artifacts(self, artifact_path: str) -> None:
         target = Path(artifact_path) / self.artifact_name
         target.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(Path(self.source) / "query_tower", target / "query_tower", dirs_exist_ok=True)
-        shutil.copy2(Path(self.source) / "item_vectors.npz", target / "item_vectors.npz")
+        for part in self.parts:
+            source = Path(self.source) / part
+            (shutil.copytree if source.is_dir() else shutil.copy2)(source, target / part)
 
     def compute_output_schema(self, input_schema: Schema, col_selector: ColumnSelector, prev_output_schema: Schema = None) -> Schema:
         return Schema(
