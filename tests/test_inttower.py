@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 
 from twotower.config import load_config
-from twotower.models.inttower import FEBlock, contrastive_interaction_loss, fe_score
+from twotower.models.inttower import FEBlock, HeadsTower, contrastive_interaction_loss, fe_score
 from twotower.prerank_benchmark import LABEL, MODELS, SETUPS, click_rows, mean_rating_features, mean_rating_sources, prerank_split, run_prerank_benchmark
 
 pytestmark = pytest.mark.unit
@@ -38,6 +38,20 @@ def test_fe_block_head_shapes():
     assert [tuple(h.shape) for h in user_heads] == [(6, 3, 4), (6, 3, 4)]
     assert tuple(item_heads.shape) == (6, 5, 4)
     assert tuple(block((user_outputs, tf.ones([6, 8]))).shape) == (6,)
+
+
+@pytest.mark.parametrize("heads_from", ["layer_inputs", "layer_outputs"])
+def test_user_heads_project_each_layers_input_or_output(heads_from):
+    """Layer 0's heads come from the tower's input (the official code) or from layer 0's
+    output (the paper); layer 1's from layer 0's output or layer 1's."""
+    tower = HeadsTower([3, 2], projected=[0, 1], heads=2, head_size=4, normalize=False, heads_from=heads_from)
+    tower_input = tf.constant(np.random.default_rng(0).normal(size=(5, 6)), tf.float32)
+    heads = tower(tower_input).numpy().reshape(5, 2, 2, 4)  # [batch, layer, head, size]
+    first = tower.mlp[0](tower_input)
+    second = tower.mlp[1](first)
+    sources = [tower_input, first] if heads_from == "layer_inputs" else [first, second]
+    for layer, (project, source) in enumerate(zip(tower.projections, sources)):
+        np.testing.assert_allclose(heads[:, layer], project(source).numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_fe_score_equals_the_max_over_item_heads_by_hand():

@@ -48,6 +48,7 @@ def test_retriever_defaults_are_small_and_benchmark_prerank_keeps_the_official_o
     retriever, official = IntTowerConfig(), PrerankConfig().inttower
     assert (retriever.user_heads, retriever.item_heads, retriever.head_size, retriever.fe_layers) == (4, 4, 32, [0, 1])
     assert (official.user_heads, official.item_heads, official.head_size, official.fe_layers) == (32, 32, 64, [0, 1, 2])
+    assert (retriever.user_heads_from, official.user_heads_from) == ("layer_outputs", "layer_inputs")
 
 
 # ------------------------------------------------------------------ the registry model

@@ -162,6 +162,9 @@ class IntTowerConfig:
     item_heads: int = 4  # head vectors of the item tower's last output
     head_size: int = 32
     fe_layers: list[int] = field(default_factory=lambda: [0, 1])  # user-tower layers (0 = first) projected into heads
+    # what each of those layers contributes: its output (the paper's figure) or its input (the
+    # official code's User_Fe_DNN: the first layer's input is the gated field embeddings)
+    user_heads_from: Literal["layer_outputs", "layer_inputs"] = "layer_outputs"
     # CIR: InfoNCE between a positive row's user and item FE representations (the last
     # fe_layers entry's heads, flattened: needs user_heads == item_heads), in-batch negatives
     cir_weight: float = 1.0  # 0 turns it off
@@ -173,11 +176,11 @@ class IntTowerConfig:
 
 
 def official_inttower() -> IntTowerConfig:
-    """The official ML-1M script's FE-Block: 32 user heads, 32 item heads of size 64, 3 layers; CIR
-    off, as at the official HEAD. On a 200,000-rating sample (2026-11-29) CIR at weight 1 (summed
-    over the batch like the BCE) kept validation AUC under 0.5 for 3 epochs, where without it
-    IntTower reached 0.79."""
-    return IntTowerConfig(user_heads=32, item_heads=32, head_size=64, fe_layers=[0, 1, 2], cir_weight=0.0)
+    """The official ML-1M script's FE-Block: 32 user heads, 32 item heads of size 64, projected
+    from the inputs of the 3 layers; CIR off, as at the official HEAD. On a 200,000-rating sample
+    (2026-11-29) CIR at weight 1 (summed over the batch like the BCE) kept validation AUC under 0.5
+    for 3 epochs, where without it IntTower reached 0.79."""
+    return IntTowerConfig(user_heads=32, item_heads=32, head_size=64, fe_layers=[0, 1, 2], user_heads_from="layer_inputs", cir_weight=0.0)
 
 
 @dataclass

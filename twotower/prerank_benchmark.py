@@ -46,7 +46,7 @@ from twotower.config import ModelConfig, PrerankConfig, RecipeConfig
 from twotower.data import RecipeData, Split, load_dataset
 from twotower.models.dat import AugmentedVector, mimic_distances
 from twotower.models.gating import LightSE
-from twotower.models.inttower import FEBlock, check_inttower, contrastive_interaction_loss, fe_score
+from twotower.models.inttower import FEBlock, check_inttower, contrastive_interaction_loss, fe_score, head_sources
 from twotower.train import set_seeds, shuffled_batches
 
 SETUPS = ("no_mean_rating", "train_mean_rating", "split_mean_rating")
@@ -241,7 +241,7 @@ class LogisticRegression(ClickModel):
 
 class Tower(tf.keras.layers.Layer):
     """Field embeddings, optionally Light-SE gated and with an id's augmented vector, then the
-    MLP; ``call`` returns every layer's output."""
+    MLP; ``call`` returns the MLP's input and every layer's output."""
 
     def __init__(self, settings: PrerankConfig, dense: tuple[str, ...], gate: bool = False, augment: AugmentedVector | None = None, **kwargs):
         super().__init__(**kwargs)
@@ -249,15 +249,15 @@ class Tower(tf.keras.layers.Layer):
         self.gate = LightSE() if gate else None
         self.mlp = _mlp_layers(settings)
 
-    def call(self, fields: tf.Tensor, features: dict, training=False) -> list[tf.Tensor]:
+    def call(self, fields: tf.Tensor, features: dict, training=False) -> tuple[tf.Tensor, list[tf.Tensor]]:
         hidden = _flat(self.gate(fields) if self.gate is not None else fields, features, self.dense)
         if self.augment is not None:
             hidden = self.augment(hidden, features)
-        outputs = []
+        tower_input, outputs = hidden, []
         for layer in self.mlp:
             hidden = layer(hidden, training=training)
             outputs.append(hidden)
-        return outputs
+        return tower_input, outputs
 
 
 class TwoTowerClick(ClickModel):
@@ -280,12 +280,12 @@ class TwoTowerClick(ClickModel):
             self.fe = FEBlock(len(fe.fe_layers), fe.user_heads, fe.item_heads, fe.head_size)
 
     def logits(self, features, training):
-        user = self.user_tower(self.embeddings(features, USER_FIELDS), features, training=training)
-        item = self.item_tower(self.embeddings(features, ITEM_FIELDS), features, training=training)
+        user_input, user = self.user_tower(self.embeddings(features, USER_FIELDS), features, training=training)
+        _, item = self.item_tower(self.embeddings(features, ITEM_FIELDS), features, training=training)
         labels = features.get(LABEL) if training else None
         if self.kind == "inttower":
             fe = self.settings.inttower
-            user_heads, item_heads = self.fe.heads([user[index] for index in fe.fe_layers], item[-1])
+            user_heads, item_heads = self.fe.heads(head_sources(user_input, user, fe.fe_layers, fe.user_heads_from), item[-1])
             if labels is not None and fe.cir_weight:
                 self.add_loss(fe.cir_weight * tf.reduce_sum(contrastive_interaction_loss(user_heads[-1], item_heads, labels, fe.cir_temperature)))
             return fe_score(user_heads, item_heads)

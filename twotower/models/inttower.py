@@ -16,9 +16,11 @@ IntTower keeps two towers but lets them interact more than a single dot product 
 
 Differences from the official PyTorch code (github.com/archersama/IntTower), on purpose:
 
-- the official ``User_Fe_DNN`` projects each layer's *input* (the embedding input and the
-  first two hidden outputs); the paper, and this module, project each layer's *output*
-  (which layers take part is ``model.inttower.fe_layers``);
+- the paper's figure projects each user layer's *output*; the official ``User_Fe_DNN``
+  projects each layer's *input* (the gated embedding input and the first two hidden outputs).
+  ``user_heads_from`` chooses (``head_sources``): ``make benchmark-prerank`` uses the official
+  code's inputs, the retriever (``model.inttower``) the outputs, the setting its figures were
+  measured with (which layers take part is ``fe_layers``);
 - at its HEAD the official CIR (``contrast_loss``) takes the 0/1 click label as the index
   of the target column and its last commit removed it from the total loss; an older version
   used ``mean(u.v) - mean(u.v.y)``. ``contrastive_interaction_loss`` is written as the paper
@@ -115,7 +117,7 @@ class HeadProjection(tf.keras.layers.Layer):
 
 @tf.keras.utils.register_keras_serializable(package="twotower")
 class FEBlock(tf.keras.layers.Layer):
-    """Projects ``user_layers`` user-layer outputs and the item tower's last output into heads;
+    """Projects ``user_layers`` user-layer values (``head_sources``) and the item tower's last output into heads;
     calling it gives the FE score [batch]. ``heads`` gives the projections themselves (CIR uses them)."""
 
     def __init__(self, user_layers: int, user_heads: int = 32, item_heads: int = 32, head_size: int = 64, **kwargs):
@@ -152,6 +154,13 @@ def contrastive_interaction_loss(user: tf.Tensor, item: tf.Tensor, positive: tf.
     return per_row * tf.cast(tf.reshape(positive, [-1]) > 0.5, per_row.dtype)
 
 
+def head_sources(tower_input: tf.Tensor, layer_outputs: list[tf.Tensor], layers: list[int], heads_from: str) -> list[tf.Tensor]:
+    """What the FE-Block projects for each user layer in ``layers``: that layer's output, or
+    its input (``layer_inputs``: the tower's input for layer 0, the previous layer's output after)."""
+    values = [tower_input, *layer_outputs[:-1]] if heads_from == "layer_inputs" else layer_outputs
+    return [values[index] for index in layers]
+
+
 def check_inttower(config: IntTowerConfig, tower_layers: int, key: str) -> None:
     """Refuse FE layers the tower does not have, and CIR between heads that do not pair up."""
     if not config.fe_layers or any(not 0 <= index < tower_layers for index in config.fe_layers):
@@ -172,13 +181,15 @@ class HeadLayout(HeadShape):
 
 @tf.keras.utils.register_keras_serializable(package="twotower")
 class HeadsTower(tf.keras.layers.Layer):
-    """A tower's MLP (ReLU layers of ``layer_sizes``) whose ``projected`` layers' outputs are each
-    projected into ``heads`` vectors of ``head_size`` (L2-normalised if ``normalize``), returned
-    flattened and concatenated in ``projected`` order: [batch, len(projected) * heads * head_size]."""
+    """A tower's MLP (ReLU layers of ``layer_sizes``) whose ``projected`` layers' outputs (or
+    inputs: ``heads_from``) are each projected into ``heads`` vectors of ``head_size``
+    (L2-normalised if ``normalize``), returned flattened and concatenated in ``projected`` order:
+    [batch, len(projected) * heads * head_size]."""
 
-    def __init__(self, layer_sizes: list[int], projected: list[int], heads: int, head_size: int, normalize: bool, **kwargs):
+    def __init__(self, layer_sizes: list[int], projected: list[int], heads: int, head_size: int, normalize: bool, heads_from: str = "layer_outputs", **kwargs):
         super().__init__(**kwargs)
         self.layer_sizes, self.projected, self.heads, self.head_size, self.normalize = list(layer_sizes), list(projected), heads, head_size, normalize
+        self.heads_from = heads_from
         self.mlp = [tf.keras.layers.Dense(units, activation="relu", name=f"layer_{number}") for number, units in enumerate(self.layer_sizes)]
         self.projections = [HeadProjection(heads, head_size, name=f"layer_{index}_heads") for index in self.projected]
 
@@ -190,7 +201,8 @@ class HeadsTower(tf.keras.layers.Layer):
         for layer in self.mlp:
             hidden = layer(hidden)
             outputs.append(hidden)
-        heads = tf.concat([project(outputs[index]) for project, index in zip(self.projections, self.projected)], axis=1)
+        sources = head_sources(inputs, outputs, self.projected, self.heads_from)
+        heads = tf.concat([project(source) for project, source in zip(self.projections, sources)], axis=1)
         if self.normalize:
             heads = tf.math.l2_normalize(heads, axis=-1)
         return tf.reshape(heads, [-1, len(self.projected) * self.heads * self.head_size])
@@ -198,7 +210,7 @@ class HeadsTower(tf.keras.layers.Layer):
     def get_config(self):
         return {
             **super().get_config(), "layer_sizes": self.layer_sizes, "projected": self.projected,
-            "heads": self.heads, "head_size": self.head_size, "normalize": self.normalize,
+            "heads": self.heads, "head_size": self.head_size, "normalize": self.normalize, "heads_from": self.heads_from,
         }
 
 
@@ -276,10 +288,11 @@ def build(schema: Schema, stats: TrainingStats, train: TrainConfig, model: Model
     embeddings = shared_embeddings(schema, train.embedding_dim)
     layout = HeadLayout(len(fe.fe_layers), fe.user_heads, fe.item_heads, fe.head_size)
     towers = []
-    for tag, projected, heads in ((Tags.USER, fe.fe_layers, fe.user_heads), (Tags.ITEM, [len(train.tower_layers) - 1], fe.item_heads)):
+    # item heads: the last layer's output, in the paper and the official code alike
+    for tag, projected, heads, heads_from in ((Tags.USER, fe.fe_layers, fe.user_heads, fe.user_heads_from), (Tags.ITEM, [len(train.tower_layers) - 1], fe.item_heads, "layer_outputs")):
         tower_schema = schema.select_by_tag(tag)
         inputs = field_inputs(tower_schema, tables_for(tower_schema, embeddings), gated)
-        towers.append(mm.Encoder(inputs, field_gate(gated), HeadsTower(train.tower_layers, projected, heads, fe.head_size, train.l2_normalize)))
+        towers.append(mm.Encoder(inputs, field_gate(gated), HeadsTower(train.tower_layers, projected, heads, fe.head_size, train.l2_normalize, heads_from)))
     query, candidate = towers
     output = contrastive_output(
         schema, stats.item_counts, stats.catalogue_features, candidate, train, model, make_output=functools.partial(FEContrastiveOutput, layout)
