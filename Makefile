@@ -44,7 +44,7 @@ query: venv
 benchmark-quality: venv
 	$(TWOTOWER) benchmark-quality
 
-# Every model of the family and learning approach on ML-1M, served through Triton (about 1.5 h on 2 cores).
+# Every model of the family and learning approach on ML-1M, served through Triton (hours on 2 cores; README, "Which two-tower?").
 benchmark-models: venv
 	$(TWOTOWER) benchmark-models
 
