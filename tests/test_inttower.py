@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 
 from twotower.config import load_config
-from twotower.models.inttower import FEBlock, HeadsTower, contrastive_interaction_loss, fe_score
+from twotower.models.inttower import FEBlock, HeadsTower, contrastive_interaction_loss, fe_score, head_sources
 from twotower.prerank_benchmark import LABEL, MODELS, SETUPS, click_rows, mean_rating_features, mean_rating_sources, prerank_split, run_prerank_benchmark
 
 pytestmark = pytest.mark.unit
@@ -52,6 +52,13 @@ def test_user_heads_project_each_layers_input_or_output(heads_from):
     sources = [tower_input, first] if heads_from == "layer_inputs" else [first, second]
     for layer, (project, source) in enumerate(zip(tower.projections, sources)):
         np.testing.assert_allclose(heads[:, layer], project(source).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_an_unknown_head_source_is_refused_not_taken_for_layer_outputs():
+    with pytest.raises(ValueError, match="heads_from='layer_input'"):
+        HeadsTower([3], projected=[0], heads=2, head_size=4, normalize=False, heads_from="layer_input")
+    with pytest.raises(ValueError, match="layer_outputs, layer_inputs"):
+        head_sources(tf.zeros([1, 2]), [tf.zeros([1, 3])], [0], "outputs")
 
 
 def test_fe_score_equals_the_max_over_item_heads_by_hand():

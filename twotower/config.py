@@ -146,6 +146,12 @@ class SequenceConfig:
     dropout: float = 0.1
 
 
+# What IntTower's FE-Block projects for each user layer taking part: the layer's output (the
+# paper's figure) or its input (the official code's User_Fe_DNN: the first layer's input is the
+# gated field embeddings)
+HeadSource = Literal["layer_outputs", "layer_inputs"]
+
+
 @dataclass
 class IntTowerConfig:
     """IntTower's FE-Block and CIR (twotower/models/inttower.py), sized for model.name=inttower.
@@ -162,9 +168,7 @@ class IntTowerConfig:
     item_heads: int = 4  # head vectors of the item tower's last output
     head_size: int = 32
     fe_layers: list[int] = field(default_factory=lambda: [0, 1])  # user-tower layers (0 = first) projected into heads
-    # what each of those layers contributes: its output (the paper's figure) or its input (the
-    # official code's User_Fe_DNN: the first layer's input is the gated field embeddings)
-    user_heads_from: Literal["layer_outputs", "layer_inputs"] = "layer_outputs"
+    user_heads_from: HeadSource = "layer_outputs"  # what each of those layers contributes
     # CIR: InfoNCE between a positive row's user and item FE representations (the last
     # fe_layers entry's heads, flattened: needs user_heads == item_heads), in-batch negatives
     cir_weight: float = 1.0  # 0 turns it off

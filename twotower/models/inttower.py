@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import typing
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,7 +55,7 @@ from merlin.models.tf.outputs.base import DotProduct
 from merlin.models.tf.utils.tf_utils import rescore_false_negatives
 from merlin.schema import Schema, Tags
 
-from twotower.config import IntTowerConfig, ModelConfig, TrainConfig
+from twotower.config import HeadSource, IntTowerConfig, ModelConfig, TrainConfig
 from twotower.models.base import (
     RetrievalModel,
     TrainingStats,
@@ -154,11 +155,18 @@ def contrastive_interaction_loss(user: tf.Tensor, item: tf.Tensor, positive: tf.
     return per_row * tf.cast(tf.reshape(positive, [-1]) > 0.5, per_row.dtype)
 
 
-def head_sources(tower_input: tf.Tensor, layer_outputs: list[tf.Tensor], layers: list[int], heads_from: str) -> list[tf.Tensor]:
+def head_sources(tower_input: tf.Tensor, layer_outputs: list[tf.Tensor], layers: list[int], heads_from: HeadSource) -> list[tf.Tensor]:
     """What the FE-Block projects for each user layer in ``layers``: that layer's output, or
     its input (``layer_inputs``: the tower's input for layer 0, the previous layer's output after)."""
+    check_head_source(heads_from)
     values = [tower_input, *layer_outputs[:-1]] if heads_from == "layer_inputs" else layer_outputs
     return [values[index] for index in layers]
+
+
+def check_head_source(heads_from: str) -> None:
+    """Refuse a head source other than HeadSource's, rather than fall back to one silently."""
+    if heads_from not in typing.get_args(HeadSource):
+        raise ValueError(f"heads_from={heads_from!r}: one of {', '.join(typing.get_args(HeadSource))}")
 
 
 def check_inttower(config: IntTowerConfig, tower_layers: int, key: str) -> None:
@@ -186,8 +194,9 @@ class HeadsTower(tf.keras.layers.Layer):
     (L2-normalised if ``normalize``), returned flattened and concatenated in ``projected`` order:
     [batch, len(projected) * heads * head_size]."""
 
-    def __init__(self, layer_sizes: list[int], projected: list[int], heads: int, head_size: int, normalize: bool, heads_from: str = "layer_outputs", **kwargs):
+    def __init__(self, layer_sizes: list[int], projected: list[int], heads: int, head_size: int, normalize: bool, heads_from: HeadSource = "layer_outputs", **kwargs):
         super().__init__(**kwargs)
+        check_head_source(heads_from)
         self.layer_sizes, self.projected, self.heads, self.head_size, self.normalize = list(layer_sizes), list(projected), heads, head_size, normalize
         self.heads_from = heads_from
         self.mlp = [tf.keras.layers.Dense(units, activation="relu", name=f"layer_{number}") for number, units in enumerate(self.layer_sizes)]
