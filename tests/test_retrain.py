@@ -16,11 +16,11 @@ import yaml
 from conftest import SMALL_RUN, small_config
 from rollout import check_answers, roll_out_under_load
 from twotower import pipeline
-from twotower.config import ConfigError, RecipeConfig, load_config, parse_time, set_value
+from twotower.config import ConfigError, RecipeConfig, load_config, parse_time, prerank_config, set_value
 from twotower.data import EXTERNAL_ID, known_before_test, load_dataset, load_recipe_data, load_split, make_synthetic
 from twotower.ensemble import load_exported_ensemble, model_versions, recommend_in_process
 from twotower.feature_store import USER_VIEW, OnlineReader
-from twotower.manifest import EXPORT_RECORD, REFRESH, check_export, fingerprint, read_manifest
+from twotower.manifest import EXPORT_RECORD, REFRESH, check_export, check_prerank, fingerprint, fingerprints, read_manifest
 from twotower.retrain import RetrainRefused, retrain
 from twotower.train import load_item_vectors
 
@@ -223,3 +223,35 @@ def test_items_added_by_refresh_items_stay_served_through_a_retrain_embedded_by_
     assert np.abs(carried - refreshed_vectors[-3:]).max() > 1e-4  # not the last tower's
     assert read_manifest(run)[REFRESH]["added"][-1]["item_ids"] == new_ids.tolist()
     check_export(run)
+
+
+def test_a_cascade_retrains_its_pre_ranker_and_refuses_what_it_cannot_follow(known_run, cutoff, tmp_path):
+    """A run served with a pre-ranking stage: refresh-items and a pre-ranker trained elsewhere are
+    refused before anything changes; retrain trains the run's pre-ranker again on the new split,
+    which the export (refusing a pre-ranker of another split) then packages."""
+    from twotower.refresh import RefreshRefused, refresh_items
+
+    run = _copy(known_run, tmp_path, "train.retrain_epochs=1")
+    pipeline.run_prerank(run)
+    set_value(run, "serve.prerank_candidates", 20)
+    pipeline.run_export(run)
+    ranker = prerank_config(run)
+    first_split = read_manifest(ranker)["train"]["consumed"]["splits"]
+    manifest, ranker_manifest = run.manifest_path.read_text(), ranker.manifest_path.read_text()
+
+    items = load_recipe_data(run.data_dir).items.head(2).assign(item_id=[10_001, 10_002])
+    items.to_parquet(tmp_path / "new.parquet", index=False)
+    with pytest.raises(RefreshRefused, match="serve.prerank_candidates=20"):
+        refresh_items(run, tmp_path / "new.parquet")
+    elsewhere = copy.deepcopy(run)
+    elsewhere.serve.prerank_run = ranker.output_dir
+    with pytest.raises(RetrainRefused, match="serve.prerank_run"):
+        retrain(elsewhere, cutoff)
+    assert (run.manifest_path.read_text(), ranker.manifest_path.read_text()) == (manifest, ranker_manifest)
+
+    report = retrain(run, cutoff)
+    assert report.version == 2
+    assert read_manifest(ranker)["train"]["consumed"]["splits"] == fingerprint(run.splits_dir) != first_split
+    packaged = json.loads((run.export_dir / run.serve.model_name / EXPORT_RECORD).read_text())
+    assert {key: packaged[f"prerank_{key}"] for key in ("query_tower", "item_vectors")} == fingerprints(ranker, ("query_tower", "item_vectors"))
+    assert check_prerank(run)  # the retrained cascade is what the export accepts

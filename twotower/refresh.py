@@ -34,7 +34,9 @@ tower, one index and one copy of the Feast repository (the export copies it into
 negative id (FAISS reserves -1) and an id already in the catalogue are refused with one line
 before anything changes. Ids already in the catalogue are refused rather than updated: their
 trained vectors would be replaced by cold-start ones, and an HNSW index cannot remove items.
-Changing an item's features means re-running the pipeline.
+Changing an item's features means re-running the pipeline. A run served with a pre-ranking stage
+(``serve.prerank_candidates``) is refused too: its pre-ranker's item vectors cover the items it
+was trained on only.
 """
 
 from __future__ import annotations
@@ -214,6 +216,12 @@ def refresh_items(config: RecipeConfig, items_path: Path) -> RefreshReport:
 
     if head_shape(config.model):
         raise RefreshRefused(f"model.name={config.model.name} indexes item heads; refresh-items adds single item vectors (retrain instead)")
+    if config.serve.prerank_candidates:
+        raise RefreshRefused(
+            f"serve.prerank_candidates={config.serve.prerank_candidates}: the pre-ranker holds vectors of the items it was trained on only, "
+            "so it could not score new ones; they reach a cascade once they have interactions (twotower retrain with "
+            "train.new_ids=refit), or serve without the stage (serve.prerank_candidates=0)"
+        )
     model_dir = config.export_dir / config.serve.model_name
     with served_run_lock(config):
         items = read_new_items(items_path, config)

@@ -26,7 +26,12 @@ manifest as the pipeline records them, so ``twotower export`` accepts the result
    what a full build would write. A profile changed in the data set's user file for a user with
    no new positive is not picked up: run ``twotower features``. With refit, or when the items
    table changed, the whole repository is built again;
-6. the run is exported as the next version of the Triton model and rolled out to the running
+6. with a pre-ranking stage (``serve.prerank_candidates``), the run's pre-ranker is trained
+   again by ``twotower prerank`` on the new data (from scratch, ``train.epochs``): the one
+   trained on the old split would be refused by the export. A pre-ranker trained elsewhere
+   (``serve.prerank_run``) cannot follow the new data, and items added by refresh-items are not
+   in a pre-ranker's catalogue: both are refused before anything changes;
+7. the run is exported as the next version of the Triton model and rolled out to the running
    servers exactly as ``refresh-items`` rolls out (``refresh.roll_out_new_version``); without an
    exported model yet, the export stage runs.
 """
@@ -165,10 +170,16 @@ def retrain(config: RecipeConfig, since: int) -> RetrainReport:
     """``twotower retrain`` (module docstring). RetrainRefused or ArtifactMismatch before anything
     changes; ``refresh.RolloutFailed`` if a server did not load the new version."""
     from twotower.ensemble import model_versions
-    from twotower.pipeline import prepare_data, run_stage, run_workflow, write_data
+    from twotower.pipeline import prepare_data, run_prerank, run_stage, run_workflow, write_data
     from twotower.refresh import refreshed_items, roll_out_new_version, served_run_lock
 
     policy = config.train.new_ids
+    cascade = config.serve.prerank_candidates > 0
+    if cascade and config.serve.prerank_run is not None:
+        raise RetrainRefused(
+            f"serve.prerank_run={config.serve.prerank_run}: a pre-ranker trained elsewhere cannot follow this run's new data; "
+            "unset it to have retrain train the run's own pre-ranker"
+        )
     with served_run_lock(config):
         _check_window(config, since, data_cutoff(config.data))
         if policy == "oov":
@@ -178,6 +189,11 @@ def retrain(config: RecipeConfig, since: int) -> RetrainReport:
         known = load_recipe_data(config.data_dir)
         known_users = known.users["user_id"].to_numpy()
         refreshed = refreshed_items(config, list(known.items.columns))  # read before the stages below drop them
+        if cascade and len(refreshed):
+            raise RetrainRefused(
+                f"{len(refreshed)} items added by refresh-items are served, and a pre-ranker's catalogue holds the items it was "
+                "trained on only; run the pipeline again, or retrain with serve.prerank_candidates=0"
+            )
         data, split = prepare_data(config)
         positives = pd.concat([split.train, split.valid, split.test])
         fresh = positives[positives["timestamp"] >= since]
@@ -209,6 +225,9 @@ def retrain(config: RecipeConfig, since: int) -> RetrainReport:
                 run_stage("features", config)
 
         carry_refreshed_items(config, refreshed)
+        if cascade:
+            with timed_step("prerank"):
+                run_prerank(config)
         model_dir = config.export_dir / config.serve.model_name
         if (model_dir / "config.pbtxt").exists():
             version, servers = roll_out_new_version(config, "retrain")
