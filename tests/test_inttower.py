@@ -16,7 +16,9 @@ import tensorflow as tf
 
 from twotower.config import load_config
 from twotower.models.inttower import FEBlock, HeadsTower, contrastive_interaction_loss, fe_score, head_sources
-from twotower.prerank_benchmark import LABEL, MODELS, SETUPS, click_rows, mean_rating_features, mean_rating_sources, prerank_split, run_prerank_benchmark
+from twotower.prerank_benchmark import (
+    ITEM_FIELDS, LABEL, MODELS, SETUPS, USER_FIELDS, Prepared, build, click_rows, mean_rating_features, mean_rating_sources, prerank_split, run_prerank_benchmark,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -167,3 +169,33 @@ def test_benchmark_prerank_smoke_run_writes_every_row(tmp_path, capsys):
             assert 0.0 <= row["auc"] <= 1.0 and row["logloss"] > 0.0 and row["epochs_run"] == 1
     assert report["paper"]["inttower"] == {"auc": 0.8974, "logloss": 0.3128}
     assert report["data"]["test"] > 0
+
+
+def test_inttower_click_logit_is_the_mean_or_the_sum_of_the_fe_terms():
+    """The inttower row's logit (bias aside) is the FE score of its own heads over the 2 layers x 3
+    user heads terms (``mean``) or the score itself (``sum``, the official code), same weights."""
+    rng = np.random.default_rng(0)
+    rows = 5
+    features = {
+        **{field: rng.integers(0, 3, rows) for field in ("user_id", "gender", "age", "occupation", "item_id")},
+        "genres": rng.integers(0, 4, (rows, 2)),
+    }
+    prepared = Prepared({}, {"user": (), "item": ()}, {"user_id": 3, "gender": 3, "age": 3, "occupation": 3, "item_id": 3, "genres": 4})
+    config = load_config(overrides=[
+        "benchmark.prerank.tower_layers=[8, 6]", "benchmark.prerank.init_std=0.5", "benchmark.prerank.inttower.fe_layers=[0, 1]",
+        "benchmark.prerank.inttower.user_heads=3", "benchmark.prerank.inttower.item_heads=2", "benchmark.prerank.inttower.head_size=4",
+    ])
+    settings = config.benchmark.prerank
+    assert settings.inttower_logit == "mean"
+    model = build("inttower", prepared, settings, config.model)
+    mean = model.logits(features, training=False).numpy()
+    model.settings = dataclasses.replace(settings, inttower_logit="sum")
+    total = model.logits(features, training=False).numpy()
+
+    user_input, user = model.user_tower(model.embeddings(features, USER_FIELDS), features)
+    _, item = model.item_tower(model.embeddings(features, ITEM_FIELDS), features)
+    user_heads, item_heads = model.fe.heads(head_sources(user_input, user, [0, 1], settings.inttower.user_heads_from), item[-1])
+    expected = _numpy_fe_score([heads.numpy() for heads in user_heads], item_heads.numpy())
+    np.testing.assert_allclose(total, expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(mean, expected / 6, rtol=1e-4, atol=1e-6)
+    assert np.abs(expected).max() > 1e-3  # a score of zeros would pass both

@@ -288,7 +288,8 @@ class TwoTowerClick(ClickModel):
             user_heads, item_heads = self.fe.heads(head_sources(user_input, user, fe.fe_layers, fe.user_heads_from), item[-1])
             if labels is not None and fe.cir_weight:
                 self.add_loss(fe.cir_weight * tf.reduce_sum(contrastive_interaction_loss(user_heads[-1], item_heads, labels, fe.cir_temperature)))
-            return fe_score(user_heads, item_heads)
+            score = fe_score(user_heads, item_heads)
+            return score / (len(user_heads) * fe.user_heads) if self.settings.inttower_logit == "mean" else score
         if self.kind == "dat" and labels is not None:
             dat, clicks = self.model_config.dat, tf.reshape(labels, [-1])
             a_u = self.user_tower.augment.lookup(features["user_id"])
