@@ -40,6 +40,16 @@ def test_guard_refuses_and_records_egress(tmp_path):
     assert "example.org" in log.read_text()
 
 
+def test_feast_import_writes_no_usage_id_and_prints_no_notice(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FEAST_")}
+    env["HOME"] = str(tmp_path)
+    result = subprocess.run([sys.executable, "-c", "import twotower, feast.usage"], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "usage statistics" not in result.stdout + result.stderr
+    assert not (tmp_path / ".feast").exists()
+
+
 def test_pipeline_export_and_serving_send_nothing_off_the_machine(tmp_path, monkeypatch):
     log = tmp_path / "egress.log"
     env = {**os.environ, EGRESS_LOG_ENV: str(log)}

@@ -18,7 +18,10 @@ import ipaddress
 import os
 import sys
 
-TELEMETRY_OFF = {"FEAST_USAGE": "False"}
+# FEAST_FORCE_USAGE_UUID: with usage off, Feast still writes an installation id to
+# ~/.feast/usage and prints a notice that it "collects" usage statistics on its first import;
+# a fixed id skips both, so nothing in the output suggests data leaves the machine.
+TELEMETRY_OFF = {"FEAST_USAGE": "False", "FEAST_FORCE_USAGE_UUID": "telemetry-off"}
 EGRESS_LOG_ENV = "TWOTOWER_EGRESS_LOG"
 LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost", ""}
 
