@@ -184,6 +184,7 @@ def test_inttower_click_logit_is_the_mean_or_the_sum_of_the_fe_terms():
     config = load_config(overrides=[
         "benchmark.prerank.tower_layers=[8, 6]", "benchmark.prerank.init_std=0.5", "benchmark.prerank.inttower.fe_layers=[0, 1]",
         "benchmark.prerank.inttower.user_heads=3", "benchmark.prerank.inttower.item_heads=2", "benchmark.prerank.inttower.head_size=4",
+        "benchmark.prerank.inttower.cir_weight=0",  # CIR pairs heads one to one; 3 user heads against 2 item heads
     ])
     settings = config.benchmark.prerank
     assert settings.inttower_logit == "mean"
