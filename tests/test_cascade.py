@@ -1,10 +1,12 @@
 """IntTower served by a real Triton server: as the retriever of its own run (multi-vector FAISS
-over item heads) and as the pre-ranking stage after the two-tower index (the cascade).
+over item heads) and, with the ranking model DCN-v2, as the pre-ranking stage after the two-tower
+index (the cascade).
 
-One IntTower is trained, by ``twotower prerank``, on a copy of the session's exported two-tower
-run; that pre-ranker's run folder is then indexed and exported as an IntTower retriever too.
-Expected answers are computed here from the saved towers with the TensorFlow FE score
-(``fe_score_matrix``), not with the serving code's NumPy one.
+One IntTower and one DCN-v2 are trained, by ``twotower prerank``, on copies of the session's
+exported two-tower run; the IntTower run folder is then indexed and exported as a retriever too.
+Expected answers are computed here apart from the served pair scorer: IntTower's from the saved
+towers with the TensorFlow FE score (``fe_score_matrix``; the retriever's NumPy one is the
+serving code's), DCN-v2's from its saved weights reloaded into the Keras model.
 """
 
 from __future__ import annotations
@@ -36,19 +38,33 @@ pytestmark = pytest.mark.integration
 TOP_K, CANDIDATES = 5, 20
 
 
-@pytest.fixture(scope="module")
-def cascade(exported, tmp_path_factory):
-    """A copy of the exported two-tower run with an IntTower pre-ranker trained by `twotower prerank`,
-    exported as the cascade: the two-tower index retrieves 20 candidates, IntTower keeps 5."""
-    root = tmp_path_factory.mktemp("cascade")
+def _cascade(exported, root, prerank_model: str):
+    """A copy of the exported two-tower run with a ``prerank_model`` pre-ranker trained by `twotower
+    prerank`, exported as the cascade: the two-tower index retrieves 20 candidates, the pre-ranker keeps 5."""
     config = copy.deepcopy(exported)
     config.output_dir, config.export_dir = root / "artifacts", root / "triton_models"
     shutil.copytree(exported.output_dir, config.output_dir)
     set_value(config, "train.epochs", 2)  # the pre-ranker's training only: the retriever is the session's
+    set_value(config, "serve.prerank_model", prerank_model)
     pipeline.run_prerank(config)
     set_value(config, "serve.prerank_candidates", CANDIDATES)
     pipeline.run_export(config)
     return config
+
+
+@pytest.fixture(scope="module")
+def cascade(exported, tmp_path_factory):
+    """IntTower pre-ranking (the default serve.prerank_model)."""
+    return _cascade(exported, tmp_path_factory.mktemp("cascade"), "inttower")
+
+
+@pytest.fixture(scope="module")
+def dcn_cascade(exported, tmp_path_factory):
+    """The ranking model DCN-v2 pre-ranking."""
+    return _cascade(exported, tmp_path_factory.mktemp("dcn_cascade"), "dcn_v2")
+
+
+CASCADES = ["cascade", "dcn_cascade"]
 
 
 @pytest.fixture(scope="module")
@@ -83,13 +99,27 @@ def _fe_scores(config, users, item_vectors) -> np.ndarray:
     return fe_score_matrix(shape.query(saved_query_vectors(config, users)), shape.items(item_vectors)).numpy()
 
 
-def test_cascade_answers_the_pre_rankers_best_of_the_retrieved_candidates(cascade):
+def _reloaded_scores(config, users, item_vectors) -> np.ndarray:
+    """[users, items] scores of a run's model rebuilt from its saved weights (``model.score``, in
+    Keras): not the SavedModel pair scorer the server runs."""
+    from twotower.train import build_model, load_training_inputs, training_batches
+
+    inputs = load_training_inputs(config)
+    model = build_model(config, inputs)
+    first = next(iter(training_batches(config, inputs.train_dataset)))
+    model.load_weights(config.model_weights_path, first[0] if isinstance(first, tuple) else first)
+    return model.score(saved_query_vectors(config, users), item_vectors)
+
+
+@pytest.mark.parametrize("cascade_fixture", CASCADES)
+def test_cascade_answers_the_pre_rankers_best_of_the_retrieved_candidates(cascade_fixture, request):
+    cascade = request.getfixturevalue(cascade_fixture)
     users = _known_users(cascade)
     seen = _seen(cascade, users)
     candidates, _ = ItemIndex(load_index(cascade.index_path)).search(saved_query_vectors(cascade, users), CANDIDATES, seen)
     ranker = prerank_config(cascade)
     ranker_ids, ranker_vectors = load_item_vectors(ranker.item_vectors_path)
-    scores = _fe_scores(ranker, users, ranker_vectors)
+    scores = (_fe_scores if head_shape(ranker.model) else _reloaded_scores)(ranker, users, ranker_vectors)
     position = pd.Index(ranker_ids)
     with _server(cascade) as server:
         answer = recommend(users, server.grpc_url)
@@ -106,7 +136,9 @@ def test_cascade_answers_the_pre_rankers_best_of_the_retrieved_candidates(cascad
     assert reordered  # the pre-ranker changed some user's top k: the second stage is not a pass-through
 
 
-def test_served_cascade_equals_the_in_process_graph_and_keeps_the_contract(cascade):
+@pytest.mark.parametrize("cascade_fixture", CASCADES)
+def test_served_cascade_equals_the_in_process_graph_and_keeps_the_contract(cascade_fixture, request):
+    cascade = request.getfixturevalue(cascade_fixture)
     users = _known_users(cascade, 6)
     requested = np.array([users[0], -7, *users[1:]])
     expected = recommend_in_process(load_exported_ensemble(cascade.export_dir), requested)

@@ -212,14 +212,14 @@ def test_multi_vector_refuses_bad_inputs():
 
 # ------------------------------------------------------------------ make benchmark-models
 @pytest.mark.timeout(900)
-def test_benchmark_models_serves_inttower_and_measures_the_cascade(tmp_path, capsys):
+def test_benchmark_models_serves_inttower_and_measures_the_cascade_with_both_prerankers(tmp_path, capsys):
     from conftest import small_config
     from twotower.model_benchmark import run_model_benchmark
 
     config = small_config(
         tmp_path,
         "train.epochs=1",
-        "benchmark.model_variants=[two_tower, inttower]",
+        "benchmark.model_variants=[two_tower, inttower, dcn_v2]",
         "benchmark.model_seed_rows=0",
         "benchmark.model_serving_requests=20",
         "benchmark.warmup_requests=5",
@@ -237,8 +237,10 @@ def test_benchmark_models_serves_inttower_and_measures_the_cascade(tmp_path, cap
     assert found["recall@10"] == pytest.approx(row["recall@10"]) and found["recall@100"] == pytest.approx(row["recall@100"])
     assert found["ms_per_user"] > 0
 
+    assert report["models"]["dcn_v2"]["serving_p50_ms"] is None  # the ranking model is not served as a retriever
+
     cascade = report["cascade"]
-    assert set(cascade) == {"retrieval_only", "with_prerank"}
+    assert set(cascade) == {"retrieval_only", "with_prerank", "with_prerank_dcn_v2"}
     for stage in cascade.values():
         assert set(stage) >= {"recall@10", "ndcg@10", "p50_ms", "latency"}
         assert stage["p50_ms"] > 0 and stage["latency"]["c16"]["errors"] == 0
@@ -246,4 +248,5 @@ def test_benchmark_models_serves_inttower_and_measures_the_cascade(tmp_path, cap
     for metric in ("recall@10", "ndcg@10"):
         assert cascade["retrieval_only"][metric] == pytest.approx(report["models"]["two_tower"][metric], abs=1e-6)
     assert cascade["with_prerank"]["candidates"] == 20 and cascade["with_prerank"]["prerank_model"] == "inttower"
+    assert cascade["with_prerank_dcn_v2"]["prerank_model"] == "dcn_v2"
     assert "cascade (served, every test user" in out

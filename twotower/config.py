@@ -122,7 +122,7 @@ class TrainConfig:
 
 
 # The registered models (twotower/models/__init__.py keeps the builders; a test checks both agree).
-ModelName = Literal["two_tower", "dat", "seq_attention", "seq_gru", "inttower"]
+ModelName = Literal["two_tower", "dat", "seq_attention", "seq_gru", "inttower", "dcn_v2"]
 
 
 @dataclass
@@ -189,6 +189,21 @@ def prerank_inttower() -> IntTowerConfig:
 
 
 @dataclass
+class DCNConfig:
+    """DCN-v2 (twotower/models/dcn.py), the ranking model: a cross network and train.tower_layers'
+    MLP over every user and item field embedding of a (user, item) pair."""
+
+    cross_depth: int = 2  # cross layers
+    # Each cross layer's weight as U V^T of this rank (the paper's low-rank DCN); 0: full rank. Rank
+    # 32 over the ~640 embedding values of ML-1M's fields costs a tenth of a full-rank layer per pair.
+    low_rank_dim: int = 32
+    # Items of the batch every training positive is scored against (the first ones of merlin-models'
+    # in-batch negatives, shared by all rows): the cross network runs once per (row, item) pair, so
+    # all 4,096 of a batch would cost 4,096 times a dot-product model's training.
+    negatives: int = 16
+
+
+@dataclass
 class ModelConfig:
     name: ModelName = "two_tower"  # `twotower models` lists them
     # Learning approach, with any model: softmax (contrastive over in-batch, optionally
@@ -200,6 +215,7 @@ class ModelConfig:
     dat: DATConfig = field(default_factory=DATConfig)
     sequence: SequenceConfig = field(default_factory=SequenceConfig)
     inttower: IntTowerConfig = field(default_factory=IntTowerConfig)  # model.name=inttower
+    dcn: DCNConfig = field(default_factory=DCNConfig)  # model.name=dcn_v2
 
 
 IndexKind = Literal["flat", "hnsw", "ivf_flat", "ivf_pq"]
@@ -250,7 +266,8 @@ class ServeConfig:
     # The cascade's pre-ranking stage (twotower/ensemble.py PrerankCandidates): retrieval fetches
     # this many candidates and the pre-ranker returns the best top_k of them; 0: no such stage.
     prerank_candidates: int = 0
-    prerank_model: ModelName = "inttower"  # the model `twotower prerank` trains as the pre-ranker
+    # the model `twotower prerank` trains as the pre-ranker: one of the family or the ranking model dcn_v2
+    prerank_model: ModelName = "inttower"
     # The pre-ranker's run folder (same data and workflow as this run's); null: <output_dir>/prerank,
     # where `twotower prerank` trains it.
     prerank_run: Path | None = None
@@ -312,8 +329,8 @@ class BenchmarkConfig:
     model_seed_rows: int = 1  # the best rows (validation) trained again with each extra seed
     model_extra_seeds: list[int] = field(default_factory=lambda: [43, 44])
     model_serving_requests: int = 300  # single-user requests at concurrency 1 through Triton, per model
-    # with both two_tower and inttower rows: two_tower retrieves this many candidates and inttower
-    # pre-ranks them (serve.prerank_candidates), against two_tower alone; 0: not measured
+    # with the two_tower row and inttower or dcn_v2 rows: two_tower retrieves this many candidates and
+    # each of those pre-ranks them (serve.prerank_candidates), against two_tower alone; 0: not measured
     cascade_candidates: int = 200
     # make benchmark-scale (twotower/scale_benchmark.py); 10_000_000 fits 23 GB of memory but
     # takes hours on 2 cores, so it is opt-in: --set "benchmark.scale_sizes=[...]"
@@ -393,6 +410,10 @@ class RecipeConfig:
     @property
     def model_weights_path(self) -> Path:
         return self.model_dir / "weights.npz"  # the whole model's trainable weights: a warm start's
+
+    @property
+    def pair_scorer_dir(self) -> Path:
+        return self.model_dir / "pair_scorer"  # a (query vector, item vector) pair's score: the served pre-ranker's
 
     @property
     def prerank_dir(self) -> Path:

@@ -7,7 +7,8 @@ The recipe's graph:
             -> PredictQueryTower (SavedModel) -> RetrieveTopK (FAISS, seen items
                excluded, most-popular fallback for unknown users)
             -> [PrerankCandidates: with serve.prerank_candidates, retrieval fetches that many
-                and a pre-ranker (another run's model, IntTower by default) keeps the best top_k]
+                and a pre-ranker (another run's model, IntTower by default, or the ranking
+                model DCN-v2) keeps the best top_k]
             -> item_ids, scores, is_fallback
 
 A multi-vector retriever (``model.name=inttower``) searches with ``RetrieveByHeads`` in place of
@@ -42,7 +43,7 @@ from merlin.table import TensorColumn, TensorTable
 from twotower.errors import RequestError, ServiceUnavailable
 from twotower.index import ItemIndex, load_index
 from twotower.manifest import atomic_dir, staging_dir
-from twotower.multi_vector import HeadIndex, HeadShape, candidate_scores
+from twotower.multi_vector import HeadIndex, HeadShape
 
 if TYPE_CHECKING:
     from twotower.config import RecipeConfig
@@ -392,24 +393,26 @@ class PrerankCandidates(_ArtifactOperator):
 
     Its query tower runs on the user's features from the same Feast lookup; the candidates' item
     vectors were computed by its item tower at training (an item tower reads item features only,
-    so they are what it would compute from the store's item rows). Scores are the pre-ranker's
-    own: the FE score for IntTower (``shape``), the dot product for a single-vector model. Rows
+    so they are what it would compute from the store's item rows). Its saved pair scorer
+    (``RetrievalModel.save_pair_scorer``) scores every (user, candidate) pair of the request in one
+    call: the dot product, IntTower's FE score or DCN-v2's cross network, whichever it is. Rows
     answered by the popularity fallback pass through unchanged; seen items were excluded by
-    retrieval. Only the pre-ranker's query tower and item vectors are copied into the export.
+    retrieval. Only the pre-ranker's query tower, item vectors and pair scorer are copied into the
+    export.
     """
 
     artifact_name = "prerank"
-    parts = ("query_tower", "item_vectors.npz")  # of the pre-ranker run's model folder
+    parts = ("query_tower", "item_vectors.npz", "pair_scorer")  # of the pre-ranker run's model folder
 
-    def __init__(self, model_dir: Path, shape: HeadShape | None, top_k: int, item_names: np.ndarray | None = None):
+    def __init__(self, model_dir: Path, top_k: int, item_names: np.ndarray | None = None):
         super().__init__(model_dir)
-        self.shape, self.top_k, self.item_names = shape, top_k, item_names
+        self.top_k, self.item_names = top_k, item_names
 
     def _load(self, path: Path):
         from twotower.train import load_item_vectors
 
         item_ids, vectors = load_item_vectors(path / "item_vectors.npz")
-        return load_serving_signature(path / "query_tower"), pd.Index(item_ids), vectors
+        return load_serving_signature(path / "query_tower"), pd.Index(item_ids), vectors, load_serving_signature(path / "pair_scorer")
 
     def save_artifacts(self, artifact_path: str) -> None:
         target = Path(artifact_path) / self.artifact_name
@@ -428,20 +431,26 @@ class PrerankCandidates(_ArtifactOperator):
         )
 
     def transform(self, col_selector: ColumnSelector, transformable):
-        signature, catalogue, item_vectors = self.resource
+        import tensorflow as tf
+
+        query_signature, catalogue, item_vectors, pair_scorer = self.resource
         candidates = np.asarray(transformable["item_ids"].values)
         retrieval_scores = np.asarray(transformable["scores"].values)
         fallback = np.asarray(transformable["is_fallback"].values)
-        query_vectors = call_signature(signature, transformable)
         item_ids = candidates[:, : self.top_k].copy()  # fallback rows: the popularity list as it came
         item_scores = retrieval_scores[:, : self.top_k].astype(np.float32)
-        for row in np.flatnonzero(~fallback):
-            positions = catalogue.get_indexer(candidates[row])
+        rows = np.flatnonzero(~fallback)
+        if len(rows):
+            positions = catalogue.get_indexer(candidates[rows].reshape(-1)).reshape(len(rows), -1)
             if (positions < 0).any():  # the export checks the catalogues match; a mismatch here is a fault
-                raise RuntimeError(f"item {candidates[row][positions < 0][0]} retrieved but not in the pre-ranker's catalogue")
-            scores = candidate_scores(query_vectors[row], item_vectors[positions], self.shape)
-            best = np.argsort(-scores, kind="stable")[: self.top_k]
-            item_ids[row], item_scores[row] = candidates[row][best], scores[best]
+                raise RuntimeError(f"item {candidates[rows][positions < 0][0]} retrieved but not in the pre-ranker's catalogue")
+            query_vectors = call_signature(query_signature, transformable)[rows]
+            pairs = {"query": np.repeat(query_vectors, positions.shape[1], axis=0), "items": item_vectors[positions.reshape(-1)]}
+            (scores,) = pair_scorer(**{name: tf.constant(values, dtype=tf.float32) for name, values in pairs.items()}).values()
+            scores = scores.numpy().reshape(positions.shape)
+            best = np.argsort(-scores, axis=1, kind="stable")[:, : self.top_k]
+            item_ids[rows] = np.take_along_axis(candidates[rows], best, axis=1)
+            item_scores[rows] = np.take_along_axis(scores, best, axis=1)
         answer_ids = item_ids if self.item_names is None else self.item_names[item_ids]
         return TensorTable({"item_ids": answer_ids, "scores": item_scores, "is_fallback": fallback})
 
@@ -455,11 +464,10 @@ class MultiVector(NamedTuple):
 
 
 class Prerank(NamedTuple):
-    """The cascade's pre-ranking stage: the pre-ranker run's model folder, its head shape (None:
-    a single-vector model) and how many candidates retrieval hands it."""
+    """The cascade's pre-ranking stage: the pre-ranker run's model folder and how many candidates
+    retrieval hands it."""
 
     model_dir: Path
-    shape: HeadShape | None
     candidates: int
 
 
@@ -504,7 +512,7 @@ def build_ensemble(
     )
     graph = ["user_id"] >> lookup >> PredictQueryTower(query_tower_dir, passthrough=_union(retrieval_inputs, prerank_inputs)) >> retrieve
     if prerank:
-        graph = graph >> PrerankCandidates(prerank.model_dir, prerank.shape, min(top_k, retrieve.top_k), external_ids.item_names)
+        graph = graph >> PrerankCandidates(prerank.model_dir, min(top_k, retrieve.top_k), external_ids.item_names)
     return Ensemble(graph, Schema([ColumnSchema("user_id", dtype=np.int64 if external_ids.user_codes is None else md.string)]))
 
 
@@ -572,14 +580,15 @@ def recipe_ensemble(config: RecipeConfig, feature_repo: Path | None = None) -> E
     ``serve.prerank_run`` when ``serve.prerank_candidates`` is set."""
     from twotower.config import prerank_config
     from twotower.manifest import fingerprint
-    from twotower.models import head_shape
+    from twotower.models import check_retriever, head_shape
 
+    check_retriever(config.model)
     shape = head_shape(config.model)
     multi_vector = MultiVector(shape, config.model.inttower.search_depth) if shape else None
     prerank = None
     if config.serve.prerank_candidates:
         ranker = prerank_config(config)
-        prerank = Prerank(ranker.model_dir, head_shape(ranker.model), config.serve.prerank_candidates)
+        prerank = Prerank(ranker.model_dir, config.serve.prerank_candidates)
     return build_ensemble(
         feature_repo or config.feature_repo_dir,
         config.query_tower_dir,

@@ -65,7 +65,7 @@ STAGES: dict[str, StageIO] = {
     "data": StageIO((), DATA),
     "workflow": StageIO(DATA, ("workflow", "train_encoded")),
     # model_weights: the whole model's, what `twotower retrain` warm-starts from
-    "train": StageIO((*DATA, "workflow", "train_encoded"), ("query_tower", "candidate_tower", "item_vectors", "model_weights")),
+    "train": StageIO((*DATA, "workflow", "train_encoded"), ("query_tower", "candidate_tower", "item_vectors", "model_weights", "pair_scorer")),
     # the query tower's vectors measure the index's recall (index.kind=auto chooses by it)
     "index": StageIO(("item_vectors", "query_tower"), ("index",)),
     # the encoded user features come from the saved user workflow
@@ -75,6 +75,7 @@ PRODUCER = {name: stage for stage, io in STAGES.items() for name in io.produces}
 # What the export packages or checks: the query tower, the index and its catalogue, the Feast
 # repository, the training split (most-popular fallback) and the workflow the store must match.
 EXPORT_CONSUMES = ("splits", "workflow", "query_tower", "item_vectors", "index", "feature_store")
+PRERANK_PARTS = ("query_tower", "item_vectors", "pair_scorer")  # of the pre-ranker's run, what the export packages
 REFRESH = "refresh"  # the manifest entry of refresh-items, which is not a stage of the pipeline
 REFRESHED = ("item_vectors", "index", "feature_store")  # what refresh-items rewrites in place
 
@@ -90,6 +91,7 @@ def artifact_paths(config: RecipeConfig) -> dict[str, Path]:
         "candidate_tower": config.candidate_tower_dir,
         "item_vectors": config.item_vectors_path,
         "model_weights": config.model_weights_path,
+        "pair_scorer": config.pair_scorer_dir,
         "index": config.index_path,
         "feature_store": config.feature_repo_dir,
     }
@@ -411,7 +413,7 @@ def check_prerank(config: RecipeConfig) -> dict[str, str]:
             f"{len(missing)} items of this run's catalogue (e.g. {missing[0]}) are not in the pre-ranker's in {ranker.output_dir} "
             "(added by refresh-items?); run `twotower prerank` again"
         )
-    parts = fingerprints(ranker, ("query_tower", "item_vectors"))
+    parts = fingerprints(ranker, PRERANK_PARTS)
     changed = [name for name, value in parts.items() if trained["produced"].get(name) != value]
     if changed:
         raise ArtifactMismatch(f"the pre-ranker's {' and '.join(changed)} in {ranker.output_dir} changed since it was trained; run `twotower prerank` again")

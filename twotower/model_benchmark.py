@@ -5,12 +5,13 @@ per-user temporal split, ranked over the whole catalogue with earlier positives 
 Each variant tries a handful of settings (its first is the default); the one with the best
 validation metric (``train.early_stopping_metric``) is its row, the test split is only
 reported. Each row's model is then exported and served by a real Triton server started
-here, and single-user requests at concurrency 1 measure its serving latency. ``inttower``'s row
-also measures its multi-vector FAISS retrieval against its exact scoring. With both the
-``two_tower`` and ``inttower`` rows, the cascade is measured through Triton: two_tower's served
-graph alone against it with inttower pre-ranking ``benchmark.cascade_candidates`` retrieved
-items (quality over every test user; latency at concurrency 1 and 16). The best rows are
-trained again with other seeds to show the spread.
+here, and single-user requests at concurrency 1 measure its serving latency (not the ranking
+model ``dcn_v2``'s, which serves as a pre-ranker only). ``inttower``'s row also measures its
+multi-vector FAISS retrieval against its exact scoring. With the ``two_tower`` row and an
+``inttower`` or ``dcn_v2`` row, the cascade is measured through Triton: two_tower's served graph
+alone against it with each of those pre-ranking ``benchmark.cascade_candidates`` retrieved items
+(quality over every test user; latency at concurrency 1 and 16). The best rows are trained again
+with other seeds to show the spread.
 
 Data and workflow are prepared once and copied into each run's own output folder, so
 every run has its own complete, exportable artifacts.
@@ -30,6 +31,7 @@ import numpy as np
 from twotower import pipeline
 from twotower.config import RecipeConfig, config_to_dict, set_value
 from twotower.evaluate import RECALL_KS
+from twotower.models import RANKING_MODELS
 
 # variant -> settings tried (the first is the variant's default); each a dict of overrides
 VARIANTS: dict[str, list[dict]] = {
@@ -44,9 +46,11 @@ VARIANTS: dict[str, list[dict]] = {
     "seq_attention": [{"model.name": "seq_attention"}, {"model.name": "seq_attention", "model.sequence.dropout": 0.3}],
     "seq_gru": [{"model.name": "seq_gru"}],
     "inttower": [{"model.name": "inttower"}],
+    "dcn_v2": [{"model.name": "dcn_v2"}],  # the ranking model: ranked exactly, served as a pre-ranker only
     "two_tower/bpr": [{"model.loss": "bpr"}],
     "two_tower/bce": [{"model.loss": "bce"}],
 }
+PRERANKERS = ("inttower", "dcn_v2")  # variants measured as the cascade's pre-ranking stage, when run
 COLUMNS = [*(f"recall@{k}" for k in RECALL_KS), "ndcg@10", "mrr@100", "coverage@10"]
 
 
@@ -173,26 +177,31 @@ def _served_quality(config: RecipeConfig, url: str, test_set, catalogue_ids: np.
     return {name: metrics[name] for name in (f"recall@{config.serve.top_k}", "ndcg@10")}
 
 
-def _cascade(retriever: RecipeConfig, ranker: RecipeConfig, candidates: int) -> dict[str, dict]:
-    """The retriever's served graph (already exported) against it with ``ranker``'s model as the
-    pre-ranking stage over ``candidates`` retrieved items: quality through the server for every
-    test user, and single-user latency at concurrency 1 and 16."""
-    cascade = copy.deepcopy(retriever)
-    cascade.serve.prerank_candidates, cascade.serve.prerank_run, cascade.serve.prerank_model = candidates, ranker.output_dir, ranker.model.name
-    cascade.export_dir = retriever.output_dir / "triton_models_cascade"
-    pipeline.run_export(cascade)
+def _cascade(retriever: RecipeConfig, rankers: list[RecipeConfig], candidates: int) -> dict[str, dict]:
+    """The retriever's served graph (already exported) against it with each of ``rankers``' models
+    as the pre-ranking stage over ``candidates`` retrieved items: quality through the server for
+    every test user, and single-user latency at concurrency 1 and 16. The first pre-ranker's
+    figures are ``with_prerank``, a further one's ``with_prerank_<model>``."""
     from twotower.train import held_out_eval_set, load_training_inputs
 
+    stages = [("retrieval_only", retriever)]
+    for ranker in rankers:
+        cascade = copy.deepcopy(retriever)
+        cascade.serve.prerank_candidates, cascade.serve.prerank_run, cascade.serve.prerank_model = candidates, ranker.output_dir, ranker.model.name
+        cascade.export_dir = retriever.output_dir / f"triton_models_cascade_{ranker.model.name}"
+        pipeline.run_export(cascade)
+        stages.append(("with_prerank" if len(stages) == 1 else f"with_prerank_{ranker.model.name}", cascade))
     inputs = load_training_inputs(retriever)
     test_set, users = held_out_eval_set(inputs), _test_users(retriever)
     results = {}
-    for name, config in (("retrieval_only", retriever), ("with_prerank", cascade)):
+    for name, config in stages:
         print(f"[benchmark-models] cascade: {name} through Triton", flush=True)
         with _served(config) as server:
             quality = _served_quality(config, server.grpc_url, test_set, inputs.catalogue.item_ids)
             latency = {f"c{c}": _latency(config, server.grpc_url, users, c) for c in (1, 16)}
         results[name] = {**quality, "p50_ms": latency["c1"]["p50_ms"], "latency": latency}
-    results["with_prerank"].update({"candidates": candidates, "prerank_model": ranker.model.name})
+        if config.serve.prerank_candidates:
+            results[name].update({"candidates": candidates, "prerank_model": config.serve.prerank_model})
     return results
 
 
@@ -246,7 +255,9 @@ def run_model_benchmark(base: RecipeConfig) -> Path:
             tried[name].append({"settings": overrides, "config": config, **_train(config)})
         best = max(tried[name], key=lambda run: run["validation"])
         print(f"[benchmark-models] {name}: chose {best['settings'] or '(defaults)'} on validation; serving it", flush=True)
-        rows[name] = {**{k: v for k, v in best.items() if k != "config"}, **_serving_latency(best["config"]), "seeds": [base.seed]}
+        # a ranking model is not served as a retriever (models.check_retriever): no serving latency
+        served = {"serving_p50_ms": None, "serving_p99_ms": None} if best["config"].model.name in RANKING_MODELS else _serving_latency(best["config"])
+        rows[name] = {**{k: v for k, v in best.items() if k != "config"}, **served, "seeds": [base.seed]}
 
     seed_runs = {}
     for name in sorted(rows, key=lambda n: -rows[n]["validation"])[: bench.model_seed_rows]:
@@ -259,10 +270,11 @@ def run_model_benchmark(base: RecipeConfig) -> Path:
         seed_runs[name] = {"runs": [{c: r[c] for c in COLUMNS} for r in runs], "spread": _spread(runs)}
 
     cascade = None
-    if bench.cascade_candidates and {"two_tower", "inttower"} <= set(rows):
-        print(f"\n[benchmark-models] cascade: two_tower retrieving {bench.cascade_candidates}, inttower pre-ranking", flush=True)
-        best = {name: max(tried[name], key=lambda run: run["validation"])["config"] for name in ("two_tower", "inttower")}
-        cascade = _cascade(best["two_tower"], best["inttower"], bench.cascade_candidates)
+    prerankers = [name for name in PRERANKERS if name in rows]
+    if bench.cascade_candidates and "two_tower" in rows and prerankers:
+        print(f"\n[benchmark-models] cascade: two_tower retrieving {bench.cascade_candidates}, pre-ranked by {', '.join(prerankers)}", flush=True)
+        best = {name: max(tried[name], key=lambda run: run["validation"])["config"] for name in ("two_tower", *prerankers)}
+        cascade = _cascade(best["two_tower"], [best[name] for name in prerankers], bench.cascade_candidates)
 
     reference = tried[names[0]][0]["config"]  # any run: they share data, split and catalogue
     for baseline, values in baselines(reference).items():

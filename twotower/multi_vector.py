@@ -67,14 +67,6 @@ def fe_scores(query_heads: np.ndarray, item_heads: np.ndarray) -> np.ndarray:
     return np.einsum("hd,ikd->ihk", query_heads, item_heads, optimize=True).max(axis=2).sum(axis=1)
 
 
-def candidate_scores(query_vector: np.ndarray, item_vectors: np.ndarray, shape: HeadShape | None) -> np.ndarray:
-    """A model's score of each of ``item_vectors`` for one flat ``query_vector``: the FE score for
-    a multi-vector model (``shape``), else the dot product."""
-    if shape is None:
-        return item_vectors @ query_vector
-    return fe_scores(shape.query(query_vector)[0], shape.items(item_vectors))
-
-
 def check_heads(query_heads: np.ndarray, item_heads: np.ndarray, k: int, depth: int) -> None:
     """ValueError for inputs the retriever cannot answer, naming what is wrong."""
     if query_heads.ndim != 3 or item_heads.ndim != 3:

@@ -35,7 +35,7 @@ from twotower.data import (
     split_by_time,
 )
 from twotower.manifest import EXPORT_RECORD, atomic_dir, atomic_file, check_export, check_prerank, recorded_stage
-from twotower.models import head_shape
+from twotower.models import check_retriever, head_shape
 
 if TYPE_CHECKING:  # heavy imports stay lazy: the CLI loads TensorFlow only for stages that need it
     from feast import FeatureStore
@@ -128,6 +128,7 @@ def run_index(config: RecipeConfig) -> None:
     from twotower.index import build_index, print_choice, save_index
     from twotower.train import load_item_vectors
 
+    check_retriever(config.model)
     with recorded_stage(config, "index") as details:
         item_ids, vectors = load_item_vectors(config.item_vectors_path)
         queries = validation_query_vectors(config)
@@ -254,6 +255,7 @@ def _write_export_record(model_dir: Path, packaged: dict[str, str]) -> None:
 
 
 def run_all(config: RecipeConfig) -> None:
+    check_retriever(config.model)  # before training a model the index stage would refuse
     for name in STAGES:
         run_stage(name, config)
 

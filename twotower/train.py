@@ -228,19 +228,21 @@ def evaluate_on_test(config: RecipeConfig, inputs: TrainingInputs, model: Retrie
 def save_training(
     config: RecipeConfig, inputs: TrainingInputs, model: RetrievalModel, stopper: FullCatalogueEarlyStopping, results: dict, details: dict | None = None
 ) -> dict:
-    """Both towers as SavedModels, the whole model's weights, catalogue item vectors, history,
+    """Both towers and the pair scorer as SavedModels, the whole model's weights, catalogue item vectors, history,
     curves and metrics.json; the model folder is replaced whole, then the run manifest records the
     stage (with ``details``, such as where a warm start started from)."""
     from twotower.plots import plot_training
 
     item_vectors = model.item_vectors(inputs.catalogue.features)
+    query_width = model.query_vectors(inputs.valid_users.head(1)).shape[1]
     with atomic_dir(config.model_dir) as model_dir:
-        query_dir, candidate_dir, vectors_path, weights_path = (
+        query_dir, candidate_dir, vectors_path, weights_path, scorer_dir = (
             model_dir / path.relative_to(config.model_dir)
-            for path in (config.query_tower_dir, config.candidate_tower_dir, config.item_vectors_path, config.model_weights_path)
+            for path in (config.query_tower_dir, config.candidate_tower_dir, config.item_vectors_path, config.model_weights_path, config.pair_scorer_dir)
         )
         model.save_query_tower(query_dir)
         model.save_item_tower(candidate_dir)
+        model.save_pair_scorer(scorer_dir, query_width, item_vectors.shape[1])
         model.save_weights(weights_path)
         save_item_vectors(inputs.catalogue.item_ids, item_vectors, vectors_path)
         save_history(stopper.history, model_dir / "history.json")

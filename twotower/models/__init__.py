@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 
-from twotower.config import ModelConfig
+from twotower.config import ConfigError, ModelConfig
 from twotower.multi_vector import HeadShape
 
 # model name -> module whose ``build`` makes it (a module may build several variants)
@@ -22,7 +22,11 @@ REGISTRY: dict[str, str] = {
     "seq_attention": "twotower.models.sequence",
     "seq_gru": "twotower.models.sequence",
     "inttower": "twotower.models.inttower",
+    "dcn_v2": "twotower.models.dcn",
 }
+# Models whose score runs a network on each (user, item) pair: no vector index retrieves by it,
+# so they serve only as the cascade's pre-ranker (serve.prerank_model)
+RANKING_MODELS = ("dcn_v2",)
 
 def head_shape(model: ModelConfig) -> HeadShape | None:
     """How a multi-vector model's vectors split into heads: it is scored by the FE score and
@@ -31,6 +35,15 @@ def head_shape(model: ModelConfig) -> HeadShape | None:
         return None
     fe = model.inttower
     return HeadShape(len(fe.fe_layers), fe.user_heads, fe.item_heads, fe.head_size)
+
+
+def check_retriever(model: ModelConfig) -> None:
+    """Refuse to index or serve a ranking model as the retriever."""
+    if model.name in RANKING_MODELS:
+        raise ConfigError(
+            f"model.name={model.name} is a ranking model: its score runs a network on each (user, item) pair, which no "
+            f"vector index can search; serve it as the pre-ranker behind a retriever (serve.prerank_model={model.name})"
+        )
 
 
 def model_names() -> list[str]:

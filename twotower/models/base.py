@@ -8,6 +8,7 @@ save/load below and never asks which model it is.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +69,28 @@ class RetrievalModel:
         """Scores [queries, items] of every pair of rows of ``query_vectors`` and ``item_vectors``
         (this class's outputs): what evaluation ranks by. A dot product unless a model says otherwise."""
         return query_vectors @ item_vectors.T
+
+    def pair_scores(self, query_vectors: tf.Tensor, item_vectors: tf.Tensor) -> tf.Tensor:
+        """Row i's score of the pair (``query_vectors[i]``, ``item_vectors[i]``): [rows], the same
+        values ``score`` gives (in TensorFlow: the served pre-ranking stage runs it)."""
+        return tf.reduce_sum(query_vectors * item_vectors, axis=-1)
+
+    def pair_scoring_state(self) -> tuple[tf.Module, ...]:
+        """The layers whose variables ``pair_scores`` reads (none for scores of the vectors alone)."""
+        return ()
+
+    def save_pair_scorer(self, path: Path, query_width: int, item_width: int) -> None:
+        """``pair_scores`` as a SavedModel whose ``serving_default`` takes ``query`` [n, query_width]
+        and ``items`` [n, item_width] and returns ``scores`` [n]: the pre-ranking stage scores each
+        user's candidates with it, whatever the model."""
+        module = tf.Module()
+        module.state = self.pair_scoring_state()
+
+        @tf.function(input_signature=[tf.TensorSpec([None, query_width], tf.float32, "query"), tf.TensorSpec([None, item_width], tf.float32, "items")])
+        def serve(query, items):
+            return {"scores": self.pair_scores(query, items)}
+
+        tf.saved_model.save(module, str(path), signatures={"serving_default": serve})
 
     def save_query_tower(self, path: Path) -> None:
         """The query tower as a SavedModel whose ``serving_default`` the server calls."""
@@ -160,7 +183,7 @@ def field_inputs(schema: Schema, tables: mm.ParallelBlock, model: ModelConfig) -
 
 
 def compile_model(
-    keras_model: mm.RetrievalModelV2, schema: Schema, train: TrainConfig, model: ModelConfig, kind: type[RetrievalModel] = RetrievalModel
+    keras_model: mm.RetrievalModelV2, schema: Schema, train: TrainConfig, model: ModelConfig, kind: Callable[..., RetrievalModel] = RetrievalModel
 ) -> RetrievalModel:
     keras_model.compile(optimizer=tf.keras.optimizers.Adam(train.learning_rate), loss=loss_for(model.loss), metrics=[])
     return kind(keras_model, schema)

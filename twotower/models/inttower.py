@@ -285,6 +285,10 @@ class IntTowerRetrievalModel(RetrievalModel):
         layout = self.keras.layout
         return fe_score_matrix(layout.query(query_vectors), layout.items(item_vectors)).numpy()
 
+    def pair_scores(self, query_vectors: tf.Tensor, item_vectors: tf.Tensor) -> tf.Tensor:
+        layout = self.keras.layout
+        return fe_score([layout.query(query_vectors)], layout.items(item_vectors))
+
 
 def build(schema: Schema, stats: TrainingStats, train: TrainConfig, model: ModelConfig) -> RetrievalModel:
     fe = model.inttower
