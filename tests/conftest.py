@@ -54,6 +54,29 @@ def prepared(tmp_path_factory) -> RecipeConfig:
 
 
 @pytest.fixture(scope="session")
+def inputs(prepared):
+    """The prepared run's training inputs: encoded positives, catalogue, statistics."""
+    from twotower.train import load_training_inputs
+
+    return load_training_inputs(prepared)
+
+
+def registry_model(prepared: RecipeConfig, inputs, name: str, **settings):
+    """Model ``name`` of the registry built on the prepared run with ``settings`` (dotted keys)
+    set: its configuration and the model."""
+    import copy
+
+    from twotower.config import set_value
+    from twotower.models import builder
+
+    config = copy.deepcopy(prepared)
+    set_value(config, "model.name", name)
+    for key, value in settings.items():
+        set_value(config, key, value)
+    return config, builder(name)(inputs.schema, inputs.stats, config.train, config.model)
+
+
+@pytest.fixture(scope="session")
 def exported(tmp_path_factory) -> RecipeConfig:
     """Every stage up to the Triton export, on synthetic data."""
     config = small_config(tmp_path_factory.mktemp("exported"))

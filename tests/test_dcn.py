@@ -15,12 +15,13 @@ import tensorflow as tf
 from merlin.models.tf.outputs.sampling.base import Candidate
 from merlin.schema import ColumnSchema, Schema, Tags
 
+from conftest import registry_model
 from twotower import pipeline
 from twotower.config import ConfigError, set_value
 from twotower.ensemble import load_serving_signature
-from twotower.models import builder, dcn
+from twotower.models import dcn
 from twotower.models.dcn import DCNRetrievalModel, PairScorer, SampledPairOutput
-from twotower.train import load_training_inputs, training_batches
+from twotower.train import training_batches
 
 pytestmark = pytest.mark.smoke
 
@@ -88,17 +89,8 @@ def test_training_output_scores_each_positive_and_the_batchs_first_items_masking
     np.testing.assert_array_equal(prediction.targets.numpy()[:, 0], 1.0)
 
 
-@pytest.fixture(scope="module")
-def inputs(prepared):
-    return load_training_inputs(prepared)
-
-
 def _dcn(prepared, inputs, **settings):
-    config = copy.deepcopy(prepared)
-    set_value(config, "model.name", "dcn_v2")
-    for key, value in settings.items():
-        set_value(config, key, value)
-    return config, builder("dcn_v2")(inputs.schema, inputs.stats, config.train, config.model)
+    return registry_model(prepared, inputs, "dcn_v2", **settings)
 
 
 def test_dcn_trains_and_ranks_the_catalogue_by_its_pair_scorer(prepared, inputs, monkeypatch, tmp_path):

@@ -8,7 +8,6 @@ hand-made head vectors.
 
 from __future__ import annotations
 
-import copy
 import json
 
 import numpy as np
@@ -16,12 +15,12 @@ import pytest
 import scipy.sparse as sp
 import tensorflow as tf
 
-from twotower.config import IntTowerConfig, PrerankConfig, set_value
+from conftest import registry_model
+from twotower.config import IntTowerConfig, PrerankConfig
 from twotower.evaluate import EvalSet, build_eval_set, evaluate_scores, top_k_positions
-from twotower.models import builder
 from twotower.models.inttower import HeadLayout, IntTowerRetrievalModel, fe_score_matrix
 from twotower.multi_vector import multi_vector_top_k, overlap_at_k
-from twotower.train import evaluate_model, load_training_inputs, training_batches
+from twotower.train import evaluate_model, training_batches
 
 pytestmark = pytest.mark.smoke
 
@@ -52,17 +51,8 @@ def test_retriever_defaults_are_small_and_benchmark_prerank_keeps_the_official_o
 
 
 # ------------------------------------------------------------------ the registry model
-@pytest.fixture(scope="module")
-def inputs(prepared):
-    return load_training_inputs(prepared)
-
-
 def _inttower(prepared, inputs, **settings):
-    config = copy.deepcopy(prepared)
-    set_value(config, "model.name", "inttower")
-    for key, value in settings.items():
-        set_value(config, key, value)
-    return config, builder("inttower")(inputs.schema, inputs.stats, config.train, config.model)
+    return registry_model(prepared, inputs, "inttower", **settings)
 
 
 def _fit_steps(config, model, inputs, steps: int = 3) -> dict:

@@ -106,11 +106,6 @@ def test_field_gate_stacks_fields_in_name_order_and_flattens():
 
 
 # ------------------------------------------------------------------- the models
-@pytest.fixture(scope="module")
-def inputs(prepared):
-    return load_training_inputs(prepared)
-
-
 def _build(prepared, inputs, **settings):
     config = copy.deepcopy(prepared)
     for key, value in settings.items():

@@ -14,17 +14,12 @@ import pytest
 import tensorflow as tf
 
 from twotower.plain_keras import build_plain_model, padded_arrays
-from twotower.train import build_model, cached_batches, load_training_inputs, set_seeds
+from twotower.train import build_model, cached_batches, set_seeds
 from twotower.train_benchmark import item_log_q, plain_layout, repeated_batch, replicated_users, run_train_benchmark
 
 pytestmark = pytest.mark.smoke
 
 BATCH = 64
-
-
-@pytest.fixture(scope="module")
-def inputs(prepared):
-    return load_training_inputs(prepared)
 
 
 def _layers(keras_object, kind) -> list:
