@@ -121,7 +121,7 @@ def test_dcn_refuses_settings_it_has_no_use_for(prepared, inputs):
         _dcn(prepared, inputs, **{"model.gating": "senet"})
     with pytest.raises(ValueError, match="train.mixed_negatives=8: dcn_v2 scores the batch's own items"):
         _dcn(prepared, inputs, **{"train.mixed_negatives": 8})
-    with pytest.raises(ValueError, match="model.dcn: cross_depth and negatives at least 1"):
+    with pytest.raises(ValueError, match="model.dcn: cross_depth, negatives and batch_size at least 1"):
         _dcn(prepared, inputs, **{"model.dcn.negatives": 0})
 
 

@@ -175,11 +175,13 @@ def cached_batches(dataset: merlin.io.Dataset, batch_size: int, seed: int) -> tf
     return shuffled_batches(tensors, batch_size, seed).map(_loader_layout)
 
 
-def training_batches(config: RecipeConfig, dataset: merlin.io.Dataset) -> mm.Loader | tf.data.Dataset:
-    """What fit reads each epoch, from the loader ``train.loader`` names."""
+def training_batches(config: RecipeConfig, dataset: merlin.io.Dataset, batch_size: int | None = None) -> mm.Loader | tf.data.Dataset:
+    """What fit reads each epoch, from the loader ``train.loader`` names, ``batch_size`` positives
+    at a time (default ``train.batch_size``)."""
+    batch_size = batch_size or config.train.batch_size
     if config.train.loader == "merlin":
-        return mm.Loader(dataset, batch_size=config.train.batch_size, shuffle=True)
-    return cached_batches(dataset, config.train.batch_size, config.seed)
+        return mm.Loader(dataset, batch_size=batch_size, shuffle=True)
+    return cached_batches(dataset, batch_size, config.seed)
 
 
 def fit_model(
@@ -191,7 +193,7 @@ def fit_model(
     model (best epoch's weights) and the callback, whose ``history`` and ``best_epoch`` describe the run."""
     set_seeds(config.seed)
     model = build_model(config, inputs)
-    batches = training_batches(config, inputs.train_dataset)
+    batches = training_batches(config, inputs.train_dataset, model.batch_size)
     if warm_start is not None:
         first = next(iter(batches))
         model.load_weights(warm_start, first[0] if isinstance(first, tuple) else first)  # mm.Loader gives (features, targets)

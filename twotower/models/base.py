@@ -45,6 +45,8 @@ def encode(encoder: tf.keras.Model, features: pd.DataFrame, schema: Schema, batc
 class RetrievalModel:
     """A two-tower model as the recipe sees it: ``keras`` is what merlin-models fits."""
 
+    batch_size: int | None = None  # positives per training step; None: train.batch_size
+
     def __init__(self, keras_model: mm.RetrievalModelV2, schema: Schema):
         self.keras = keras_model
         self.schema = schema

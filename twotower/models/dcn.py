@@ -17,7 +17,9 @@ index stage and the export refuse it as a retriever (``models.check_retriever``)
 
 Training: the recipe's loss (``model.loss``) over each positive and the batch's first
 ``model.dcn.negatives`` items (merlin-models' in-batch negatives, shared by all rows, so the
-logQ correction and false-negative masking apply as for the other models).
+logQ correction and false-negative masking apply as for the other models), on batches of
+``model.dcn.batch_size`` positives: a row learns from a few negatives here, not from the whole
+batch as in the dot-product models' in-batch softmax, so DCN-v2 needs many more, smaller steps.
 """
 
 from __future__ import annotations
@@ -129,8 +131,8 @@ def check_dcn(config: DCNConfig, train: TrainConfig, model: ModelConfig) -> None
         raise ValueError(f"model.gating={model.gating}: dcn_v2 has no tower MLP to gate; its cross network weighs the fields")
     if train.mixed_negatives:
         raise ValueError(f"train.mixed_negatives={train.mixed_negatives}: dcn_v2 scores the batch's own items as negatives (model.dcn.negatives)")
-    if config.cross_depth < 1 or config.negatives < 1 or config.low_rank_dim < 0:
-        raise ValueError(f"model.dcn: cross_depth and negatives at least 1, low_rank_dim at least 0 (got {config})")
+    if config.cross_depth < 1 or config.negatives < 1 or config.batch_size < 1 or config.low_rank_dim < 0:
+        raise ValueError(f"model.dcn: cross_depth, negatives and batch_size at least 1, low_rank_dim at least 0 (got {config})")
 
 
 def build(schema: Schema, stats: TrainingStats, train: TrainConfig, model: ModelConfig) -> RetrievalModel:
@@ -148,4 +150,6 @@ def build(schema: Schema, stats: TrainingStats, train: TrainConfig, model: Model
         make_output=functools.partial(SampledPairOutput, scorer, model.dcn.negatives),
     )
     keras_model = mm.RetrievalModelV2(query=query, candidate=candidate, output=output)
-    return compile_model(keras_model, schema, train, model, functools.partial(DCNRetrievalModel, scorer=scorer))
+    retrieval = compile_model(keras_model, schema, train, model, functools.partial(DCNRetrievalModel, scorer=scorer))
+    retrieval.batch_size = model.dcn.batch_size
+    return retrieval
