@@ -210,6 +210,11 @@ def test_export_refuses_a_pre_ranker_that_does_not_match_the_run(cascade, tmp_pa
     np.savez(other / "model" / "item_vectors.npz", item_ids=ids[1:], vectors=vectors[1:])
     with pytest.raises(ArtifactMismatch, match=rf"1 items of this run's catalogue \(e.g. {ids[0]}\) are not in the pre-ranker's"):
         export(**{"serve.prerank_run": str(other)})
+    shutil.rmtree(other)
+    shutil.copytree(cascade.prerank_dir, other)
+    shutil.rmtree(other / "model" / "pair_scorer")  # a pre-ranker trained before pair scorers were saved
+    with pytest.raises(ArtifactMismatch, match=r"the pre-ranker in .* has no pair_scorer .*; run `twotower prerank` again"):
+        export(**{"serve.prerank_run": str(other)})
     assert not (tmp_path / "refused").exists()  # nothing written by any refused export
 
     elsewhere = copy.deepcopy(cascade)
