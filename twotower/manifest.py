@@ -413,10 +413,11 @@ def check_prerank(config: RecipeConfig) -> dict[str, str]:
             f"{len(missing)} items of this run's catalogue (e.g. {missing[0]}) are not in the pre-ranker's in {ranker.output_dir} "
             "(added by refresh-items?); run `twotower prerank` again"
         )
-    absent = [name for name, path in artifact_paths(ranker).items() if name in PRERANK_PARTS and not path.exists()]
+    paths = artifact_paths(ranker)
+    parts = {name: _fingerprint_or_none(paths[name]) for name in PRERANK_PARTS}
+    absent = [name for name, value in parts.items() if value is None]
     if absent:
         raise ArtifactMismatch(f"the pre-ranker in {ranker.output_dir} has no {' and no '.join(absent)} (trained before the recipe saved it); run `twotower prerank` again")
-    parts = fingerprints(ranker, PRERANK_PARTS)
     changed = [name for name, value in parts.items() if trained["produced"].get(name) != value]
     if changed:
         raise ArtifactMismatch(f"the pre-ranker's {' and '.join(changed)} in {ranker.output_dir} changed since it was trained; run `twotower prerank` again")
