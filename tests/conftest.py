@@ -27,7 +27,7 @@ def small_config(root: Path, *extra: str) -> RecipeConfig:
 
 def served_user_columns(config: RecipeConfig) -> list[str]:
     """The Feast user view's profile columns: the files' id and every declared user feature."""
-    from twotower.data import EXTERNAL_ID
+    from twotower.store.artifacts import EXTERNAL_ID
 
     return [EXTERNAL_ID, *config.data.schema.user_features]
 
@@ -38,7 +38,7 @@ def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
     if report.failed:
-        from twotower.serve import running_servers
+        from twotower.serving.triton import running_servers
 
         for server in running_servers():
             report.sections.append((f"tritonserver pid {server.process.pid} log (last lines)", server.log_tail(80)))
@@ -56,7 +56,7 @@ def prepared(tmp_path_factory) -> RecipeConfig:
 @pytest.fixture(scope="session")
 def inputs(prepared):
     """The prepared run's training inputs: encoded positives, catalogue, statistics."""
-    from twotower.train import load_training_inputs
+    from twotower.stages.train import load_training_inputs
 
     return load_training_inputs(prepared)
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import tritonclient.grpc as grpcclient
 
-from twotower.client import OUTPUTS, user_id_request
 from twotower.config import ServeConfig
-from twotower.serve import TritonServer, recipe_servers
+from twotower.serving.client import OUTPUTS, user_id_request
+from twotower.serving.triton import TritonServer, recipe_servers
 
 CLIENT_THREADS = 4
 TIMEOUT_S = 30

@@ -12,13 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from twotower import pipeline
-from twotower.batch import RecommendError, run_recommend
-from twotower.client import demo_users, print_recommendations, typed_user_ids
 from twotower.config import ConfigError, RecipeConfig, load_config
 from twotower.console import ignore_known_warnings, quiet_library_logs, timed_step
-from twotower.data import DataError
-from twotower.manifest import ArtifactMismatch
-from twotower.serve import PortInUse, triton_server
+from twotower.serving.batch import RecommendError, run_recommend
+from twotower.serving.client import demo_users, print_recommendations, typed_user_ids
+from twotower.serving.triton import PortInUse, triton_server
+from twotower.store.artifacts import DataError
+from twotower.store.manifest import ArtifactMismatch
 
 Handler = Callable[[RecipeConfig, argparse.Namespace], None]
 
@@ -36,7 +36,7 @@ def _stage(name: str) -> Handler:
 
 def _benchmark(module: str, function: str) -> Handler:
     """A benchmark's entry point, imported only when it runs (each pulls in its own tools)."""
-    return lambda config, args: getattr(importlib.import_module(f"twotower.{module}"), function)(config)
+    return lambda config, args: getattr(importlib.import_module(f"twotower.benchmarks.{module}"), function)(config)
 
 
 def _prerank(config: RecipeConfig, args: argparse.Namespace) -> None:
@@ -84,7 +84,7 @@ def _recommend(config: RecipeConfig, args: argparse.Namespace) -> None:
 
 
 def _refresh_items(config: RecipeConfig, args: argparse.Namespace) -> None:
-    from twotower.refresh import RefreshRefused, RolloutFailed, refresh_items
+    from twotower.lifecycle.refresh import RefreshRefused, RolloutFailed, refresh_items
 
     try:
         refresh_items(config, args.items)
@@ -98,8 +98,8 @@ def _refresh_items(config: RecipeConfig, args: argparse.Namespace) -> None:
 
 def _retrain(config: RecipeConfig, args: argparse.Namespace) -> None:
     from twotower.config import parse_time
-    from twotower.refresh import RolloutFailed
-    from twotower.retrain import RetrainRefused, retrain
+    from twotower.lifecycle.refresh import RolloutFailed
+    from twotower.lifecycle.retrain import RetrainRefused, retrain
 
     try:
         retrain(config, parse_time(args.since, "--since"))
@@ -134,14 +134,14 @@ COMMANDS: dict[str, Command] = {
     "retrain": Command("warm start on interactions since --since TIME; roll out", _retrain),
     "models": Command("list the models that model.name accepts", _models, loads_stack=False),
     "benchmark-quality": Command("popularity, EASE and two-tower setups; ablations", _benchmark("quality", "run_quality_benchmark")),
-    "benchmark-models": Command("every model of the family, each served by Triton", _benchmark("model_benchmark", "run_model_benchmark")),
-    "benchmark-serving": Command("the served graph against the reference graph; a soak", _benchmark("serving_benchmark", "run_serving_benchmark")),
-    "benchmark-faults": Command("serving under faults: Redis down, Triton killed, soak", _benchmark("fault_benchmark", "run_fault_benchmark")),
-    "benchmark-scale": Command("index kinds on 10^4-10^6 items; Feast at 10^5-10^6 users", _benchmark("scale_benchmark", "run_scale_benchmark")),
-    "benchmark-cold-start": Command("newest items held out, refreshed in, against trained", _benchmark("cold_start_benchmark", "run_cold_start_benchmark")),
-    "benchmark-replay": Command("time replayed: incremental against full retrains", _benchmark("replay_benchmark", "run_replay_benchmark")),
-    "benchmark-prerank": Command("IntTower's ML-1M Table 2 as click-through: LR to DCN-v2", _benchmark("prerank_benchmark", "run_prerank_benchmark")),
-    "benchmark-train": Command("training throughput against plain tf.keras; a profile", _benchmark("train_benchmark", "run_train_benchmark")),
+    "benchmark-models": Command("every model of the family, each served by Triton", _benchmark("models", "run_model_benchmark")),
+    "benchmark-serving": Command("the served graph against the reference graph; a soak", _benchmark("serving", "run_serving_benchmark")),
+    "benchmark-faults": Command("serving under faults: Redis down, Triton killed, soak", _benchmark("faults", "run_fault_benchmark")),
+    "benchmark-scale": Command("index kinds on 10^4-10^6 items; Feast at 10^5-10^6 users", _benchmark("scale", "run_scale_benchmark")),
+    "benchmark-cold-start": Command("newest items held out, refreshed in, against trained", _benchmark("cold_start", "run_cold_start_benchmark")),
+    "benchmark-replay": Command("time replayed: incremental against full retrains", _benchmark("replay", "run_replay_benchmark")),
+    "benchmark-prerank": Command("IntTower's ML-1M Table 2 as click-through: LR to DCN-v2", _benchmark("prerank", "run_prerank_benchmark")),
+    "benchmark-train": Command("training throughput against plain tf.keras; a profile", _benchmark("training", "run_train_benchmark")),
 }
 
 

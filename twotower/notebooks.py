@@ -50,8 +50,8 @@ def quiet_notebook_output() -> None:
     """
     quiet_library_logs()
     ignore_known_warnings()
-    import tensorflow  # noqa: F401
     import feast  # noqa: F401  (after TensorFlow, whose import warnings its filters would show)
+    import tensorflow  # noqa: F401
 
     ignore_known_warnings()
 

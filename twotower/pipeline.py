@@ -8,7 +8,6 @@ The work of each stage lives in its own module; this file only wires them.
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 from collections.abc import Callable
@@ -19,23 +18,20 @@ import pandas as pd
 
 from twotower.config import ConfigError, RecipeConfig, prerank_config
 from twotower.console import held_back_output, timed_step
-from twotower.data import (
-    SPLITS,
-    RecipeData,
-    Split,
+from twotower.models import check_retriever, head_shape
+from twotower.stages.data import (
     check_split,
     data_cutoff,
     join_features,
     known_before,
     load_dataset,
-    load_recipe_data,
-    load_split,
     positive_threshold,
     positives,
     split_by_time,
 )
-from twotower.manifest import EXPORT_RECORD, atomic_dir, atomic_file, check_export, check_prerank, recorded_stage
-from twotower.models import check_retriever, head_shape
+from twotower.store.artifacts import SPLITS, RecipeData, Split, load_recipe_data, load_split
+from twotower.store.atomic import atomic_dir, atomic_file
+from twotower.store.manifest import EXPORT_RECORD, check_export, check_prerank, recorded_stage
 
 if TYPE_CHECKING:  # heavy imports stay lazy: the CLI loads TensorFlow only for stages that need it
     from feast import FeatureStore
@@ -86,7 +82,14 @@ def run_workflow(config: RecipeConfig, refit: bool = True) -> None:
     ``refit`` False (``twotower retrain`` with train.new_ids=oov) keeps the saved workflow as it
     is and encodes the current training split with it: ids it was not fitted on get Categorify's
     out-of-vocabulary code, and the model's embedding tables keep their shapes."""
-    from twotower.workflow import FULL_WORKFLOW, dask_execution, fit_workflow, load_workflow, save_workflows, transform_to_parquet
+    from twotower.stages.workflow import (
+        FULL_WORKFLOW,
+        dask_execution,
+        fit_workflow,
+        load_workflow,
+        save_workflows,
+        transform_to_parquet,
+    )
 
     with recorded_stage(config, "workflow") as details:
         details["vocabulary"] = "fitted" if refit else "kept (train.new_ids=oov)"
@@ -112,7 +115,7 @@ def run_workflow(config: RecipeConfig, refit: bool = True) -> None:
 
 def run_train(config: RecipeConfig) -> dict:
     """Train the configured model, evaluate on the test split, save towers and metrics."""
-    from twotower.train import print_metrics, train_and_save
+    from twotower.stages.train import print_metrics, train_and_save
 
     _, metrics = train_and_save(config)
     print("[train] test split, whole catalogue ranked, earlier positives excluded:")
@@ -124,9 +127,10 @@ def run_index(config: RecipeConfig) -> None:
     """Build the configured index kind (``auto``: the fastest that meets ``index.min_recall``),
     measured on validation users' query vectors; the choice and its recall go in the manifest.
     A multi-vector model's index holds every item head instead (``_index_heads``)."""
-    from twotower.evaluate import validation_query_vectors
-    from twotower.index import build_index, print_choice, save_index
-    from twotower.train import load_item_vectors
+    from twotower.stages.evaluate import validation_query_vectors
+    from twotower.stages.index import build_index, print_choice
+    from twotower.store.artifacts import load_item_vectors
+    from twotower.store.index import save_index
 
     check_retriever(config.model)
     with recorded_stage(config, "index") as details:
@@ -146,8 +150,8 @@ def _index_heads(config: RecipeConfig, item_ids, vectors, queries) -> dict:
     """Every item head of a multi-vector model in one exact inner-product index (the served
     retriever's, ``multi_vector.HeadIndex``); how much of the exact FE top 100 of the validation
     queries it finds at ``model.inttower.search_depth`` is measured and recorded."""
-    from twotower.index import save_index
-    from twotower.multi_vector import HeadIndex, exact_top_k, overlap_at_k
+    from twotower.models.multi_vector import HeadIndex, exact_top_k, overlap_at_k
+    from twotower.store.index import save_index
 
     shape, depth = head_shape(config.model), config.model.inttower.search_depth
     heads = HeadIndex.build(item_ids, shape.items(vectors))
@@ -162,7 +166,7 @@ def _index_heads(config: RecipeConfig, item_ids, vectors, queries) -> dict:
 
 def run_features(config: RecipeConfig) -> FeatureStore:
     """Build the run's Feast repository aside and swap it in; the store it returns is the new one."""
-    from twotower.feature_store import build_feature_store, feature_tables
+    from twotower.stages.features import build_feature_store, feature_tables
 
     with recorded_stage(config, "features"):
         # Feast prints a banner and a progress bar per feature view while it materializes.
@@ -207,8 +211,8 @@ def run_prerank(config: RecipeConfig) -> dict:
 def run_export(config: RecipeConfig) -> Path:
     """Check that the model is served and the run's artifacts agree (``export_checks``),
     then write the model with its serving settings and the fingerprints it packaged."""
-    from twotower.ensemble import export_ensemble, recipe_ensemble
-    from twotower.triton_config import apply_serving_settings
+    from twotower.serving.export import apply_serving_settings, export_ensemble
+    from twotower.serving.graph import recipe_ensemble
 
     packaged = export_checks(config)
 
@@ -240,7 +244,8 @@ def run_stage(name: str, config: RecipeConfig) -> Any:
 def run_export_version(config: RecipeConfig) -> int:
     """The export's checks and graph, written as the next version of the exported model beside the
     one a server may be serving (refresh-items); its number. The fingerprints record follows it."""
-    from twotower.ensemble import export_version, recipe_ensemble
+    from twotower.serving.export import export_version
+    from twotower.serving.graph import recipe_ensemble
 
     packaged = export_checks(config)
     version = export_version(recipe_ensemble(config), config.export_dir, config.serve.model_name)

@@ -13,7 +13,7 @@ import importlib
 from collections.abc import Callable
 
 from twotower.config import ConfigError, ModelConfig
-from twotower.multi_vector import HeadShape
+from twotower.models.multi_vector import HeadShape
 
 # model name -> module whose ``build`` makes it (a module may build several variants)
 REGISTRY: dict[str, str] = {

@@ -12,12 +12,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import merlin.io
+import merlin.models.tf as mm
 import numpy as np
 import pandas as pd
 import tensorflow as tf
-
-import merlin.io
-import merlin.models.tf as mm
 from merlin.schema import ColumnSchema, Schema, Tags
 
 from twotower.config import ModelConfig, TrainConfig
@@ -127,7 +126,7 @@ class RetrievalModel:
     @staticmethod
     def load_query_tower(path: Path):
         """A saved query tower's serving signature (plain TensorFlow, as the server runs it)."""
-        from twotower.ensemble import load_serving_signature
+        from twotower.store.artifacts import load_serving_signature
 
         return load_serving_signature(path)
 

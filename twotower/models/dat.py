@@ -16,9 +16,8 @@ other user feature; an unknown user gets the fallback list before the tower runs
 
 from __future__ import annotations
 
-import tensorflow as tf
-
 import merlin.models.tf as mm
+import tensorflow as tf
 from merlin.schema import Schema, Tags
 
 from twotower.config import DATConfig, ModelConfig, TrainConfig

@@ -26,17 +26,24 @@ from __future__ import annotations
 
 import functools
 
+import merlin.models.tf as mm
 import numpy as np
 import tensorflow as tf
-
-import merlin.models.tf as mm
 from merlin.models.tf.core.prediction import Prediction
 from merlin.models.tf.outputs.base import DotProduct
 from merlin.models.tf.utils.tf_utils import rescore_false_negatives
 from merlin.schema import Schema, Tags
 
 from twotower.config import DCNConfig, ModelConfig, TrainConfig
-from twotower.models.base import RetrievalModel, TrainingStats, compile_model, field_inputs, share_item_table, shared_embeddings, tables_for
+from twotower.models.base import (
+    RetrievalModel,
+    TrainingStats,
+    compile_model,
+    field_inputs,
+    share_item_table,
+    shared_embeddings,
+    tables_for,
+)
 from twotower.models.losses import contrastive_output
 
 PAIRS_PER_CALL = 1 << 17  # (query, item) rows per pair-scorer call when scoring a whole catalogue

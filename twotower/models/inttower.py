@@ -46,10 +46,9 @@ import functools
 import typing
 from dataclasses import dataclass
 
+import merlin.models.tf as mm
 import numpy as np
 import tensorflow as tf
-
-import merlin.models.tf as mm
 from merlin.models.tf.core.prediction import Prediction
 from merlin.models.tf.outputs.base import DotProduct
 from merlin.models.tf.utils.tf_utils import rescore_false_negatives
@@ -68,7 +67,7 @@ from twotower.models.base import (
 )
 from twotower.models.gating import field_gate
 from twotower.models.losses import contrastive_output
-from twotower.multi_vector import HeadShape
+from twotower.models.multi_vector import HeadShape
 
 
 def fe_score(user_heads: list[tf.Tensor], item_heads: tf.Tensor) -> tf.Tensor:

@@ -22,11 +22,10 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
+import merlin.models.tf as mm
 import numpy as np
 import pandas as pd
 import tensorflow as tf
-
-import merlin.models.tf as mm
 from merlin.models.tf.outputs.base import DotProduct
 from merlin.models.tf.outputs.sampling.base import Candidate, CandidateSampler
 from merlin.models.tf.transforms.bias import PopularityLogitsCorrection

@@ -10,9 +10,8 @@ The candidate tower is ``two_tower``'s.
 
 from __future__ import annotations
 
-import tensorflow as tf
-
 import merlin.models.tf as mm
+import tensorflow as tf
 from merlin.schema import Schema, Tags
 
 from twotower.config import ModelConfig, SequenceConfig, TrainConfig

@@ -1,0 +1,79 @@
+"""A redis-server owned by this process (Debian's package), for the Redis online store in tests
+and benchmarks: free loopback port, stopped on exit, and by the kernel if this process dies."""
+
+from __future__ import annotations
+
+import atexit
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from twotower.serving.triton import check_port_free, free_port_numbers, set_parent_death_signal
+
+START_TIMEOUT_S = 10.0
+
+
+class RedisServer:
+    """``redis-server`` on 127.0.0.1. With ``persistent`` its data survives ``restart()``
+    (append-only file in ``work_dir``); without, it is memory only."""
+
+    def __init__(self, work_dir: Path, persistent: bool = False, port: int = 0):
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise FileNotFoundError("redis-server is not installed (Debian package redis-server)")
+        self.binary = binary
+        self.work_dir = Path(work_dir)
+        self.persistent = persistent
+        self.port = port or free_port_numbers("127.0.0.1", 1)[0]
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def connection(self) -> str:
+        """Feast's ``redis_connection`` string for this server."""
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> "RedisServer":
+        import redis
+
+        check_port_free("127.0.0.1", "redis", self.port, "RedisServer(port=...)")
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else ["--appendonly", "no"]
+        command = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *persistence, "--dir", str(self.work_dir)]
+        with open(self.work_dir / "redis.log", "ab") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=set_parent_death_signal)
+        atexit.register(self.stop)
+        client = redis.Redis(host="127.0.0.1", port=self.port)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            try:
+                client.ping()
+                client.close()
+                return self
+            except redis.ConnectionError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"redis-server did not start:\n{(self.work_dir / 'redis.log').read_text()[-2000:]}")
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        atexit.unregister(self.stop)
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=START_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def __enter__(self) -> "RedisServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+

@@ -1,0 +1,85 @@
+"""gRPC client of the served recommender (what an application would call)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+import tritonclient.grpc as grpcclient
+
+if TYPE_CHECKING:
+    from twotower.config import RecipeConfig
+
+OUTPUTS = ("item_ids", "scores", "is_fallback")
+DEFAULT_TIMEOUT_S = 30.0
+
+
+def user_id_request(user_ids: np.ndarray) -> grpcclient.InferInput:
+    """The ``user_id`` input tensor for a batch of user ids: INT64, or BYTES for text ids."""
+    if user_ids.dtype.kind not in "OUS":  # numbers (and an empty batch, which NumPy makes float)
+        request = grpcclient.InferInput("user_id", list(user_ids.shape), "INT64")
+        request.set_data_from_numpy(user_ids.astype(np.int64))
+    else:
+        request = grpcclient.InferInput("user_id", list(user_ids.shape), "BYTES")
+        request.set_data_from_numpy(np.array([str(u).encode() for u in user_ids.reshape(-1)], dtype=object).reshape(user_ids.shape))
+    return request
+
+
+def recommend(
+    user_ids: list[int] | list[str] | np.ndarray,
+    url: str = "127.0.0.1:8001",
+    model_name: str = "executor_model",
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> dict[str, np.ndarray]:
+    """Top-k item ids (as the data files spell them), scores (best first) and the cold-start flag
+    for each user id (ints, or text where the data's ids are text; text item ids come back as bytes).
+
+    Raises ``tritonclient.utils.InferenceServerException``: status ``StatusCode.INVALID_ARGUMENT``
+    for a request the service refuses, ``DEADLINE_EXCEEDED`` after ``timeout_s``.
+    """
+    request = user_id_request(np.asarray(user_ids).reshape(-1))
+    with grpcclient.InferenceServerClient(url) as client:
+        result = client.infer(
+            model_name, [request], outputs=[grpcclient.InferRequestedOutput(n) for n in OUTPUTS], client_timeout=timeout_s
+        )
+    return {name: result.as_numpy(name) for name in OUTPUTS}
+
+
+def print_recommendations(config: RecipeConfig, user_ids: list, url: str | None = None) -> None:
+    """Ask the server at ``url`` (default: the configured gRPC address) and print the items
+    with their display column (the first text item feature, such as the title)."""
+    from twotower.store.artifacts import EXTERNAL_ID, display_column, load_recipe_data
+
+    items = load_recipe_data(config.data_dir).items
+    column = display_column(config.data.schema)
+    names = items.set_index(items[EXTERNAL_ID].astype(str))[column] if column else pd.Series(dtype=object)
+    url = url or f"{config.serve.host}:{config.serve.grpc_port}"
+    answer = recommend(user_ids, url, config.serve.model_name, config.serve.client_timeout_s)
+    for user_id, row_items, row_scores, fallback in zip(user_ids, answer["item_ids"], answer["scores"], answer["is_fallback"]):
+        print(f"\nuser {user_id}{' (unknown: most popular items)' if fallback else ''}:")
+        for rank, (item_id, score) in enumerate(zip(row_items, row_scores), start=1):
+            item = item_id.decode() if isinstance(item_id, bytes) else str(item_id)
+            print(f"  {rank:>2}. [{item:>5}] {str(names.get(item, '')):<60} {score:7.4f}")
+
+
+def typed_user_ids(config: RecipeConfig, user_ids: list[str]) -> list:
+    """Command-line user ids as the run's data types them: ints, or text where the files' ids are text."""
+    from twotower.store.artifacts import EXTERNAL_ID, DataError, has_text_ids, load_recipe_data
+
+    if has_text_ids(load_recipe_data(config.data_dir).users[EXTERNAL_ID]):
+        return list(user_ids)
+    try:
+        return [int(u) for u in user_ids]
+    except ValueError as error:  # the CLI prints a DataError as one line and exits 2
+        raise DataError(f"user ids of this run are integers: {error}") from None
+
+
+def demo_users(config: RecipeConfig, count: int = 3) -> list:
+    """The first ``count`` test users, as the data files spell their ids: known to the service,
+    with held-out positives."""
+    from twotower.store.artifacts import EXTERNAL_ID, load_recipe_data, load_split
+
+    test_users = load_split(config.splits_dir).test["user_id"].drop_duplicates().head(count)
+    external = load_recipe_data(config.data_dir).users.set_index("user_id")[EXTERNAL_ID]
+    return external.loc[test_users].tolist()
