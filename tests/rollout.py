@@ -42,8 +42,12 @@ class Traffic:
             while not self.stop.is_set():
                 sent = time.monotonic()
                 try:
-                    result = client.infer("executor_model", [user_id_request(self.users)], client_timeout=TIMEOUT_S,
-                                          outputs=[grpcclient.InferRequestedOutput(n) for n in OUTPUTS])
+                    result = client.infer(
+                        "executor_model",
+                        [user_id_request(self.users)],
+                        client_timeout=TIMEOUT_S,
+                        outputs=[grpcclient.InferRequestedOutput(n) for n in OUTPUTS],
+                    )
                     self.answers.append(Answer(sent, result.as_numpy("item_ids")))
                 except Exception as error:  # noqa: BLE001 - every failure is counted, whatever it is
                     self.failures.append(f"{type(error).__name__}: {error}")
@@ -58,7 +62,9 @@ class Rollout:
     version_states: dict[str, str]  # the server's model versions afterwards, and their states
 
 
-def roll_out_under_load(export_dir: Path, log_dir: Path, users: np.ndarray, command: list[str], timeout_s: float) -> Rollout:
+def roll_out_under_load(
+    export_dir: Path, log_dir: Path, users: np.ndarray, command: list[str], timeout_s: float
+) -> Rollout:
     """Serve ``export_dir`` on a new server, drive requests for ``users`` at it, run ``command``
     (which rolls out a new version to that server), keep driving for a few seconds more."""
     server = TritonServer(export_dir, log_dir, ServeConfig(grpc_port=0, http_port=0, metrics_port=0, top_k=5))
@@ -97,5 +103,7 @@ def check_answers(rollout: Rollout, old_answer: np.ndarray, new_answer: np.ndarr
     after = [n for a, n in zip(traffic.answers, is_new) if a.sent > rollout.rolled_out]
     assert sum(is_old) > 0 and len(after) > 0 and all(after)
     assert rollout.version_states[str(version)] == "READY" and rollout.version_states.get(str(version - 1)) != "READY"
-    return (f"rollout under load: {len(traffic.answers)} requests, {sum(is_old)} old, {sum(is_new)} new, "
-            f"{len(after)} sent after the rollout, 0 failed")
+    return (
+        f"rollout under load: {len(traffic.answers)} requests, {sum(is_old)} old, {sum(is_new)} new, "
+        f"{len(after)} sent after the rollout, 0 failed"
+    )

@@ -65,8 +65,11 @@ def _run(config: RecipeConfig, args: argparse.Namespace) -> None:
 def _serve(config: RecipeConfig, args: argparse.Namespace) -> None:
     """Triton in the foreground until Ctrl-C, SIGTERM or SIGHUP; the server stops with this process."""
     with triton_server(config) as server:
-        print(f"Triton serving {config.export_dir} on grpc {server.grpc_url} (http {server.ports.http}, "
-              f"metrics {server.ports.metrics}); Ctrl-C stops it", flush=True)
+        print(
+            f"Triton serving {config.export_dir} on grpc {server.grpc_url} (http {server.ports.http}, "
+            f"metrics {server.ports.metrics}); Ctrl-C stops it",
+            flush=True,
+        )
         try:
             server.process.wait()
         except KeyboardInterrupt:
@@ -133,15 +136,33 @@ COMMANDS: dict[str, Command] = {
     "refresh-items": Command("add --items FILE to index and Feast; new served version", _refresh_items),
     "retrain": Command("warm start on interactions since --since TIME; roll out", _retrain),
     "models": Command("list the models that model.name accepts", _models, loads_stack=False),
-    "benchmark-quality": Command("popularity, EASE and two-tower setups; ablations", _benchmark("quality", "run_quality_benchmark")),
-    "benchmark-models": Command("every model of the family, each served by Triton", _benchmark("models", "run_model_benchmark")),
-    "benchmark-serving": Command("the served graph against the reference graph; a soak", _benchmark("serving", "run_serving_benchmark")),
-    "benchmark-faults": Command("serving under faults: Redis down, Triton killed, soak", _benchmark("faults", "run_fault_benchmark")),
-    "benchmark-scale": Command("index kinds on 10^4-10^6 items; Feast at 10^5-10^6 users", _benchmark("scale", "run_scale_benchmark")),
-    "benchmark-cold-start": Command("newest items held out, refreshed in, against trained", _benchmark("cold_start", "run_cold_start_benchmark")),
-    "benchmark-replay": Command("time replayed: incremental against full retrains", _benchmark("replay", "run_replay_benchmark")),
-    "benchmark-prerank": Command("IntTower's ML-1M Table 2 as click-through: LR to DCN-v2", _benchmark("prerank", "run_prerank_benchmark")),
-    "benchmark-train": Command("training throughput against plain tf.keras; a profile", _benchmark("training", "run_train_benchmark")),
+    "benchmark-quality": Command(
+        "popularity, EASE and two-tower setups; ablations", _benchmark("quality", "run_quality_benchmark")
+    ),
+    "benchmark-models": Command(
+        "every model of the family, each served by Triton", _benchmark("models", "run_model_benchmark")
+    ),
+    "benchmark-serving": Command(
+        "the served graph against the reference graph; a soak", _benchmark("serving", "run_serving_benchmark")
+    ),
+    "benchmark-faults": Command(
+        "serving under faults: Redis down, Triton killed, soak", _benchmark("faults", "run_fault_benchmark")
+    ),
+    "benchmark-scale": Command(
+        "index kinds on 10^4-10^6 items; Feast at 10^5-10^6 users", _benchmark("scale", "run_scale_benchmark")
+    ),
+    "benchmark-cold-start": Command(
+        "newest items held out, refreshed in, against trained", _benchmark("cold_start", "run_cold_start_benchmark")
+    ),
+    "benchmark-replay": Command(
+        "time replayed: incremental against full retrains", _benchmark("replay", "run_replay_benchmark")
+    ),
+    "benchmark-prerank": Command(
+        "IntTower's ML-1M Table 2 as click-through: LR to DCN-v2", _benchmark("prerank", "run_prerank_benchmark")
+    ),
+    "benchmark-train": Command(
+        "training throughput against plain tf.keras; a profile", _benchmark("training", "run_train_benchmark")
+    ),
 }
 
 
@@ -155,16 +176,44 @@ def build_parser() -> argparse.ArgumentParser:
     # One positional and options that may come before or after it, as the Makefile passes them
     # (`twotower --set k=v benchmark-serving`); subcommands would take options only after.
     parser = argparse.ArgumentParser(
-        prog="twotower", description=__doc__, epilog=command_list(), formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="twotower",
+        description=__doc__,
+        epilog=command_list(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("command", choices=list(COMMANDS), metavar="command", help="one of the commands listed below")
-    parser.add_argument("--config", type=Path, metavar="FILE", help="YAML file overriding the defaults in twotower/config.py")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override one setting, e.g. train.epochs=3")
-    parser.add_argument("--user", dest="users", action="append", default=[], metavar="ID", help="user id for 'query' (repeatable)")
-    parser.add_argument("--users", dest="user_list", metavar="FILE|all", help="for 'recommend': 'all', or a file of user ids (twotower/batch.py)")
+    parser.add_argument(
+        "--config", type=Path, metavar="FILE", help="YAML file overriding the defaults in twotower/config.py"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one setting, e.g. train.epochs=3",
+    )
+    parser.add_argument(
+        "--user", dest="users", action="append", default=[], metavar="ID", help="user id for 'query' (repeatable)"
+    )
+    parser.add_argument(
+        "--users",
+        dest="user_list",
+        metavar="FILE|all",
+        help="for 'recommend': 'all', or a file of user ids (twotower/batch.py)",
+    )
     parser.add_argument("--out", type=Path, metavar="FILE", help="for 'recommend': the parquet file to write")
-    parser.add_argument("--items", type=Path, metavar="FILE", help="for 'refresh-items': parquet file of new items (the columns of the run's item table)")
-    parser.add_argument("--since", metavar="TIME", help="for 'retrain': where the new interactions begin (integer seconds or an ISO date)")
+    parser.add_argument(
+        "--items",
+        type=Path,
+        metavar="FILE",
+        help="for 'refresh-items': parquet file of new items (the columns of the run's item table)",
+    )
+    parser.add_argument(
+        "--since",
+        metavar="TIME",
+        help="for 'retrain': where the new interactions begin (integer seconds or an ISO date)",
+    )
     return parser
 
 
@@ -197,7 +246,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"twotower: configuration error: {error}\n")
     try:
         command.run(config, args)
-    except (ArtifactMismatch, ConfigError, PortInUse, DataError, RecommendError) as error:  # what the user must act on, not a crash
+    except (
+        ArtifactMismatch,
+        ConfigError,
+        PortInUse,
+        DataError,
+        RecommendError,
+    ) as error:  # what the user must act on, not a crash
         parser.exit(2, f"twotower: {error}\n")
     return 0
 

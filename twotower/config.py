@@ -53,7 +53,12 @@ class SchemaConfig:
     timestamp: str = "timestamp"  # integer seconds, or text any date parser reads
     label: str = "rating"  # rows at or above data.min_rating are positives; "" is implicit feedback (every row)
     user_features: dict[str, FeatureKind] = field(
-        default_factory=lambda: {"age": "categorical", "gender": "categorical", "occupation": "categorical", "zip_code": "categorical"}
+        default_factory=lambda: {
+            "age": "categorical",
+            "gender": "categorical",
+            "occupation": "categorical",
+            "zip_code": "categorical",
+        }
     )
     item_features: dict[str, FeatureKind] = field(
         default_factory=lambda: {"title": "text", "year": "categorical", "genres": "multi_categorical"}
@@ -104,7 +109,9 @@ class TrainConfig:
     l2_normalize: bool = True
     early_stopping_patience: int = 2
     # A key of twotower.evaluate.ranking_metrics where higher is better.
-    early_stopping_metric: Literal["recall@10", "recall@20", "recall@50", "recall@100", "ndcg@10", "mrr@100"] = "recall@100"
+    early_stopping_metric: Literal["recall@10", "recall@20", "recall@50", "recall@100", "ndcg@10", "mrr@100"] = (
+        "recall@100"
+    )
     # Where fit's batches come from. cached: the encoded training rows held in memory as tensors,
     # reshuffled every epoch (tf.data). merlin: merlin-models' mm.Loader, which on CPU flattens the
     # list columns (history, genres) in Python every epoch: 21 of the 42 s of an ML-1M epoch
@@ -185,7 +192,9 @@ def prerank_inttower() -> IntTowerConfig:
     weight 1 (summed over the batch like the BCE) it kept validation AUC under 0.5 for 3 epochs on a
     200,000-rating sample (2026-11-29); at 0.1, on train_mean_rating (2026-12-06), best validation
     AUC 0.8861 against 0.8837 without it (test 0.8857 against 0.8826, LogLoss 0.3679 against 0.3459)."""
-    return IntTowerConfig(user_heads=32, item_heads=32, head_size=64, fe_layers=[0, 1, 2], user_heads_from="layer_inputs", cir_weight=0.1)
+    return IntTowerConfig(
+        user_heads=32, item_heads=32, head_size=64, fe_layers=[0, 1, 2], user_heads_from="layer_inputs", cir_weight=0.1
+    )
 
 
 @dataclass
@@ -345,10 +354,13 @@ class BenchmarkConfig:
     train_epochs: int = 4  # per side; the first traces the train step and is not counted
     train_resident_batch_steps: int = 20  # steps on one resident batch: the train step without any loader
     train_traced_steps: int = 5  # of those, steps recorded by tf.profiler for the op breakdown
-    train_scale_factors: list[int] = field(default_factory=lambda: [1, 4, 16])  # copies of the users; one epoch timed each
+    train_scale_factors: list[int] = field(
+        default_factory=lambda: [1, 4, 16]
+    )  # copies of the users; one epoch timed each
     # make benchmark-cold-start (twotower/cold_start_benchmark.py)
-    cold_start_share: float = 0.05  # of the catalogue: the items whose first interaction is latest, held out from training
-
+    cold_start_share: float = (
+        0.05  # of the catalogue: the items whose first interaction is latest, held out from training
+    )
 
     # make benchmark-replay (twotower/replay_benchmark.py): time replayed in slices of the interactions
     # (by timestamp); each step retrains incrementally (warm start, oov) and from scratch, both
@@ -356,7 +368,9 @@ class BenchmarkConfig:
     replay_start: float = 0.8  # share of the interactions (oldest first) the first model is trained on
     replay_slice: float = 0.05  # share of the interactions in each later slice
     replay_steps: int = 3  # cutoff advances; each is scored on the slice after it
-    replay_ratios: list[float] = field(default_factory=lambda: [0.0, 1.0])  # train.retrain_replay of each incremental chain
+    replay_ratios: list[float] = field(
+        default_factory=lambda: [0.0, 1.0]
+    )  # train.retrain_replay of each incremental chain
     # The runs' per-user holdouts (data.test_fraction, data.validation_fraction), small so that both
     # chains train on nearly everything before each cutoff; validation still drives early stopping
     replay_test_fraction: float = 0.01
@@ -488,7 +502,10 @@ def _checked(key: str, hint: Any, value: Any) -> Any:
             return [_checked(f"{key}[{i}]", args[0], item) for i, item in enumerate(value)]
     elif origin is dict:
         if isinstance(value, dict):
-            return {_checked(f"{key} key", args[0], name): _checked(f"{key}.{name}", args[1], item) for name, item in value.items()}
+            return {
+                _checked(f"{key} key", args[0], name): _checked(f"{key}.{name}", args[1], item)
+                for name, item in value.items()
+            }
     elif origin is Literal:
         if value in args:
             return value
@@ -531,7 +548,9 @@ def set_value(config: RecipeConfig, key: str, value: Any) -> None:
     section: Any = config
     for depth, name in enumerate(parents):
         if not dataclasses.is_dataclass(_field_type(section, key, depth)):
-            raise ConfigError(f"unknown configuration key {key!r}: {'.'.join(parents[: depth + 1])} is a setting, not a section")
+            raise ConfigError(
+                f"unknown configuration key {key!r}: {'.'.join(parents[: depth + 1])} is a setting, not a section"
+            )
         section = getattr(section, name)
     hint = _field_type(section, key, len(parents))
     if not dataclasses.is_dataclass(hint):
@@ -581,7 +600,9 @@ def parse_time(value: int | str, what: str) -> int:
     try:
         moment = datetime.datetime.fromisoformat(value.strip())
     except (AttributeError, ValueError):
-        raise ConfigError(f"{what}: {value!r} is neither integer seconds nor an ISO date (2000-12-31 or 2000-12-31T08:00:00)") from None
+        raise ConfigError(
+            f"{what}: {value!r} is neither integer seconds nor an ISO date (2000-12-31 or 2000-12-31T08:00:00)"
+        ) from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=datetime.timezone.utc)
     return int(moment.timestamp())

@@ -144,9 +144,20 @@ def run_notebooks(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m twotower.notebooks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("names", nargs="*", default=list(NOTEBOOKS), help="notebooks to run, in order (default: all five)")
-    parser.add_argument("-p", "--parameter", action="append", default=[], metavar="NAME=VALUE", help="a parameter (VALUE is YAML: 3, synthetic, [a, b])")
+    parser = argparse.ArgumentParser(
+        prog="python -m twotower.notebooks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "names", nargs="*", default=list(NOTEBOOKS), help="notebooks to run, in order (default: all five)"
+    )
+    parser.add_argument(
+        "-p",
+        "--parameter",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a parameter (VALUE is YAML: 3, synthetic, [a, b])",
+    )
     parser.add_argument("--output-dir", type=Path, help="write executed copies here instead of updating the notebooks")
     parser.add_argument("--timeout", type=int, default=CELL_TIMEOUT_S, help="seconds one cell may run")
     args = parser.parse_args(argv)

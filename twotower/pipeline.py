@@ -47,7 +47,9 @@ def prepare_data(config: RecipeConfig) -> tuple[RecipeData, Split]:
     (everything is read and checked first)."""
     dc = config.data
     data = known_before(load_dataset(dc, config.seed), data_cutoff(dc))
-    split = split_by_time(positives(data.interactions, positive_threshold(dc)), dc.test_fraction, dc.validation_fraction)
+    split = split_by_time(
+        positives(data.interactions, positive_threshold(dc)), dc.test_fraction, dc.validation_fraction
+    )
     check_split(split, dc)
     return data, split
 
@@ -108,9 +110,13 @@ def run_workflow(config: RecipeConfig, refit: bool = True) -> None:
                 transform_to_parquet(workflow, train_rows, encoded_dir, partitions)
         else:
             with dask_execution(config.workflow) as partitions, atomic_dir(config.train_encoded_dir) as encoded_dir:
-                transform_to_parquet(load_workflow(config.workflow_dir, FULL_WORKFLOW), train_rows, encoded_dir, partitions)
+                transform_to_parquet(
+                    load_workflow(config.workflow_dir, FULL_WORKFLOW), train_rows, encoded_dir, partitions
+                )
     what = "fitted on" if refit else "kept (not refitted); it encoded"
-    print(f"[workflow] {what} {len(train_rows):,} training rows in {partitions} partition(s); saved in {config.workflow_dir}")
+    print(
+        f"[workflow] {what} {len(train_rows):,} training rows in {partitions} partition(s); saved in {config.workflow_dir}"
+    )
 
 
 def run_train(config: RecipeConfig) -> dict:
@@ -159,9 +165,19 @@ def _index_heads(config: RecipeConfig, item_ids, vectors, queries) -> dict:
     found, _ = heads.search(shape.query(queries), k, depth)
     overlap = overlap_at_k(found, exact_top_k(heads, shape.query(queries), k), k)
     save_index(heads.index, config.index_path)
-    print(f"[index] every head of {heads.ntotal:,} items ({heads.index.ntotal:,} rows, exact inner product) -> {config.index_path}")
-    print(f"[index] multi-vector search at depth {depth} finds {overlap:.4f} of the exact FE top {k} ({len(queries)} validation users)")
-    return {"kind": "multi_vector", "rows": int(heads.index.ntotal), "search_depth": depth, f"overlap@{k}": overlap, "queries": len(queries)}
+    print(
+        f"[index] every head of {heads.ntotal:,} items ({heads.index.ntotal:,} rows, exact inner product) -> {config.index_path}"
+    )
+    print(
+        f"[index] multi-vector search at depth {depth} finds {overlap:.4f} of the exact FE top {k} ({len(queries)} validation users)"
+    )
+    return {
+        "kind": "multi_vector",
+        "rows": int(heads.index.ntotal),
+        "search_depth": depth,
+        f"overlap@{k}": overlap,
+        "queries": len(queries),
+    }
 
 
 def run_features(config: RecipeConfig) -> FeatureStore:
@@ -172,7 +188,9 @@ def run_features(config: RecipeConfig) -> FeatureStore:
         # Feast prints a banner and a progress bar per feature view while it materializes.
         with held_back_output():
             store = build_feature_store(*feature_tables(config), config.feature_repo_dir, config.features)
-    print(f"[features] Feast repository applied at {config.feature_repo_dir}, materialized into {config.features.online_store}")
+    print(
+        f"[features] Feast repository applied at {config.feature_repo_dir}, materialized into {config.features.online_store}"
+    )
     return store
 
 
@@ -201,7 +219,9 @@ def run_prerank(config: RecipeConfig) -> dict:
     copy of this run's data and workflow; ``twotower export`` with ``serve.prerank_candidates``
     then serves retrieval followed by it."""
     if config.serve.prerank_run is not None:
-        raise ConfigError("serve.prerank_run names a pre-ranker trained elsewhere; `twotower prerank` trains into <output_dir>/prerank only")
+        raise ConfigError(
+            "serve.prerank_run names a pre-ranker trained elsewhere; `twotower prerank` trains into <output_dir>/prerank only"
+        )
     ranker = prerank_config(config)
     copy_run_inputs(config, ranker)
     print(f"[prerank] training {ranker.model.name} in {ranker.output_dir}")
@@ -268,7 +288,10 @@ def run_all(config: RecipeConfig) -> None:
 def run_summary(config: RecipeConfig) -> str:
     """Where a run's outputs are, for a person to open next."""
     rows = [
-        ("artifacts", f"{config.output_dir} ({config.manifest_path.name}: what each stage made; {config.metrics_path.name}: test metrics)"),
+        (
+            "artifacts",
+            f"{config.output_dir} ({config.manifest_path.name}: what each stage made; {config.metrics_path.name}: test metrics)",
+        ),
         *(("plot", str(plot)) for plot in sorted(config.output_dir.rglob("*.png"))),
         ("Triton model repository", f"{config.export_dir} (model {config.serve.model_name})"),
     ]

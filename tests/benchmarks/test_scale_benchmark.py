@@ -6,7 +6,15 @@ import pytest
 
 from twotower.benchmarks.scale import grown_catalogue, replicated_users, run_scale_benchmark
 
-KIND_KEYS = ("recall@10", "recall@100", "bytes_per_item", "build_s", "p50_ms_in_process", "p50_ms_triton", "p99_ms_triton")
+KIND_KEYS = (
+    "recall@10",
+    "recall@100",
+    "bytes_per_item",
+    "build_s",
+    "p50_ms_in_process",
+    "p50_ms_triton",
+    "p99_ms_triton",
+)
 
 
 @pytest.mark.unit

@@ -23,7 +23,9 @@ BATCH = 64
 
 
 def _layers(keras_object, kind) -> list:
-    return [layer for layer in keras_object._flatten_layers(include_self=False, recursive=True) if isinstance(layer, kind)]
+    return [
+        layer for layer in keras_object._flatten_layers(include_self=False, recursive=True) if isinstance(layer, kind)
+    ]
 
 
 def _copy_recipe_weights(recipe, plain) -> None:
@@ -32,7 +34,10 @@ def _copy_recipe_weights(recipe, plain) -> None:
     assert set(tables) == set(plain.tables)
     for name, table in tables.items():
         plain.tables[name].set_weights(table.get_weights())
-    for encoder, mlp in ((recipe.keras.query_encoder, plain.query_mlp), (recipe.keras.candidate_encoder, plain.item_mlp)):
+    for encoder, mlp in (
+        (recipe.keras.query_encoder, plain.query_mlp),
+        (recipe.keras.candidate_encoder, plain.item_mlp),
+    ):
         mlp.set_weights([weight for dense in _layers(encoder, tf.keras.layers.Dense) for weight in dense.get_weights()])
 
 
@@ -80,7 +85,11 @@ def test_cached_loader_gives_mm_loader_batches_in_a_new_order_each_epoch(inputs)
         rows = {
             "user_id": np.concatenate([batch["user_id"].numpy() for batch in epoch]),
             "item_id": epochs[-1],
-            "history": [row.numpy() for batch in epoch for row in tf.RaggedTensor.from_row_splits(batch["history__values"], batch["history__offsets"])],
+            "history": [
+                row.numpy()
+                for batch in epoch
+                for row in tf.RaggedTensor.from_row_splits(batch["history__values"], batch["history__offsets"])
+            ],
         }
         assert _row_keys(rows) == _row_keys(frame)  # every row once, lists intact
     assert not np.array_equal(*epochs)
@@ -113,7 +122,11 @@ def test_small_run_writes_the_report_whose_path_is_printed_last(prepared, capsys
         assert report[side]["examples_per_s"] > 0 and len(report[side]["epochs_s"]) == 1, side
     assert report["ratio_step_time"] == pytest.approx(report["recipe"]["epoch_s"] / report["plain_keras"]["epoch_s"])
     profile = report["profile"]
-    assert set(profile["loader_s_per_epoch"]) == set(profile["resident_step_ms"]) == {"recipe", "recipe_merlin_loader", "plain_keras"}
+    assert (
+        set(profile["loader_s_per_epoch"])
+        == set(profile["resident_step_ms"])
+        == {"recipe", "recipe_merlin_loader", "plain_keras"}
+    )
     assert sum(part["share"] for part in profile["recipe_step_parts"].values()) == pytest.approx(1.0)
     assert profile["recipe_step_parts"]["softmax cross-entropy"]["forward_ms"] > 0
     assert all(profile["top_ops"][side] for side in ("recipe", "plain_keras"))

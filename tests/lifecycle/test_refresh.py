@@ -45,13 +45,23 @@ def _new_items(config: RecipeConfig, count: int, path: Path) -> Path:
     """``count`` items with the features of catalogue items and new ids, written as parquet: their
     vectors land among the catalogue's, close to the queries of the users who liked the originals."""
     items = load_recipe_data(config.data_dir).items.head(count)
-    items.assign(item_id=np.arange(NEW_IDS_FROM, NEW_IDS_FROM + count), title="new " + items["title"]).to_parquet(path, index=False)
+    items.assign(item_id=np.arange(NEW_IDS_FROM, NEW_IDS_FROM + count), title="new " + items["title"]).to_parquet(
+        path, index=False
+    )
     return path
 
 
 def _refresh_command(config: RecipeConfig, items: Path) -> list[str]:
     overrides = [*SMALL_RUN, f"output_dir={config.output_dir}", f"export_dir={config.export_dir}"]
-    return [sys.executable, "-m", "twotower", "refresh-items", "--items", str(items), *(a for o in overrides for a in ("--set", o))]
+    return [
+        sys.executable,
+        "-m",
+        "twotower",
+        "refresh-items",
+        "--items",
+        str(items),
+        *(a for o in overrides for a in ("--set", o)),
+    ]
 
 
 def _unchanged_parts(config: RecipeConfig) -> dict[str, str]:
@@ -74,13 +84,17 @@ def test_refresh_items_rolls_out_a_new_version_under_load_without_a_failed_or_mi
     new = recommend_in_process(load_exported_ensemble(twin.export_dir), users)["item_ids"]
     changed = (old != new).any(axis=1)
     new_ids = np.arange(NEW_IDS_FROM, NEW_IDS_FROM + 12)
-    assert changed.any() and np.isin(new[changed], new_ids).any(axis=1).all(), "the refresh must change some answers by new items"
+    assert changed.any() and np.isin(new[changed], new_ids).any(axis=1).all(), (
+        "the refresh must change some answers by new items"
+    )
     # one request for users whose answers change and users whose do not
     rows = np.concatenate([np.flatnonzero(changed)[:6], np.flatnonzero(~changed)[:2]])
     batch, old_answer, new_answer = users[rows], old[rows], new[rows]
 
     assert recipe_servers(twin.export_dir) == []
-    rollout = roll_out_under_load(run.export_dir, tmp_path / "triton", batch, _refresh_command(run, items), timeout_s=240)
+    rollout = roll_out_under_load(
+        run.export_dir, tmp_path / "triton", batch, _refresh_command(run, items), timeout_s=240
+    )
     assert f"[refresh] {rollout.server_url} serves version 2" in rollout.command.stdout, rollout.command.stdout[-3000:]
     print(check_answers(rollout, old_answer, new_answer, version=2))
 
@@ -98,14 +112,27 @@ def test_refresh_items_rolls_out_a_new_version_under_load_without_a_failed_or_mi
 # --------------------------------------------------------------------------------- refusals
 def _bad_files(config: RecipeConfig, folder: Path) -> dict[str, tuple[Path, str]]:
     """Each bad input, as a file, with the text its refusal must contain."""
-    items = load_recipe_data(config.data_dir).items.head(3).assign(item_id=[NEW_IDS_FROM, NEW_IDS_FROM + 1, NEW_IDS_FROM + 2])
+    items = (
+        load_recipe_data(config.data_dir)
+        .items.head(3)
+        .assign(item_id=[NEW_IDS_FROM, NEW_IDS_FROM + 1, NEW_IDS_FROM + 2])
+    )
     cases = {
         "empty": (items.head(0), "has no rows"),
         "missing-column": (items.drop(columns=["genres"]), "lacks the column(s) genres of the run's item table"),
-        "repeated-id": (items.assign(item_id=[NEW_IDS_FROM, NEW_IDS_FROM, NEW_IDS_FROM + 2]), f"item ids appear more than once: {NEW_IDS_FROM}"),
-        "negative-id": (items.assign(item_id=[-1, NEW_IDS_FROM + 1, NEW_IDS_FROM + 2]), "item ids must not be negative (the index reserves -1): -1"),
+        "repeated-id": (
+            items.assign(item_id=[NEW_IDS_FROM, NEW_IDS_FROM, NEW_IDS_FROM + 2]),
+            f"item ids appear more than once: {NEW_IDS_FROM}",
+        ),
+        "negative-id": (
+            items.assign(item_id=[-1, NEW_IDS_FROM + 1, NEW_IDS_FROM + 2]),
+            "item ids must not be negative (the index reserves -1): -1",
+        ),
         "bad-value": (items.assign(year=["1990", "soon", "1991"]), "column 'year' must be numeric"),
-        "known-id": (items.assign(item_id=[NEW_IDS_FROM, 1, 2]), "2 of the item ids are already in the catalogue: 1, 2"),
+        "known-id": (
+            items.assign(item_id=[NEW_IDS_FROM, 1, 2]),
+            "2 of the item ids are already in the catalogue: 1, 2",
+        ),
     }
     files = {}
     for name, (frame, message) in cases.items():
@@ -128,7 +155,10 @@ def test_bad_inputs_are_refused_in_one_line_and_change_nothing(run, tmp_path, ca
             twotower_main(_cli(run, "--items", str(path)))
         error = capsys.readouterr().err.strip()
         assert exited.value.code == 2, name
-        assert error.startswith("twotower: refresh-items refused, nothing changed: ") and message in error, (name, error)
+        assert error.startswith("twotower: refresh-items refused, nothing changed: ") and message in error, (
+            name,
+            error,
+        )
         assert "\n" not in error and "Traceback" not in error, name
     assert _unchanged_parts(run) == before
 
@@ -148,14 +178,19 @@ def test_refreshes_keep_the_export_consistent_until_a_stage_they_built_on_runs_a
     original = _unchanged_parts(exported)
     first = refresh_items(run, _new_items(run, 2, tmp_path / "first.parquet"))
     second_items = tmp_path / "second.parquet"
-    load_recipe_data(run.data_dir).items.head(3).assign(item_id=[20_001, 20_002, 20_003]).to_parquet(second_items, index=False)
+    load_recipe_data(run.data_dir).items.head(3).assign(item_id=[20_001, 20_002, 20_003]).to_parquet(
+        second_items, index=False
+    )
     second = refresh_items(run, second_items)
     assert (first.version, second.version) == (2, 3)
     assert model_versions(run.export_dir / run.serve.model_name) == [2, 3]  # the one served before the refresh is kept
     assert second.catalogue_size == len(load_item_vectors(run.item_vectors_path)[0]) == first.catalogue_size + 3
 
     entry = read_manifest(run)[REFRESH]
-    assert [added["item_ids"] for added in entry["added"]] == [[NEW_IDS_FROM, NEW_IDS_FROM + 1], [20_001, 20_002, 20_003]]
+    assert [added["item_ids"] for added in entry["added"]] == [
+        [NEW_IDS_FROM, NEW_IDS_FROM + 1],
+        [20_001, 20_002, 20_003],
+    ]
     assert entry["base"]["index"] == read_manifest(run)["index"]["produced"]["index"] != entry["produced"]["index"]
     pipeline.run_export(run)  # the refreshed run agrees with itself
     assert _unchanged_parts(exported) == original  # the run it was copied from is not touched (Feast's absolute paths)
@@ -166,5 +201,8 @@ def test_refreshes_keep_the_export_consistent_until_a_stage_they_built_on_runs_a
     with pytest.raises(ArtifactMismatch) as refused:
         pipeline.run_export(run)
     message = str(refused.value)
-    assert "train: its item_vectors on disk holds items added by refresh-items, which no longer applies because 'features' ran again" in message
+    assert (
+        "train: its item_vectors on disk holds items added by refresh-items, which no longer applies because 'features' ran again"
+        in message
+    )
     assert "Re-run, in this order: twotower train, twotower index; then twotower export." in message

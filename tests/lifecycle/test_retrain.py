@@ -58,7 +58,11 @@ def data_files(tmp_path_factory) -> tuple[str, ...]:
     late = interactions["user_id"].isin(data.users["user_id"].tail(LATE))
     interactions.loc[late, "timestamp"] += CUTOFF - 900_000_000
     folder = tmp_path_factory.mktemp("files")
-    tables = {"interactions": interactions, "users": data.users.drop(columns=EXTERNAL_ID), "items": data.items.drop(columns=EXTERNAL_ID)}
+    tables = {
+        "interactions": interactions,
+        "users": data.users.drop(columns=EXTERNAL_ID),
+        "items": data.items.drop(columns=EXTERNAL_ID),
+    }
     for name, table in tables.items():
         table.to_parquet(folder / f"{name}.parquet", index=False)
     return ("data.dataset=files", *(f"data.files.{name}={folder / name}.parquet" for name in tables))
@@ -112,7 +116,9 @@ def test_the_known_run_holds_only_what_came_before_the_cutoff(known_run, cutoff)
     assert load_recipe_data(known_run.data_dir).interactions["timestamp"].max() < cutoff
 
 
-def test_a_warm_start_of_no_epochs_keeps_the_last_vectors_and_one_epoch_moves_them(known_run, cutoff, retrained, tmp_path):
+def test_a_warm_start_of_no_epochs_keeps_the_last_vectors_and_one_epoch_moves_them(
+    known_run, cutoff, retrained, tmp_path
+):
     _, last = load_item_vectors(known_run.item_vectors_path)
     run = _copy(known_run, tmp_path, "train.retrain_epochs=0")
     retrain(run, cutoff)
@@ -129,7 +135,9 @@ def test_a_warm_start_of_no_epochs_keeps_the_last_vectors_and_one_epoch_moves_th
 def test_new_interactions_reach_the_served_rows_and_new_users_get_rows(known_run, retrained, cutoff):
     split = load_split(retrained.splits_dir)
     known = known_before_test(split)
-    returning = known[(known["timestamp"] >= cutoff) & known["user_id"].isin(load_split(known_run.splits_dir).train["user_id"])]
+    returning = known[
+        (known["timestamp"] >= cutoff) & known["user_id"].isin(load_split(known_run.splits_dir).train["user_id"])
+    ]
     changed = int(returning["user_id"].iloc[0])
     first = _first_interactions(retrained)
     new = int(first.index[first >= cutoff][0])
@@ -140,7 +148,10 @@ def test_new_interactions_reach_the_served_rows_and_new_users_get_rows(known_run
     for row, user in zip(after, (changed, new)):
         assert sorted(row["seen_items"]) == sorted(known.loc[known["user_id"] == user, "item_id"])
     assert set(before[0]["seen_items"]) < set(after[0]["seen_items"])
-    assert after[0]["history"][-1] == known[known["user_id"] == changed].sort_values(["timestamp", "item_id"])["item_id"].iloc[-1]
+    assert (
+        after[0]["history"][-1]
+        == known[known["user_id"] == changed].sort_values(["timestamp", "item_id"])["item_id"].iloc[-1]
+    )
 
     old = recommend_in_process(load_exported_ensemble(known_run.export_dir), np.array([new]))
     served = recommend_in_process(load_exported_ensemble(retrained.export_dir), np.array([new]))
@@ -159,7 +170,10 @@ def test_oov_keeps_the_workflow_and_refit_fits_it_again_from_scratch(known_run, 
     known = read_manifest(known_run)["workflow"]
     kept = read_manifest(retrained)["workflow"]
     assert kept["produced"]["workflow"] == known["produced"]["workflow"] == fingerprint(retrained.workflow_dir)
-    assert kept["details"]["vocabulary"].startswith("kept") and kept["produced"]["train_encoded"] != known["produced"]["train_encoded"]
+    assert (
+        kept["details"]["vocabulary"].startswith("kept")
+        and kept["produced"]["train_encoded"] != known["produced"]["train_encoded"]
+    )
 
     run = _copy(known_run, tmp_path, "train.new_ids=refit")
     capsys.readouterr()
@@ -197,12 +211,31 @@ def test_a_retrain_rolls_out_under_load_without_a_failed_or_mixed_answer(known_r
     split = load_split(run.splits_dir)
     known_then = known_before_test(load_split(known_run.splits_dir))["user_id"]
     known_now = known_before_test(split)
-    returning = known_now.loc[(known_now["timestamp"] >= cutoff) & known_now["user_id"].isin(known_then), "user_id"].unique()
-    batch = np.concatenate([first.index[first >= cutoff][:1], returning[:5], split.test["user_id"].drop_duplicates()[:2]]).astype(np.int64)
+    returning = known_now.loc[
+        (known_now["timestamp"] >= cutoff) & known_now["user_id"].isin(known_then), "user_id"
+    ].unique()
+    batch = np.concatenate(
+        [first.index[first >= cutoff][:1], returning[:5], split.test["user_id"].drop_duplicates()[:2]]
+    ).astype(np.int64)
     old = recommend_in_process(load_exported_ensemble(run.export_dir), batch)
 
-    settings = [*SMALL_RUN, *data_files, *KNOWN_RUN, "train.retrain_epochs=1", f"output_dir={run.output_dir}", f"export_dir={run.export_dir}"]
-    command = [sys.executable, "-m", "twotower", "retrain", "--since", str(cutoff), *(a for s in settings for a in ("--set", s))]
+    settings = [
+        *SMALL_RUN,
+        *data_files,
+        *KNOWN_RUN,
+        "train.retrain_epochs=1",
+        f"output_dir={run.output_dir}",
+        f"export_dir={run.export_dir}",
+    ]
+    command = [
+        sys.executable,
+        "-m",
+        "twotower",
+        "retrain",
+        "--since",
+        str(cutoff),
+        *(a for s in settings for a in ("--set", s)),
+    ]
     rollout = roll_out_under_load(run.export_dir, tmp_path / "triton", batch, command, timeout_s=540)
     assert f"[retrain] {rollout.server_url} serves version 2" in rollout.command.stdout, rollout.command.stdout[-3000:]
 
@@ -212,7 +245,9 @@ def test_a_retrain_rolls_out_under_load_without_a_failed_or_mixed_answer(known_r
     print(check_answers(rollout, old["item_ids"], new["item_ids"], version=2))
 
 
-def test_items_added_by_refresh_items_stay_served_through_a_retrain_embedded_by_the_new_tower(known_run, cutoff, tmp_path):
+def test_items_added_by_refresh_items_stay_served_through_a_retrain_embedded_by_the_new_tower(
+    known_run, cutoff, tmp_path
+):
     from twotower.lifecycle.refresh import embed_items, refresh_items
 
     run = _copy(known_run, tmp_path)
@@ -261,5 +296,7 @@ def test_a_cascade_retrains_its_pre_ranker_and_refuses_what_it_cannot_follow(kno
     assert report.version == 2
     assert read_manifest(ranker)["train"]["consumed"]["splits"] == fingerprint(run.splits_dir) != first_split
     packaged = json.loads((run.export_dir / run.serve.model_name / EXPORT_RECORD).read_text())
-    assert {key: packaged[f"prerank_{key}"] for key in ("query_tower", "item_vectors")} == fingerprints(ranker, ("query_tower", "item_vectors"))
+    assert {key: packaged[f"prerank_{key}"] for key in ("query_tower", "item_vectors")} == fingerprints(
+        ranker, ("query_tower", "item_vectors")
+    )
     assert check_prerank(run)  # the retrained cascade is what the export accepts

@@ -34,7 +34,9 @@ def _numpy_pair_score(scorer: PairScorer, query: np.ndarray, items: np.ndarray) 
     """DCN-v2 by hand from the layer's weights: x_{l+1} = x_0 * (W_l x_l + b_l) + x_l (W_l = U_l V_l
     at low rank), the ReLU MLP, the logit."""
     x0 = np.concatenate([query, items], axis=1)
-    weights = {v.name.rsplit(f"{scorer.name}/", 1)[1]: v.numpy() for v in scorer.trainable_variables}  # names inside the layer
+    weights = {
+        v.name.rsplit(f"{scorer.name}/", 1)[1]: v.numpy() for v in scorer.trainable_variables
+    }  # names inside the layer
     x = x0
     for kernel, bias in _cross_layers([v for name, v in weights.items() if "/cross" in name], scorer.low_rank_dim):
         x = x0 * (x @ kernel + bias) + x
@@ -75,7 +77,14 @@ def test_training_output_scores_each_positive_and_the_batchs_first_items_masking
     query, items = rng.normal(size=(5, 4)).astype(np.float32), rng.normal(size=(5, 3)).astype(np.float32)
     ids = tf.constant([10, 11, 10, 12, 13])  # rows 0 and 2 share item 10
     item_id = Schema([ColumnSchema("item_id", tags=[Tags.ITEM_ID, Tags.CATEGORICAL], dtype=np.int64)])
-    output = SampledPairOutput(scorer, negatives=3, schema=item_id, negative_samplers="in-batch", false_negative_score=-1e9, store_negative_ids=True)
+    output = SampledPairOutput(
+        scorer,
+        negatives=3,
+        schema=item_id,
+        negative_samplers="in-batch",
+        false_negative_score=-1e9,
+        store_negative_ids=True,
+    )
     positive = Candidate(id=ids, metadata={}).with_embedding(tf.constant(items))
     prediction = output.outputs(tf.constant(query), positive, positive)  # in-batch: the negatives are the batch's items
     logits = prediction.outputs.numpy()
@@ -83,7 +92,9 @@ def test_training_output_scores_each_positive_and_the_batchs_first_items_masking
     all_pairs = _numpy_pair_score(scorer, np.repeat(query, 5, axis=0), np.tile(items, (5, 1))).reshape(5, 5)
     np.testing.assert_allclose(logits[:, 0], np.diag(all_pairs), rtol=1e-4, atol=1e-5)
     expected = all_pairs[:, :3].copy()
-    expected[[0, 0, 1, 2, 2], [0, 2, 1, 0, 2]] = -1e9  # a row's own item (by id: 10 is the batch's items 0 and 2) is no negative
+    expected[
+        [0, 0, 1, 2, 2], [0, 2, 1, 0, 2]
+    ] = -1e9  # a row's own item (by id: 10 is the batch's items 0 and 2) is no negative
     np.testing.assert_allclose(logits[:, 1:], expected, rtol=1e-4, atol=1e-5)
     assert prediction.negative_candidate_ids.numpy().tolist() == [10, 11, 10]  # what the logQ correction reads
     np.testing.assert_array_equal(prediction.targets.numpy()[:, 0], 1.0)
@@ -103,11 +114,15 @@ def test_dcn_trains_and_ranks_the_catalogue_by_its_pair_scorer(prepared, inputs,
     query, items = model.query_vectors(users), model.item_vectors(inputs.catalogue.features)
     assert not np.allclose(query, before, atol=1e-5)  # the steps trained the embeddings
     embedding_dim = config.train.embedding_dim
-    assert query.shape[1] == embedding_dim * len(model.query_schema) and items.shape[1] == embedding_dim * len(model.item_schema)
+    assert query.shape[1] == embedding_dim * len(model.query_schema) and items.shape[1] == embedding_dim * len(
+        model.item_schema
+    )
 
     monkeypatch.setattr(dcn, "PAIRS_PER_CALL", 2 * len(items))  # two users per call: the chunks must line up
     matrix = model.score(query, items)
-    by_pair = _numpy_pair_score(model.scorer, np.repeat(query, len(items), axis=0), np.tile(items, (len(query), 1))).reshape(matrix.shape)
+    by_pair = _numpy_pair_score(
+        model.scorer, np.repeat(query, len(items), axis=0), np.tile(items, (len(query), 1))
+    ).reshape(matrix.shape)
     np.testing.assert_allclose(matrix, by_pair, rtol=1e-4, atol=1e-4)
 
     model.save_pair_scorer(tmp_path / "pair_scorer", query.shape[1], items.shape[1])

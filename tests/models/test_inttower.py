@@ -79,12 +79,21 @@ def test_fe_score_equals_the_max_over_item_heads_by_hand():
     user_heads = [rng.normal(size=(2, 3, 4)).astype(np.float32) for _ in range(2)]
     item_heads = rng.normal(size=(2, 5, 4)).astype(np.float32)
     expected = _numpy_fe_score(user_heads, item_heads)
-    np.testing.assert_allclose(fe_score([tf.constant(h) for h in user_heads], tf.constant(item_heads)).numpy(), expected, rtol=1e-5)
+    np.testing.assert_allclose(
+        fe_score([tf.constant(h) for h in user_heads], tf.constant(item_heads)).numpy(), expected, rtol=1e-5
+    )
     # the layer's score is fe_score of its own projections
     block = FEBlock(user_layers=1, user_heads=2, item_heads=3, head_size=4)
-    user_out, item_out = tf.constant(rng.normal(size=(2, 6)), tf.float32), tf.constant(rng.normal(size=(2, 5)), tf.float32)
+    user_out, item_out = (
+        tf.constant(rng.normal(size=(2, 6)), tf.float32),
+        tf.constant(rng.normal(size=(2, 5)), tf.float32),
+    )
     projected_user, projected_item = block.heads([user_out], item_out)
-    np.testing.assert_allclose(block(([user_out], item_out)).numpy(), _numpy_fe_score([projected_user[0].numpy()], projected_item.numpy()), rtol=1e-5)
+    np.testing.assert_allclose(
+        block(([user_out], item_out)).numpy(),
+        _numpy_fe_score([projected_user[0].numpy()], projected_item.numpy()),
+        rtol=1e-5,
+    )
 
 
 def test_fe_score_ignores_item_head_order_but_not_which_head_is_max():
@@ -113,17 +122,23 @@ def test_cir_equals_numpy_infonce_on_three_rows():
     np.testing.assert_allclose(got, expected, rtol=1e-5)
     assert got[1] == 0.0 and got[0] > 0.0
     # heads [batch, heads, size] are flattened first
-    heads = contrastive_interaction_loss(tf.reshape(user, [3, 3, 1]), tf.reshape(item, [3, 1, 3]), tf.constant(labels), temperature)
+    heads = contrastive_interaction_loss(
+        tf.reshape(user, [3, 3, 1]), tf.reshape(item, [3, 1, 3]), tf.constant(labels), temperature
+    )
     np.testing.assert_allclose(heads.numpy(), expected, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------- protocol
 def _ratings(n: int = 200, seed: int = 0) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
-    return pd.DataFrame({
-        "user_id": rng.integers(1, 20, n), "item_id": rng.integers(1, 30, n),
-        "rating": rng.integers(1, 6, n).astype(np.float32), "timestamp": rng.permutation(n) + 1_000,
-    })
+    return pd.DataFrame(
+        {
+            "user_id": rng.integers(1, 20, n),
+            "item_id": rng.integers(1, 30, n),
+            "rating": rng.integers(1, 6, n).astype(np.float32),
+            "timestamp": rng.permutation(n) + 1_000,
+        }
+    )
 
 
 def test_protocol_drops_rating_3_and_splits_80_20_with_validation_last():
@@ -139,8 +154,8 @@ def test_protocol_drops_rating_3_and_splits_80_20_with_validation_last():
     # the training part is the seeded permutation of the time-sorted rows; validation is its tail
     ordered = rows.sort_values("timestamp", kind="stable").reset_index(drop=True)
     permutation = np.random.RandomState(7).permutation(n)
-    expected_training = ordered.iloc[permutation[len(split.test):]]
-    pd.testing.assert_frame_equal(split.valid, expected_training.iloc[len(split.train):].reset_index(drop=True))
+    expected_training = ordered.iloc[permutation[len(split.test) :]]
+    pd.testing.assert_frame_equal(split.valid, expected_training.iloc[len(split.train) :].reset_index(drop=True))
     assert set(split.test["timestamp"]).isdisjoint(set(pd.concat([split.train, split.valid])["timestamp"]))
 
 
@@ -154,21 +169,35 @@ def test_train_mean_rating_of_test_rows_ignores_test_labels():
     for name, values in _test_features(split, "train_mean_rating").items():
         np.testing.assert_array_equal(values, _test_features(flipped, "train_mean_rating")[name])
     # the official code's features do read the test labels: the comparison setup leaks, as it should
-    assert not np.array_equal(_test_features(split, "split_mean_rating")["user_mean_rating"], _test_features(flipped, "split_mean_rating")["user_mean_rating"])
+    assert not np.array_equal(
+        _test_features(split, "split_mean_rating")["user_mean_rating"],
+        _test_features(flipped, "split_mean_rating")["user_mean_rating"],
+    )
     assert mean_rating_sources(split, "no_mean_rating") == {}
     # unseen ids get the training mean
     unseen = pd.DataFrame({"user_id": [10_000], "item_id": [10_000], LABEL: [1.0]})
-    assert mean_rating_features(split.train, unseen)["user_mean_rating"][0, 0] == pytest.approx(split.train[LABEL].mean())
+    assert mean_rating_features(split.train, unseen)["user_mean_rating"][0, 0] == pytest.approx(
+        split.train[LABEL].mean()
+    )
 
 
 @pytest.mark.smoke
 @pytest.mark.timeout(300)
 def test_benchmark_prerank_smoke_run_writes_every_row(tmp_path, capsys):
-    config = load_config(overrides=[
-        "data.dataset=synthetic", "data.synthetic_users=60", "data.synthetic_items=40",
-        "benchmark.prerank.epochs=1", "benchmark.prerank.batch_size=128", "benchmark.prerank.sample_rows=1200",
-        "benchmark.prerank.tower_layers=[16, 16, 8]", "benchmark.prerank.inttower.user_heads=4", "benchmark.prerank.inttower.item_heads=4", "benchmark.prerank.inttower.head_size=8",
-    ])
+    config = load_config(
+        overrides=[
+            "data.dataset=synthetic",
+            "data.synthetic_users=60",
+            "data.synthetic_items=40",
+            "benchmark.prerank.epochs=1",
+            "benchmark.prerank.batch_size=128",
+            "benchmark.prerank.sample_rows=1200",
+            "benchmark.prerank.tower_layers=[16, 16, 8]",
+            "benchmark.prerank.inttower.user_heads=4",
+            "benchmark.prerank.inttower.item_heads=4",
+            "benchmark.prerank.inttower.head_size=8",
+        ]
+    )
     config.output_dir = tmp_path
     path = run_prerank_benchmark(config)
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(path)
@@ -191,12 +220,20 @@ def test_inttower_click_logit_is_the_mean_or_the_sum_of_the_fe_terms():
         **{field: rng.integers(0, 3, rows) for field in ("user_id", "gender", "age", "occupation", "item_id")},
         "genres": rng.integers(0, 4, (rows, 2)),
     }
-    prepared = Prepared({}, {"user": (), "item": ()}, {"user_id": 3, "gender": 3, "age": 3, "occupation": 3, "item_id": 3, "genres": 4})
-    config = load_config(overrides=[
-        "benchmark.prerank.tower_layers=[8, 6]", "benchmark.prerank.init_std=0.5", "benchmark.prerank.inttower.fe_layers=[0, 1]",
-        "benchmark.prerank.inttower.user_heads=3", "benchmark.prerank.inttower.item_heads=2", "benchmark.prerank.inttower.head_size=4",
-        "benchmark.prerank.inttower.cir_weight=0",  # CIR pairs heads one to one; 3 user heads against 2 item heads
-    ])
+    prepared = Prepared(
+        {}, {"user": (), "item": ()}, {"user_id": 3, "gender": 3, "age": 3, "occupation": 3, "item_id": 3, "genres": 4}
+    )
+    config = load_config(
+        overrides=[
+            "benchmark.prerank.tower_layers=[8, 6]",
+            "benchmark.prerank.init_std=0.5",
+            "benchmark.prerank.inttower.fe_layers=[0, 1]",
+            "benchmark.prerank.inttower.user_heads=3",
+            "benchmark.prerank.inttower.item_heads=2",
+            "benchmark.prerank.inttower.head_size=4",
+            "benchmark.prerank.inttower.cir_weight=0",  # CIR pairs heads one to one; 3 user heads against 2 item heads
+        ]
+    )
     settings = config.benchmark.prerank
     assert settings.inttower_logit == "mean"
     model = build("inttower", prepared, settings, config.model)
@@ -206,7 +243,9 @@ def test_inttower_click_logit_is_the_mean_or_the_sum_of_the_fe_terms():
 
     user_input, user = model.user_tower(model.embeddings(features, USER_FIELDS), features)
     _, item = model.item_tower(model.embeddings(features, ITEM_FIELDS), features)
-    user_heads, item_heads = model.fe.heads(head_sources(user_input, user, [0, 1], settings.inttower.user_heads_from), item[-1])
+    user_heads, item_heads = model.fe.heads(
+        head_sources(user_input, user, [0, 1], settings.inttower.user_heads_from), item[-1]
+    )
     expected = _numpy_fe_score([heads.numpy() for heads in user_heads], item_heads.numpy())
     np.testing.assert_allclose(total, expected, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(mean, expected / 6, rtol=1e-4, atol=1e-6)

@@ -83,7 +83,9 @@ def test_inttower_trains_and_evaluation_ranks_by_the_fe_score_of_its_vectors(pre
     eval_set = build_eval_set(split.valid, split.train, inputs.catalogue.item_ids)
     all_users = model.query_vectors(inputs.valid_users.loc[eval_set.user_ids])
     by_hand = _numpy_fe_scores(all_users.reshape(len(all_users), -1, fe.head_size), item_heads)
-    assert evaluate_model(model, eval_set, inputs.valid_users, inputs.catalogue) == pytest.approx(evaluate_scores(lambda rows: by_hand[rows], eval_set))
+    assert evaluate_model(model, eval_set, inputs.valid_users, inputs.catalogue) == pytest.approx(
+        evaluate_scores(lambda rows: by_hand[rows], eval_set)
+    )
 
 
 def test_cir_reaches_the_loss_and_pairs_each_user_with_its_own_item(prepared, inputs):
@@ -100,7 +102,9 @@ def test_cir_reaches_the_loss_and_pairs_each_user_with_its_own_item(prepared, in
     last_layer = query.reshape(len(query), len(fe.fe_layers), fe.user_heads * fe.head_size)[:, -1]
     value = float(keras.contrastive_interaction(tf.constant(query), tf.constant(candidate)))
     assert value == pytest.approx(_numpy_infonce(last_layer, candidate, fe.cir_temperature), rel=1e-4)
-    assert value != pytest.approx(_numpy_infonce(last_layer, np.roll(candidate, 1, axis=0), fe.cir_temperature), rel=1e-3)
+    assert value != pytest.approx(
+        _numpy_infonce(last_layer, np.roll(candidate, 1, axis=0), fe.cir_temperature), rel=1e-3
+    )
     # outside training (a warm start's first call) the model scores each row's own pair by FE
     own_pairs = np.asarray(keras(features, training=False)).reshape(-1)
     np.testing.assert_allclose(own_pairs, np.diag(model.score(query, candidate)), rtol=1e-4, atol=1e-4)
@@ -119,19 +123,27 @@ def test_refresh_items_refuses_inttower_in_one_line(tmp_path):
     from twotower.lifecycle.refresh import RefreshRefused, refresh_items
 
     config = small_config(tmp_path, "model.name=inttower")
-    with pytest.raises(RefreshRefused, match="model.name=inttower indexes item heads; refresh-items adds single item vectors"):
+    with pytest.raises(
+        RefreshRefused, match="model.name=inttower indexes item heads; refresh-items adds single item vectors"
+    ):
         refresh_items(config, tmp_path / "new_items.parquet")
 
 
 # ------------------------------------------------------------------ the multi-vector retriever
-def _random_heads(users: int = 30, items: int = 50, query_heads: int = 6, item_heads: int = 3, size: int = 8, seed: int = 0):
+def _random_heads(
+    users: int = 30, items: int = 50, query_heads: int = 6, item_heads: int = 3, size: int = 8, seed: int = 0
+):
     rng = np.random.default_rng(seed)
-    return rng.normal(size=(users, query_heads, size)).astype(np.float32), rng.normal(size=(items, item_heads, size)).astype(np.float32)
+    return rng.normal(size=(users, query_heads, size)).astype(np.float32), rng.normal(
+        size=(items, item_heads, size)
+    ).astype(np.float32)
 
 
 def _exact_top_k(query_heads: np.ndarray, item_heads: np.ndarray, seen: sp.csr_matrix, k: int) -> np.ndarray:
     scores = fe_score_matrix(query_heads, item_heads).numpy()
-    eval_set = EvalSet(user_ids=np.arange(len(query_heads)), relevant=seen, n_relevant=np.ones(len(query_heads)), seen=seen)
+    eval_set = EvalSet(
+        user_ids=np.arange(len(query_heads)), relevant=seen, n_relevant=np.ones(len(query_heads)), seen=seen
+    )
     return top_k_positions(lambda rows: scores[rows], eval_set, k)
 
 
@@ -226,7 +238,9 @@ def test_benchmark_models_serves_inttower_and_measures_the_cascade_with_both_pre
     assert row["serving_p50_ms"] > 0  # served through Triton by its multi-vector graph
     found = row["multi_vector"]
     assert found["overlap@10"] == 1.0 and found["overlap@100"] == 1.0
-    assert found["recall@10"] == pytest.approx(row["recall@10"]) and found["recall@100"] == pytest.approx(row["recall@100"])
+    assert found["recall@10"] == pytest.approx(row["recall@10"]) and found["recall@100"] == pytest.approx(
+        row["recall@100"]
+    )
     assert found["ms_per_user"] > 0
 
     assert report["models"]["dcn_v2"]["serving_p50_ms"] is None  # the ranking model is not served as a retriever

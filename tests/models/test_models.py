@@ -30,7 +30,9 @@ pytestmark = pytest.mark.smoke
 
 
 def test_registry_cli_and_configuration_list_the_same_models():
-    listed = subprocess.run([sys.executable, "-m", "twotower", "models"], capture_output=True, text=True, check=True, timeout=120).stdout
+    listed = subprocess.run(
+        [sys.executable, "-m", "twotower", "models"], capture_output=True, text=True, check=True, timeout=120
+    ).stdout
     assert listed.splitlines() == model_names() == list(get_args(ModelName)) == list(REGISTRY)
     with pytest.raises(ConfigError, match="one of 'two_tower'"):
         load_config(overrides=["model.name=sasrec"])
@@ -58,7 +60,9 @@ def test_bpr_loss_by_hand():
 
 
 def test_bce_loss_by_hand():
-    expected = np.mean([-np.log(_sigmoid(row[0])) + np.mean([-np.log(1 - _sigmoid(n)) for n in row[1:]]) for row in LOGITS])
+    expected = np.mean(
+        [-np.log(_sigmoid(row[0])) + np.mean([-np.log(1 - _sigmoid(n)) for n in row[1:]]) for row in LOGITS]
+    )
     assert float(BCELoss()(POSITIVE_FIRST, LOGITS)) == pytest.approx(expected, rel=1e-5)
 
 
@@ -122,7 +126,9 @@ def _fit_one_epoch(model, inputs):
 
 
 def _layers(keras_object, kind):
-    return [layer for layer in keras_object._flatten_layers(include_self=False, recursive=True) if isinstance(layer, kind)]
+    return [
+        layer for layer in keras_object._flatten_layers(include_self=False, recursive=True) if isinstance(layer, kind)
+    ]
 
 
 @pytest.mark.parametrize("gating", ["senet", "light_se"])
@@ -158,7 +164,9 @@ def test_dat_category_alignment_loss_by_hand():
     membership[[6], 2] = 1  # one row: no covariance, left out; category 3 empty
     largest = np.cov(vectors[[0, 1, 2, 3]], rowvar=False)
     expected = ((largest - np.cov(vectors[[3, 4, 5]], rowvar=False)) ** 2).sum()
-    assert float(category_alignment_loss(tf.constant(vectors), tf.constant(membership))) == pytest.approx(expected, rel=1e-4)
+    assert float(category_alignment_loss(tf.constant(vectors), tf.constant(membership))) == pytest.approx(
+        expected, rel=1e-4
+    )
 
 
 def test_dat_augmented_vector_is_an_input_of_the_query_tower(prepared, inputs):
@@ -188,20 +196,28 @@ def test_dat_losses_run_over_the_batch_positive_pairs(prepared, inputs):
     rng = np.random.default_rng(3)
     for augment in (keras.user_augment, keras.item_augment):  # far from the towers, so pairings differ
         augment.table.set_weights([3.0 * rng.normal(size=augment.table.get_weights()[0].shape)])
-    prepared_features = keras.query_encoder._prepare_features(features) | keras.candidate_encoder._prepare_features(features)
+    prepared_features = keras.query_encoder._prepare_features(features) | keras.candidate_encoder._prepare_features(
+        features
+    )
     query, candidate = keras.query_encoder(features).numpy(), keras.candidate_encoder(features).numpy()
     a_u = keras.user_augment.lookup(prepared_features["user_id"]).numpy()
     a_v = keras.item_augment.lookup(prepared_features["item_id"]).numpy()
 
     def mimic(users_side, items_side):
-        return 0.5 * np.mean(np.sum((a_u - users_side) ** 2, axis=1)) + 0.5 * np.mean(np.sum((a_v - items_side) ** 2, axis=1))
+        return 0.5 * np.mean(np.sum((a_u - users_side) ** 2, axis=1)) + 0.5 * np.mean(
+            np.sum((a_v - items_side) ** 2, axis=1)
+        )
 
     value = float(keras.dat_losses(prepared_features, tf.constant(query), tf.constant(candidate)))
     assert value == pytest.approx(mimic(candidate, query), rel=1e-5)  # a_u against its own positive's p_v
     assert value != pytest.approx(mimic(np.roll(candidate, 1, axis=0), np.roll(query, 1, axis=0)), abs=1e-2)
 
 
-@pytest.mark.parametrize("encoder", [CausalSelfAttention(max_length=6, heads=2, dropout=0.0), GRUEncoder(dropout=0.0)], ids=["attention", "gru"])
+@pytest.mark.parametrize(
+    "encoder",
+    [CausalSelfAttention(max_length=6, heads=2, dropout=0.0), GRUEncoder(dropout=0.0)],
+    ids=["attention", "gru"],
+)
 def test_sequence_encoders_are_causal(encoder):
     rng = np.random.default_rng(2)
     sequence = rng.normal(size=(1, 6, 8)).astype(np.float32)
@@ -254,7 +270,13 @@ def test_each_model_is_served_with_its_in_process_top_k(prepared, variant):
     from twotower.stages.train import train_and_save
     from twotower.store.artifacts import known_before_test
 
-    config = run_folder(prepared, prepared, variant.replace("/", "_").replace("+", "_"), {**SERVED[variant], "train.epochs": 1}, prepared.seed)
+    config = run_folder(
+        prepared,
+        prepared,
+        variant.replace("/", "_").replace("+", "_"),
+        {**SERVED[variant], "train.epochs": 1},
+        prepared.seed,
+    )
     model, _ = train_and_save(config, verbose=0)
     for stage in (pipeline.run_index, pipeline.run_features, pipeline.run_export):
         stage(config)

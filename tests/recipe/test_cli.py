@@ -24,7 +24,9 @@ def _choices() -> list[str]:
 
 
 def test_help_lists_every_command_with_a_one_line_description():
-    shown = subprocess.run([sys.executable, "-m", "twotower", "--help"], capture_output=True, text=True, check=True, timeout=120).stdout
+    shown = subprocess.run(
+        [sys.executable, "-m", "twotower", "--help"], capture_output=True, text=True, check=True, timeout=120
+    ).stdout
     listed = shown[shown.index("\ncommands:\n") :].splitlines()[2:]
     described = {}
     for line in listed:

@@ -25,7 +25,9 @@ def _refused(*overrides: str) -> str:
 
 
 def test_overrides_of_the_right_type_are_applied():
-    config = load_config(overrides=["train.epochs=3", "train.learning_rate=1e-2", "output_dir=/tmp/run", "serve.host=0.0.0.0"])
+    config = load_config(
+        overrides=["train.epochs=3", "train.learning_rate=1e-2", "output_dir=/tmp/run", "serve.host=0.0.0.0"]
+    )
     assert config.train.epochs == 3
     assert config.train.learning_rate == 0.01
     assert config.output_dir == Path("/tmp/run")
@@ -107,7 +109,9 @@ def test_every_early_stopping_metric_is_one_evaluation_reports():
     rng = np.random.default_rng(0)
     held_out = pd.DataFrame({"user_id": [1, 1, 2], "item_id": [3, 4, 5]})
     earlier = pd.DataFrame({"user_id": [1, 2], "item_id": [6, 7]})
-    metrics = evaluate_scores(lambda rows: rng.random((len(rows), 150)), build_eval_set(held_out, earlier, np.arange(150)))
+    metrics = evaluate_scores(
+        lambda rows: rng.random((len(rows), 150)), build_eval_set(held_out, earlier, np.arange(150))
+    )
     assert set(get_args(get_type_hints(TrainConfig)["early_stopping_metric"])) <= set(metrics)
 
 

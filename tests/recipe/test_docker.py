@@ -83,11 +83,18 @@ def test_build_context_dockerfile_and_bind_mounts_exist(compose):
 
 def test_named_volumes_are_declared_and_used(compose):
     declared = set(compose["volumes"])
-    used = {source for service in compose["services"].values() for source, _ in _mounts(service) if not source.startswith((".", "/"))}
+    used = {
+        source
+        for service in compose["services"].values()
+        for source, _ in _mounts(service)
+        if not source.startswith((".", "/"))
+    }
     assert used == declared
 
 
-PUBLISHED = re.compile(r"^(?:\$\{(?P<variable>\w+):-(?P<default>[^}]+)\}|(?P<address>[\d.]+)):(?P<host>\d+):(?P<container>\d+)$")
+PUBLISHED = re.compile(
+    r"^(?:\$\{(?P<variable>\w+):-(?P<default>[^}]+)\}|(?P<address>[\d.]+)):(?P<host>\d+):(?P<container>\d+)$"
+)
 
 
 def test_ports_are_published_on_loopback_unless_explicitly_widened(compose):
@@ -115,7 +122,11 @@ def test_ports_are_published(compose):
     assert _published_ports(services["jupyter"]) == {8888}
     assert _published_ports(services["triton"]) == {8000, 8001, 8002}
     command = services["triton"]["command"]
-    assert (_flag(command, "http-port"), _flag(command, "grpc-port"), _flag(command, "metrics-port")) == ("8000", "8001", "8002")
+    assert (_flag(command, "http-port"), _flag(command, "grpc-port"), _flag(command, "metrics-port")) == (
+        "8000",
+        "8001",
+        "8002",
+    )
     assert "--port=8888" in services["jupyter"]["command"]
 
 
@@ -178,7 +189,9 @@ def test_package_parses_as_python_3_10():
         ast.parse(path.read_text(), filename=str(path), feature_version=(3, 10))
 
 
-@pytest.mark.parametrize("target, command", [("docker-up", "up -d --build"), ("docker-down", "down"), ("docker-logs", "logs")])
+@pytest.mark.parametrize(
+    "target, command", [("docker-up", "up -d --build"), ("docker-down", "down"), ("docker-logs", "logs")]
+)
 def test_make_targets_drive_the_compose_file(target, command):
     result = subprocess.run(["make", "-n", target], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True)
     assert f"docker compose -f docker/docker-compose.yml {command}" in result.stdout

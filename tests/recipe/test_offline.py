@@ -24,17 +24,34 @@ TWOTOWER = PROJECT_ROOT / ".venv" / "bin" / "twotower"
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("host, loopback", [("127.0.0.1", True), ("127.8.9.1", True), ("::1", True), ("localhost", True),
-                                            ("usage.feast.dev", False), ("8.8.8.8", False), ("10.0.0.1", False)])
+@pytest.mark.parametrize(
+    "host, loopback",
+    [
+        ("127.0.0.1", True),
+        ("127.8.9.1", True),
+        ("::1", True),
+        ("localhost", True),
+        ("usage.feast.dev", False),
+        ("8.8.8.8", False),
+        ("10.0.0.1", False),
+    ],
+)
 def test_loopback_is_recognised(host, loopback):
     assert is_loopback(host) is loopback
 
 
 def test_guard_refuses_and_records_egress(tmp_path):
     log = tmp_path / "egress.log"
-    probe = "import socket, twotower\ntry:\n    socket.getaddrinfo('example.org', 443)\nexcept OSError as e:\n    print(e)"
-    result = subprocess.run([sys.executable, "-c", probe], env={**os.environ, EGRESS_LOG_ENV: str(log)},
-                            capture_output=True, text=True, timeout=60)
+    probe = (
+        "import socket, twotower\ntry:\n    socket.getaddrinfo('example.org', 443)\nexcept OSError as e:\n    print(e)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe],
+        env={**os.environ, EGRESS_LOG_ENV: str(log)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert "egress guard" in result.stdout
     assert "example.org" in log.read_text()
 
@@ -42,8 +59,9 @@ def test_guard_refuses_and_records_egress(tmp_path):
 def test_feast_import_writes_no_usage_id_and_prints_no_notice(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("FEAST_")}
     env["HOME"] = str(tmp_path)
-    result = subprocess.run([sys.executable, "-c", "import twotower, feast.usage"], env=env,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", "import twotower, feast.usage"], env=env, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     assert "usage statistics" not in result.stdout + result.stderr
     assert not (tmp_path / ".feast").exists()

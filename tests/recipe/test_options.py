@@ -40,7 +40,9 @@ def _model(prepared, train_data, catalogue, **options):
     """The default model (two_tower) as merlin-models' Keras model, with ``train`` options changed."""
     dataset, counts = train_data
     stats = TrainingStats(counts, catalogue.features)
-    return builder("two_tower")(dataset.schema, stats, dataclasses.replace(prepared.train, **options), ModelConfig()).keras
+    return builder("two_tower")(
+        dataset.schema, stats, dataclasses.replace(prepared.train, **options), ModelConfig()
+    ).keras
 
 
 def _layers(block):
@@ -66,7 +68,9 @@ def test_logq_correction_is_applied_only_when_configured(prepared, train_data, c
 @pytest.mark.parametrize("l2_normalize", [True, False])
 def test_l2_normalised_towers(prepared, train_data, catalogue, l2_normalize):
     dataset, _ = train_data
-    model = _model(prepared, train_data, catalogue, l2_normalize=l2_normalize, temperature=0.07 if l2_normalize else 1.0)
+    model = _model(
+        prepared, train_data, catalogue, l2_normalize=l2_normalize, temperature=0.07 if l2_normalize else 1.0
+    )
     _fit_one_epoch(model, dataset)
     rows = dataset.to_ddf().head(50)
     norms = np.linalg.norm(encode(model.query_encoder, rows, dataset.schema.select_by_tag(Tags.USER)), axis=1)
@@ -134,7 +138,9 @@ def test_mixed_negatives_are_catalogue_items_through_the_candidate_tower(prepare
 
 
 def test_reference_setup_trains(prepared, train_data, catalogue):
-    model = _model(prepared, train_data, catalogue, l2_normalize=False, temperature=1.0, logq_correction=False, embedding_dim=None)
+    model = _model(
+        prepared, train_data, catalogue, l2_normalize=False, temperature=1.0, logq_correction=False, embedding_dim=None
+    )
     _fit_one_epoch(model, train_data[0])
 
 
@@ -144,7 +150,9 @@ def test_ease_closed_form_and_it_beats_popularity(prepared):
     weights = ease_weights(split["train"], catalogue, 100.0)
     assert weights.shape == (len(catalogue), len(catalogue))
     assert np.all(np.diag(weights) == 0)
-    regularisation, tried = tune_ease(split["train"], build_eval_set(split["valid"], split["train"], catalogue), catalogue)
+    regularisation, tried = tune_ease(
+        split["train"], build_eval_set(split["valid"], split["train"], catalogue), catalogue
+    )
     assert regularisation in tried
     known = pd.concat([split["train"], split["valid"]])
     test_set = build_eval_set(split["test"], known, catalogue)

@@ -27,7 +27,9 @@ UNKNOWN_USER = 999_999_999
 
 @pytest.fixture(scope="module")
 def server(exported):
-    config = dataclasses.replace(exported, serve=dataclasses.replace(exported.serve, grpc_port=0, http_port=0, metrics_port=0))
+    config = dataclasses.replace(
+        exported, serve=dataclasses.replace(exported.serve, grpc_port=0, http_port=0, metrics_port=0)
+    )
     with triton_server(config) as running:
         yield running
 
@@ -38,7 +40,9 @@ def _server_rows(user_ids: list[int], url: str) -> pd.DataFrame:
     answer = recommend(user_ids, url)
     rows = [
         (user_id, rank, item_id, score, fallback)
-        for user_id, items, scores, fallback in zip(user_ids, answer["item_ids"], answer["scores"], answer["is_fallback"])
+        for user_id, items, scores, fallback in zip(
+            user_ids, answer["item_ids"], answer["scores"], answer["is_fallback"]
+        )
         for rank, (item_id, score) in enumerate(zip(items, scores), start=1)
     ]
     return pd.DataFrame(rows, columns=["user_id", "rank", "item_id", "score", "is_fallback"])
@@ -75,7 +79,19 @@ def test_batch_answers_equal_the_triton_servers_answers(exported, server, tmp_pa
 @pytest.mark.integration
 def test_cli_recommends_every_user_of_the_run(exported, tmp_path, capsys):
     out = tmp_path / "all.parquet"
-    cli.main(["recommend", "--users", "all", "--out", str(out), "--set", f"output_dir={exported.output_dir}", "--set", f"export_dir={exported.export_dir}"])
+    cli.main(
+        [
+            "recommend",
+            "--users",
+            "all",
+            "--out",
+            str(out),
+            "--set",
+            f"output_dir={exported.output_dir}",
+            "--set",
+            f"export_dir={exported.export_dir}",
+        ]
+    )
     written = pd.read_parquet(out)
     users = load_recipe_data(exported.data_dir).users[EXTERNAL_ID]  # as the data files spell them
     assert written["user_id"].drop_duplicates().tolist() == users.tolist()
@@ -156,5 +172,7 @@ def test_cli_reports_a_bad_user_list_in_one_line_and_exits_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["recommend", "--users", str(missing), "--out", str(tmp_path / "recs.parquet")])
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err == f"twotower: user list {missing} does not exist (give a file of user ids or 'all')\n"
+    assert (
+        capsys.readouterr().err == f"twotower: user list {missing} does not exist (give a file of user ids or 'all')\n"
+    )
     assert not (tmp_path / "recs.parquet").exists()

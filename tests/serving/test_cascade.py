@@ -116,7 +116,9 @@ def test_cascade_answers_the_pre_rankers_best_of_the_retrieved_candidates(cascad
     cascade = request.getfixturevalue(cascade_fixture)
     users = _known_users(cascade)
     seen = _seen(cascade, users)
-    candidates, _ = ItemIndex(load_index(cascade.index_path)).search(saved_query_vectors(cascade, users), CANDIDATES, seen)
+    candidates, _ = ItemIndex(load_index(cascade.index_path)).search(
+        saved_query_vectors(cascade, users), CANDIDATES, seen
+    )
     ranker = prerank_config(cascade)
     ranker_ids, ranker_vectors = load_item_vectors(ranker.item_vectors_path)
     scores = (_fe_scores if head_shape(ranker.model) else _reloaded_scores)(ranker, users, ranker_vectors)
@@ -208,12 +210,16 @@ def test_export_refuses_a_pre_ranker_that_does_not_match_the_run(cascade, tmp_pa
     with np.load(other / "model" / "item_vectors.npz") as saved:
         ids, vectors = saved["item_ids"], saved["vectors"]
     np.savez(other / "model" / "item_vectors.npz", item_ids=ids[1:], vectors=vectors[1:])
-    with pytest.raises(ArtifactMismatch, match=rf"1 items of this run's catalogue \(e.g. {ids[0]}\) are not in the pre-ranker's"):
+    with pytest.raises(
+        ArtifactMismatch, match=rf"1 items of this run's catalogue \(e.g. {ids[0]}\) are not in the pre-ranker's"
+    ):
         export(**{"serve.prerank_run": str(other)})
     shutil.rmtree(other)
     shutil.copytree(cascade.prerank_dir, other)
     shutil.rmtree(other / "model" / "pair_scorer")  # a pre-ranker trained before pair scorers were saved
-    with pytest.raises(ArtifactMismatch, match=r"the pre-ranker in .* has no pair_scorer .*; run `twotower prerank` again"):
+    with pytest.raises(
+        ArtifactMismatch, match=r"the pre-ranker in .* has no pair_scorer .*; run `twotower prerank` again"
+    ):
         export(**{"serve.prerank_run": str(other)})
     assert not (tmp_path / "refused").exists()  # nothing written by any refused export
 

@@ -46,7 +46,12 @@ def _start_serving(command: list[str], log: Path) -> tuple[subprocess.Popen, tup
     """Start ``command`` in a new session (as `setsid` would) and wait for the serving line."""
     with open(log, "w") as out:
         process = subprocess.Popen(
-            command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=PROJECT_ROOT, preexec_fn=_hangup_by_default
+            command,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=PROJECT_ROOT,
+            preexec_fn=_hangup_by_default,
         )
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
@@ -62,8 +67,18 @@ def _start_serving(command: list[str], log: Path) -> tuple[subprocess.Popen, tup
 
 def _serve_args(exported) -> list[str]:
     return [
-        "--set", f"output_dir={exported.output_dir}", "--set", f"export_dir={exported.export_dir}", "--set", "serve.top_k=5",
-        "--set", "serve.grpc_port=0", "--set", "serve.http_port=0", "--set", "serve.metrics_port=0",
+        "--set",
+        f"output_dir={exported.output_dir}",
+        "--set",
+        f"export_dir={exported.export_dir}",
+        "--set",
+        "serve.top_k=5",
+        "--set",
+        "serve.grpc_port=0",
+        "--set",
+        "serve.http_port=0",
+        "--set",
+        "serve.metrics_port=0",
     ]
 
 
@@ -89,15 +104,21 @@ def _assert_all_gone(owner: subprocess.Popen, server_pid: int, ports: tuple[int,
     for group in (server_pid, owner.pid):  # a failing test must not leave servers behind either
         with contextlib.suppress(ProcessLookupError):
             os.killpg(group, signal.SIGKILL)
-    pytest.fail(f"after the signal: owner exit code {owner.poll()}, processes left in the server's group {left}, "
-                f"ports busy {[p for p in ports if not _port_free(p)]}")
+    pytest.fail(
+        f"after the signal: owner exit code {owner.poll()}, processes left in the server's group {left}, "
+        f"ports busy {[p for p in ports if not _port_free(p)]}"
+    )
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT, signal.SIGKILL], ids=lambda s: signal.Signals(s).name)
+@pytest.mark.parametrize(
+    "signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT, signal.SIGKILL], ids=lambda s: signal.Signals(s).name
+)
 def test_a_signal_to_twotower_serve_takes_the_server_and_its_stubs(exported, tmp_path, signum):
     owner, ports = _start_serving([str(TWOTOWER), "serve", *_serve_args(exported)], tmp_path / "serve.log")
     server_pid = _tritonserver_of(owner)
-    assert [Path(f"/proc/{pid}/comm").read_text().strip() for pid in process_group(server_pid)].count("triton_python_b") >= 1
+    assert [Path(f"/proc/{pid}/comm").read_text().strip() for pid in process_group(server_pid)].count(
+        "triton_python_b"
+    ) >= 1
     os.killpg(owner.pid, signum)  # the whole group of the command, as a terminal or supervisor does
     _assert_all_gone(owner, server_pid, ports)
 
@@ -116,7 +137,9 @@ def test_a_busy_port_is_refused_naming_its_holder(exported, tmp_path):
         decoy.listen()
         port = decoy.getsockname()[1]
         config = ServeConfig(grpc_port=port, http_port=0, metrics_port=0, top_k=5)
-        with pytest.raises(PortInUse, match=rf"grpc port {port} on 127.0.0.1 is already in use by pid {os.getpid()} \(python"):
+        with pytest.raises(
+            PortInUse, match=rf"grpc port {port} on 127.0.0.1 is already in use by pid {os.getpid()} \(python"
+        ):
             TritonServer(exported.export_dir, tmp_path / "triton", config).start()
     assert not list(tmp_path.glob("triton/tritonserver.log")), "no server may be started when a port is taken"
 

@@ -60,7 +60,12 @@ def client(server):
 
 
 def _test_users(exported, count=4):
-    return pd.read_parquet(exported.data_dir / "splits" / "test.parquet")["user_id"].drop_duplicates().head(count).to_numpy()
+    return (
+        pd.read_parquet(exported.data_dir / "splits" / "test.parquet")["user_id"]
+        .drop_duplicates()
+        .head(count)
+        .to_numpy()
+    )
 
 
 def test_batch_of_users_follows_the_contract_and_matches_in_process(exported, relocated, server):
@@ -87,7 +92,9 @@ def test_batch_of_users_follows_the_contract_and_matches_in_process(exported, re
 
 
 def test_seen_items_are_excluded(exported, server):
-    known = pd.concat([pd.read_parquet(exported.data_dir / "splits" / f"{name}.parquet") for name in ("train", "valid")])
+    known = pd.concat(
+        [pd.read_parquet(exported.data_dir / "splits" / f"{name}.parquet") for name in ("train", "valid")]
+    )
     users = _test_users(exported, 10)
     answer = recommend(users, server.grpc_url)
     for user_id, row in zip(users, answer["item_ids"]):
@@ -122,8 +129,12 @@ def _infer(client, name, array, datatype):
     [
         # the graph's own checks: exactly this one line, nothing else
         ("user_id", np.array([], dtype=np.int64), "INT64", r"^empty request: 'user_id' has no rows$"),
-        ("user_id", np.arange(2000, dtype=np.int64), "INT64",
-         r"^request has 2000 users; the maximum is 1024 \(serve.max_request_users\)$"),
+        (
+            "user_id",
+            np.arange(2000, dtype=np.int64),
+            "INT64",
+            r"^request has 2000 users; the maximum is 1024 \(serve.max_request_users\)$",
+        ),
         # Triton's own checks
         ("user_id", np.array([10.0], dtype=np.float32), "FP32", "FP32"),
         ("user_id", np.array([[10, 20]], dtype=np.int64), "INT64", "shape"),
@@ -131,19 +142,25 @@ def _infer(client, name, array, datatype):
     ],
     ids=["empty-batch", "oversized-batch", "wrong-dtype", "wrong-shape", "missing-input"],
 )
-def test_bad_requests_are_invalid_argument_in_one_line_and_server_keeps_serving(exported, server, client, name, array, datatype, message):
+def test_bad_requests_are_invalid_argument_in_one_line_and_server_keeps_serving(
+    exported, server, client, name, array, datatype, message
+):
     with pytest.raises(InferenceServerException) as raised:
         _infer(client, name, array, datatype)
     assert raised.value.status() == "StatusCode.INVALID_ARGUMENT"
     assert re.search(message, raised.value.message())
     assert "Traceback" not in raised.value.message() and ".py" not in raised.value.message()
-    assert client.is_server_ready(client_timeout=TIMEOUT_S) and client.is_model_ready("executor_model", client_timeout=TIMEOUT_S)
+    assert client.is_server_ready(client_timeout=TIMEOUT_S) and client.is_model_ready(
+        "executor_model", client_timeout=TIMEOUT_S
+    )
     assert recommend(_test_users(exported, 1), server.grpc_url)["item_ids"].shape == (1, 5)
 
 
 def test_a_port_held_by_another_triton_is_refused_naming_it(relocated, server, tmp_path):
     decoy_port = server.ports.grpc
-    with pytest.raises(PortInUse, match=rf"grpc port {decoy_port} .* in use by pid {server.process.pid} \(tritonserver\)"):
+    with pytest.raises(
+        PortInUse, match=rf"grpc port {decoy_port} .* in use by pid {server.process.pid} \(tritonserver\)"
+    ):
         TritonServer(relocated / "triton_models", tmp_path / "triton", _serve_config(grpc_port=decoy_port)).start()
 
 
@@ -186,13 +203,18 @@ def test_a_server_fault_is_internal_in_one_line_with_the_traceback_in_the_log_on
     shutil.copytree(relocated / "triton_models", run / "triton_models")
     with TritonServer(run / "triton_models", tmp_path / "triton", _serve_config()) as running:
         # the online store the served version reads (its own copy) breaks under the server
-        served = run / "triton_models" / "executor_model" / str(model_versions(run / "triton_models" / "executor_model")[-1])
+        served = (
+            run / "triton_models" / "executor_model" / str(model_versions(run / "triton_models" / "executor_model")[-1])
+        )
         with sqlite3.connect(served / SERVED_FEATURE_REPO / "data" / "online_store.db") as store:
             store.execute("DROP TABLE twotower_user_query_features")
         with pytest.raises(InferenceServerException) as raised:
             recommend(_test_users(exported, 1), running.grpc_url)
         assert raised.value.status() == "StatusCode.INTERNAL"
-        assert raised.value.message() == "internal error in the serving graph (OperationalError); details are in the server log"
+        assert (
+            raised.value.message()
+            == "internal error in the serving graph (OperationalError); details are in the server log"
+        )
         assert "Traceback" in running.log_path.read_text() and "no such table" in running.log_path.read_text()
         with grpcclient.InferenceServerClient(running.grpc_url) as client:
             assert client.is_model_ready("executor_model", client_timeout=TIMEOUT_S)

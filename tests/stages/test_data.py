@@ -22,7 +22,9 @@ INTERACTIONS = pd.DataFrame(
     }
 )
 USERS = pd.DataFrame({"uid": ["ann", "bob", "cy"], "country": ["FR", "DE", "FR"], "spend": [10.5, None, 3.0]})
-ITEMS = pd.DataFrame({"sku": ["A-1", "B-2", "C-3"], "name": ["Apple", "Bread", "Cheese"], "tags": ["fruit|fresh", "bakery", ""]})
+ITEMS = pd.DataFrame(
+    {"sku": ["A-1", "B-2", "C-3"], "name": ["Apple", "Bread", "Cheese"], "tags": ["fruit|fresh", "bakery", ""]}
+)
 
 
 def files_config(tmp_path, interactions=INTERACTIONS, users=USERS, items=ITEMS, suffix=".csv", **schema) -> DataConfig:
@@ -45,7 +47,11 @@ def files_config(tmp_path, interactions=INTERACTIONS, users=USERS, items=ITEMS, 
     )
     declared.update(schema)
     config = DataConfig(dataset="files", schema=SchemaConfig(**declared))
-    config.files.interactions, config.files.users, config.files.items = paths["interactions"], paths["users"], paths["items"]
+    config.files.interactions, config.files.users, config.files.items = (
+        paths["interactions"],
+        paths["users"],
+        paths["items"],
+    )
     return config
 
 
@@ -89,9 +95,18 @@ def test_without_side_files_the_ids_are_the_catalogue(tmp_path):
         ("missing column", r"interactions\.csv: missing column 'stars'"),
         ("mistyped column", r"interactions\.csv: column 'stars' must be numeric; row 2 has 'five'"),
         ("null id", r"interactions\.csv: column 'uid' is null in row 1"),
-        ("unparseable timestamp", r"interactions\.csv: column 'when' has an unparseable timestamp 'yesterday' in row 3"),
-        ("fractional id", r"interactions\.parquet: column 'uid' holds ids, which must be whole numbers or text; row 0 has 1\.5"),
-        ("refused duplicates", r"interactions\.csv: 1 rows repeat a \(user, item, timestamp\) of an earlier row \(first: row 5\)"),
+        (
+            "unparseable timestamp",
+            r"interactions\.csv: column 'when' has an unparseable timestamp 'yesterday' in row 3",
+        ),
+        (
+            "fractional id",
+            r"interactions\.parquet: column 'uid' holds ids, which must be whole numbers or text; row 0 has 1\.5",
+        ),
+        (
+            "refused duplicates",
+            r"interactions\.csv: 1 rows repeat a \(user, item, timestamp\) of an earlier row \(first: row 5\)",
+        ),
         ("user twice", r"users\.csv: uid 'bob' appears twice with different values \(rows 1 and 3\)"),
         ("unknown item", r"interactions\.csv: 1 rows name a sku missing from .*items\.csv \(first: row 4, 'D-4'\)"),
         ("unknown user", r"interactions\.csv: 2 rows name a uid missing from .*users\.csv \(first: row 0, 'ann'\)"),
@@ -141,7 +156,9 @@ def test_duplicate_interactions_are_dropped_with_a_count(tmp_path, capsys):
     doubled = pd.concat([INTERACTIONS, INTERACTIONS.iloc[[1, 2]]], ignore_index=True)
     data = load_dataset(files_config(tmp_path, doubled), seed=0)
     assert len(data.interactions) == len(INTERACTIONS)
-    assert "2 rows repeat a (user, item, timestamp) of an earlier row (first: row 5): dropped" in capsys.readouterr().out
+    assert (
+        "2 rows repeat a (user, item, timestamp) of an earlier row (first: row 5): dropped" in capsys.readouterr().out
+    )
 
 
 def test_a_side_row_repeated_exactly_is_kept_once(tmp_path, capsys):
@@ -152,7 +169,9 @@ def test_a_side_row_repeated_exactly_is_kept_once(tmp_path, capsys):
 def test_bad_data_changes_nothing_and_the_cli_says_one_line(tmp_path, capsys):
     """A refused data set leaves the previous run's tables and manifest as they were, and the
     command exits 2 with the error instead of a traceback."""
-    config = load_config(overrides=[f"output_dir={tmp_path / 'out'}", "data.dataset=synthetic", "data.synthetic_users=30"])
+    config = load_config(
+        overrides=[f"output_dir={tmp_path / 'out'}", "data.dataset=synthetic", "data.synthetic_users=30"]
+    )
     pipeline.run_data(config)
     before = {path: path.read_bytes() for path in sorted((tmp_path / "out").rglob("*")) if path.is_file()}
     bad = tmp_path / "bad.csv"
@@ -164,14 +183,27 @@ def test_bad_data_changes_nothing_and_the_cli_says_one_line(tmp_path, capsys):
     after = {path: path.read_bytes() for path in sorted((tmp_path / "out").rglob("*")) if path.is_file()}
     assert after == before
 
-    overrides = [f"output_dir={tmp_path / 'out'}", "data.dataset=files", f"data.files.interactions={bad}", "data.files.users=''", "data.files.items=''"]
-    overrides += ["data.schema.user_id=uid", "data.schema.item_id=sku", "data.schema.timestamp=when", "data.schema.label=stars"]
+    overrides = [
+        f"output_dir={tmp_path / 'out'}",
+        "data.dataset=files",
+        f"data.files.interactions={bad}",
+        "data.files.users=''",
+        "data.files.items=''",
+    ]
+    overrides += [
+        "data.schema.user_id=uid",
+        "data.schema.item_id=sku",
+        "data.schema.timestamp=when",
+        "data.schema.label=stars",
+    ]
     overrides += ["data.schema.user_features={}", "data.schema.item_features={}"]
     with pytest.raises(SystemExit) as exit_info:
         main(["data", *sum((["--set", o] for o in overrides), [])])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("twotower: ") and "bad.csv: column 'when' has an unparseable timestamp 'never' in row 1" in err
+    assert (
+        err.startswith("twotower: ") and "bad.csv: column 'when' has an unparseable timestamp 'never' in row 1" in err
+    )
     assert "Traceback" not in err and len(err.splitlines()) == 1
 
 
@@ -218,7 +250,9 @@ def test_temporal_split_holds_out_each_users_latest_positives():
 
 
 def test_positives_keep_ratings_at_threshold():
-    frame = pd.DataFrame({"user_id": [1, 1, 1], "item_id": [1, 2, 3], "rating": [3.0, 4.0, 5.0], "timestamp": [1, 2, 3]})
+    frame = pd.DataFrame(
+        {"user_id": [1, 1, 1], "item_id": [1, 2, 3], "rating": [3.0, 4.0, 5.0], "timestamp": [1, 2, 3]}
+    )
     assert positives(frame, 4.0)["item_id"].tolist() == [2, 3]
 
 
@@ -245,6 +279,8 @@ def test_movielens_100k_is_read_as_declared_from_the_installed_package():
 def test_history_is_causal_and_bounded():
     from twotower.stages.data import causal_history, latest_history
 
-    rows = pd.DataFrame({"user_id": [1, 1, 1, 1, 2, 2], "item_id": [5, 6, 7, 8, 9, 10], "timestamp": [1, 2, 3, 4, 1, 2]})
+    rows = pd.DataFrame(
+        {"user_id": [1, 1, 1, 1, 2, 2], "item_id": [5, 6, 7, 8, 9, 10], "timestamp": [1, 2, 3, 4, 1, 2]}
+    )
     assert causal_history(rows, 2).tolist() == [[], [5], [5, 6], [6, 7], [], [9]]
     assert latest_history(rows, np.array([1, 2, 3]), 2).tolist() == [[7, 8], [9, 10], []]

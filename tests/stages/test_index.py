@@ -44,7 +44,9 @@ def ann_indexes(catalogue):
     """Every kind over the same catalogue, each with its search knob tuned to Recall@100 >= 0.9."""
     ids, vectors = catalogue
     queries = _clustered(200, seed=1)
-    return {kind: build_index(ids, vectors, IndexConfig(kind=kind, min_recall=0.9), queries, top_k=10)[0] for kind in KINDS}
+    return {
+        kind: build_index(ids, vectors, IndexConfig(kind=kind, min_recall=0.9), queries, top_k=10)[0] for kind in KINDS
+    }
 
 
 def test_flat_search_returns_dataset_ids_best_first():
@@ -164,11 +166,18 @@ def test_items_added_without_a_rebuild_are_retrieved_and_keep_their_ids(kind, ca
 
 def test_auto_chooses_the_fastest_kind_that_meets_the_target_and_it_holds_on_fresh_queries(catalogue, tmp_path):
     ids, vectors = catalogue
-    index, choice = build_index(ids, vectors, IndexConfig(kind="auto", min_recall=0.95), _clustered(300, seed=9), top_k=10)
+    index, choice = build_index(
+        ids, vectors, IndexConfig(kind="auto", min_recall=0.95), _clustered(300, seed=9), top_k=10
+    )
     assert {r.kind for r in choice.candidates} == set(KINDS)
     meeting = [r for r in choice.candidates if r.meets_target]
     assert choice.chosen.meets_target and choice.chosen.p50_ms <= min(r.p50_ms for r in meeting) + 0.1
-    assert type(faiss_base(index)).__name__ == {"flat": "IndexFlat", "hnsw": "IndexHNSWFlat", "ivf_flat": "IndexIVFFlat", "ivf_pq": "IndexIVFPQ"}[choice.chosen.kind]
+    assert (
+        type(faiss_base(index)).__name__
+        == {"flat": "IndexFlat", "hnsw": "IndexHNSWFlat", "ivf_flat": "IndexIVFFlat", "ivf_pq": "IndexIVFPQ"}[
+            choice.chosen.kind
+        ]
+    )
     # the tuned knob is saved with the index: the server loads the setting that was measured
     save_index(index, tmp_path / "items.faiss")
     loaded = load_index(tmp_path / "items.faiss")
@@ -180,9 +189,15 @@ def test_auto_chooses_the_fastest_kind_that_meets_the_target_and_it_holds_on_fre
 
 def test_auto_prefers_the_more_exact_of_kinds_equally_fast():
     report = IndexReport("flat", "IDMap2,Flat", {}, 1.0, 1.0, p50_ms=0.05, build_s=0, meets_target=True)
-    faster = IndexReport("ivf_flat", "IDMap2,IVF8,Flat", {"nprobe": 2}, 0.99, 0.96, p50_ms=0.03, build_s=0, meets_target=True)
-    much_faster = IndexReport("hnsw", "IDMap2,HNSW32,Flat", {"efSearch": 64}, 0.99, 0.97, p50_ms=0.01, build_s=0, meets_target=True)
-    missing = IndexReport("ivf_pq", "IDMap2,IVF8,PQ4x8", {"nprobe": 8}, 0.7, 0.8, p50_ms=0.001, build_s=0, meets_target=False)
+    faster = IndexReport(
+        "ivf_flat", "IDMap2,IVF8,Flat", {"nprobe": 2}, 0.99, 0.96, p50_ms=0.03, build_s=0, meets_target=True
+    )
+    much_faster = IndexReport(
+        "hnsw", "IDMap2,HNSW32,Flat", {"efSearch": 64}, 0.99, 0.97, p50_ms=0.01, build_s=0, meets_target=True
+    )
+    missing = IndexReport(
+        "ivf_pq", "IDMap2,IVF8,PQ4x8", {"nprobe": 8}, 0.7, 0.8, p50_ms=0.001, build_s=0, meets_target=False
+    )
     assert choose_kind([report, faster, missing], latency_tolerance_ms=0.1) is report
     assert choose_kind([report, faster, missing], latency_tolerance_ms=0.0) is faster
     assert choose_kind([report, faster, much_faster], latency_tolerance_ms=0.025) is much_faster
@@ -191,5 +206,7 @@ def test_auto_prefers_the_more_exact_of_kinds_equally_fast():
 
 def test_a_configured_search_knob_is_kept_not_tuned(catalogue):
     ids, vectors = catalogue
-    _, choice = build_index(ids, vectors, IndexConfig(kind="hnsw", hnsw_ef_search=24), _clustered(50, seed=11), top_k=10)
+    _, choice = build_index(
+        ids, vectors, IndexConfig(kind="hnsw", hnsw_ef_search=24), _clustered(50, seed=11), top_k=10
+    )
     assert choice.chosen.search_knob == {"efSearch": 24}

@@ -15,7 +15,14 @@ from twotower.serving.export import load_exported_ensemble, recommend_in_process
 from twotower.serving.triton import triton_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.smoke]
-QUICK = ["train.epochs=1", "index.kind=flat", "serve.grpc_port=0", "serve.http_port=0", "serve.metrics_port=0", "serve.top_k=5"]
+QUICK = [
+    "train.epochs=1",
+    "index.kind=flat",
+    "serve.grpc_port=0",
+    "serve.http_port=0",
+    "serve.metrics_port=0",
+    "serve.top_k=5",
+]
 
 
 def _run(root, config_file, *overrides):
@@ -55,14 +62,30 @@ def _shop_log(folder, users=60, items=60, seed=0):
     rows = []
     for user in range(users):
         liked = np.flatnonzero(aisle == segment[user])
-        bought = np.concatenate([rng.choice(liked, min(len(liked), 12), replace=False), rng.choice(items, 4, replace=False)])
+        bought = np.concatenate(
+            [rng.choice(liked, min(len(liked), 12), replace=False), rng.choice(items, 4, replace=False)]
+        )
         for step, item in enumerate(np.unique(bought)):
-            rows.append({"customer": f"c{user:03d}", "product": f"p-{item}", "bought_at": f"2024-03-{1 + step:02d}T12:00:00"})
+            rows.append(
+                {"customer": f"c{user:03d}", "product": f"p-{item}", "bought_at": f"2024-03-{1 + step:02d}T12:00:00"}
+            )
     pd.DataFrame(rows).to_csv(folder / "purchases.csv", index=False)
-    customers = pd.DataFrame({"customer": [f"c{u:03d}" for u in range(users)], "segment": segment.astype(str), "basket_eur": rng.gamma(2, 20, users).round(2)})
+    customers = pd.DataFrame(
+        {
+            "customer": [f"c{u:03d}" for u in range(users)],
+            "segment": segment.astype(str),
+            "basket_eur": rng.gamma(2, 20, users).round(2),
+        }
+    )
     customers.loc[3, "basket_eur"] = None  # a missing value is filled, not refused
     customers.to_csv(folder / "customers.csv", index=False)
-    products = pd.DataFrame({"product": [f"p-{i}" for i in range(items)], "label": [f"Product {i}" for i in range(items)], "aisles": [f"a{a};all" for a in aisle]})
+    products = pd.DataFrame(
+        {
+            "product": [f"p-{i}" for i in range(items)],
+            "label": [f"Product {i}" for i in range(items)],
+            "aisles": [f"a{a};all" for a in aisle],
+        }
+    )
     products.to_csv(folder / "products.csv", index=False)
 
 

@@ -39,7 +39,9 @@ def _encoded_rows(config) -> pd.DataFrame:
 
 
 def _test_users(config, count=6) -> np.ndarray:
-    return pd.read_parquet(config.data_dir / "splits" / "test.parquet")["user_id"].drop_duplicates().head(count).to_numpy()
+    return (
+        pd.read_parquet(config.data_dir / "splits" / "test.parquet")["user_id"].drop_duplicates().head(count).to_numpy()
+    )
 
 
 @pytest.mark.integration
@@ -99,13 +101,17 @@ def test_redis_online_store_serves_materialized_rows(exported, redis_port, redis
     users = pd.read_parquet(exported.data_dir / "users.parquet").head(5)
     online = online_user_features(store, users["user_id"].tolist(), served_user_columns(exported))
     pd.testing.assert_frame_equal(online, users[online.columns].reset_index(drop=True), check_dtype=False)
-    assert online_user_features(store, [-1], served_user_columns(exported)).drop(columns="user_id").isna().all(axis=None)
+    assert (
+        online_user_features(store, [-1], served_user_columns(exported)).drop(columns="user_id").isna().all(axis=None)
+    )
 
 
 @pytest.mark.integration
 def test_ensemble_answers_the_same_with_redis_as_with_sqlite(exported, redis_repo):
     users = _test_users(exported)
-    sqlite, redis = (recommend_in_process(recipe_ensemble(exported, repo), users) for repo in (exported.feature_repo_dir, redis_repo))
+    sqlite, redis = (
+        recommend_in_process(recipe_ensemble(exported, repo), users) for repo in (exported.feature_repo_dir, redis_repo)
+    )
     assert sqlite["item_ids"].shape == (len(users), exported.serve.top_k)
     for name in ("item_ids", "scores", "is_fallback"):
         np.testing.assert_array_equal(redis[name], sqlite[name])
@@ -119,11 +125,17 @@ def _read_config(path) -> model_config_pb2.ModelConfig:
 @pytest.mark.unit
 def test_default_export_keeps_the_contract_with_one_cpu_instance(exported):
     config = _read_config(exported.export_dir / "executor_model" / "config.pbtxt")
-    assert [(group.count, group.kind) for group in config.instance_group] == [(1, model_config_pb2.ModelInstanceGroup.KIND_CPU)]
+    assert [(group.count, group.kind) for group in config.instance_group] == [
+        (1, model_config_pb2.ModelInstanceGroup.KIND_CPU)
+    ]
     assert config.max_batch_size == 0 and not config.HasField("dynamic_batching")
     assert [(t.name, list(t.dims)) for t in config.input] == [("user_id", [-1])]
     k = exported.serve.top_k
-    assert {t.name: list(t.dims) for t in config.output} == {"item_ids": [-1, k], "scores": [-1, k], "is_fallback": [-1]}
+    assert {t.name: list(t.dims) for t in config.output} == {
+        "item_ids": [-1, k],
+        "scores": [-1, k],
+        "is_fallback": [-1],
+    }
 
 
 @pytest.mark.unit
@@ -135,7 +147,9 @@ def test_instance_count_and_dynamic_batching_are_written(exported, tmp_path):
     apply_serving_settings(model_dir, serve)
 
     config = _read_config(model_dir / "config.pbtxt")
-    assert [(group.count, group.kind) for group in config.instance_group] == [(3, model_config_pb2.ModelInstanceGroup.KIND_CPU)]
+    assert [(group.count, group.kind) for group in config.instance_group] == [
+        (3, model_config_pb2.ModelInstanceGroup.KIND_CPU)
+    ]
     assert config.max_batch_size == 64
     assert config.dynamic_batching.max_queue_delay_microseconds == 250
     (user_id,) = config.input
@@ -154,8 +168,13 @@ def test_triton_serves_two_instances_with_dynamic_batching(exported, tmp_path):
     shutil.copytree(exported.output_dir, tmp_path / "artifacts")
     shutil.copytree(exported.export_dir, tmp_path / "triton_models")
     serve = ServeConfig(
-        grpc_port=0, http_port=0, metrics_port=0,
-        top_k=exported.serve.top_k, instance_count=2, dynamic_batching=True, max_batch_size=32,
+        grpc_port=0,
+        http_port=0,
+        metrics_port=0,
+        top_k=exported.serve.top_k,
+        instance_count=2,
+        dynamic_batching=True,
+        max_batch_size=32,
     )
     apply_serving_settings(tmp_path / "triton_models" / serve.model_name, serve)
     users = _test_users(exported)

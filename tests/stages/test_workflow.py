@@ -13,7 +13,14 @@ def test_tags_are_on_the_right_columns(prepared):
     schema = merlin.io.Dataset(str(prepared.data_dir / "train_encoded"), engine="parquet").schema
     assert schema.select_by_tag(Tags.USER_ID).column_names == ["user_id"]
     assert schema.select_by_tag(Tags.ITEM_ID).column_names == ["item_id"]
-    assert set(schema.select_by_tag(Tags.USER).column_names) == {"user_id", "age", "gender", "occupation", "zip_code", "history"}
+    assert set(schema.select_by_tag(Tags.USER).column_names) == {
+        "user_id",
+        "age",
+        "gender",
+        "occupation",
+        "zip_code",
+        "history",
+    }
     assert set(schema.select_by_tag(Tags.ITEM).column_names) == {"item_id", "year", "genres"}
     assert schema["genres"].is_list and schema["history"].is_list
 
@@ -45,8 +52,19 @@ def test_history_is_encoded_with_the_item_vocabulary(prepared):
     from twotower.stages.workflow import transform_frame
 
     workflow = load_workflow(prepared.workflow_dir, "full")
-    rows = pd.DataFrame({"user_id": [10], "age": [18], "gender": ["F"], "occupation": [1], "zip_code": ["10001"],
-                         "item_id": [5], "year": [1990], "genres": [["Drama"]], "history": [[5, 7]]})
+    rows = pd.DataFrame(
+        {
+            "user_id": [10],
+            "age": [18],
+            "gender": ["F"],
+            "occupation": [1],
+            "zip_code": ["10001"],
+            "item_id": [5],
+            "year": [1990],
+            "genres": [["Drama"]],
+            "history": [[5, 7]],
+        }
+    )
     encoded = transform_frame(workflow, rows).iloc[0]
     item_codes = category_table(workflow, "item_id").reset_index().set_index("item_id")["index"]
     assert list(encoded["history"]) == [item_codes[5], item_codes[7]]

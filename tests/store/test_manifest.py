@@ -77,7 +77,9 @@ def test_a_failed_build_leaves_the_old_folder_and_a_dead_writers_staging_is_remo
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and (target / "old.txt").read_text() == "old"
 
     # staging of a process that is gone (a reaped child's pid): removed by the next write
-    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    child = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
     stale = tmp_path / f".out.tmp-{child.stdout.strip()}-0000"
     stale.mkdir()
     with atomic_dir(target) as staging:
@@ -110,7 +112,11 @@ def test_a_new_vocabulary_refuses_the_export_until_the_stages_after_it_run_again
 
     packaged = json.loads((run.export_dir / run.serve.model_name / EXPORT_RECORD).read_text())
     entries = read_manifest(run)
-    assert packaged["workflow"] == entries["workflow"]["produced"]["workflow"] != manifest_before["workflow"]["produced"]["workflow"]
+    assert (
+        packaged["workflow"]
+        == entries["workflow"]["produced"]["workflow"]
+        != manifest_before["workflow"]["produced"]["workflow"]
+    )
     assert packaged["index"] == entries["index"]["produced"]["index"]
     answer = recommend_in_process(load_exported_ensemble(run.export_dir), _test_users(run))
     assert not answer["is_fallback"].any()
@@ -137,7 +143,11 @@ def test_train_killed_mid_write_leaves_the_previous_run_whole(run):
     log = run.output_dir.parent / "train.log"
     with open(log, "w") as out:
         process = subprocess.Popen(
-            _stage_command(run, "train"), stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+            _stage_command(run, "train"),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
     try:
         # Killed once the new model folder is being written: its staging folder holds a tower.
@@ -187,7 +197,10 @@ def test_the_served_graph_refuses_an_online_store_from_another_workflow(run, mon
     assert "Re-run, in this order: twotower train, twotower index;" in _refusal(run)
     # ... and refuses the run's store when told to read it instead
     monkeypatch.setenv(FEATURE_REPO_ENV, str(run.feature_repo_dir))
-    with pytest.raises(ArtifactMismatch, match=r"online store .* holds features encoded by workflow \w{12}, but this model was exported for workflow"):
+    with pytest.raises(
+        ArtifactMismatch,
+        match=r"online store .* holds features encoded by workflow \w{12}, but this model was exported for workflow",
+    ):
         load_exported_ensemble(run.export_dir)
 
     # a store without the record (built before it existed) is refused too

@@ -37,9 +37,10 @@ def test_dataset_summary_counts(small):
     summary = dataset_summary(data, split)
     assert summary["ratings"] == len(data.interactions) == 400
     assert summary["users with ratings"] == 40
-    assert summary["train positives"] + summary["validation positives"] + summary["test positives"] == summary[
-        "positives (rating >= threshold)"
-    ]
+    assert (
+        summary["train positives"] + summary["validation positives"] + summary["test positives"]
+        == summary["positives (rating >= threshold)"]
+    )
     assert 0 < summary["density"] <= 1
 
 
@@ -100,6 +101,8 @@ def test_plots_are_written_and_returned(small, tmp_path):
     figure = plot_data_overview(data, split, tmp_path / "overview.png")
     assert len(figure.axes) == 4 and (tmp_path / "overview.png").stat().st_size > 0
     labels = ["a"] * 5 + ["b"] * 3 + ["c"] * 2
-    figure = plot_projection(np.random.default_rng(0).normal(size=(10, 2)), labels, "t", tmp_path / "p.png", top_labels=2)
+    figure = plot_projection(
+        np.random.default_rng(0).normal(size=(10, 2)), labels, "t", tmp_path / "p.png", top_labels=2
+    )
     legend = [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
     assert legend == ["other (2)", "a (5)", "b (3)"]

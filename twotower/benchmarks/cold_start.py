@@ -83,9 +83,16 @@ def _table(rows: dict[str, dict]) -> str:
     lines = [header]
     for name, row in rows.items():
         new, every = row["held_out_items"], row["all_items"]
-        lines.append(f"{RUNS[name]:<30}" + "".join(f"{new[r]:>11.4f}" for r in recalls) + f"{every['recall@10']:>11.4f}{every['recall@100']:>11.4f}")
+        lines.append(
+            f"{RUNS[name]:<30}"
+            + "".join(f"{new[r]:>11.4f}" for r in recalls)
+            + f"{every['recall@10']:>11.4f}{every['recall@100']:>11.4f}"
+        )
     trained, cold = rows["trained"]["held_out_items"], rows["cold_start"]["held_out_items"]
-    lines.append(f"{'cold start / trained':<30}" + "".join(f"{cold[r] / trained[r]:>10.2f}x" if trained[r] else f"{'-':>11}" for r in recalls))
+    lines.append(
+        f"{'cold start / trained':<30}"
+        + "".join(f"{cold[r] / trained[r]:>10.2f}x" if trained[r] else f"{'-':>11}" for r in recalls)
+    )
     return "\n".join(lines)
 
 
@@ -102,10 +109,19 @@ def run_cold_start_benchmark(base: RecipeConfig) -> Path:
         stage(trained)
     held_out = newest_items(trained, base.benchmark.cold_start_share)
 
-    print(f"[benchmark-cold-start] the {len(held_out):,} newest items held out from training, in {cold.output_dir}", flush=True)
+    print(
+        f"[benchmark-cold-start] the {len(held_out):,} newest items held out from training, in {cold.output_dir}",
+        flush=True,
+    )
     pipeline.run_data(cold)
     hold_out_items(cold, held_out)
-    for stage in (pipeline.run_workflow, pipeline.run_train, pipeline.run_index, pipeline.run_features, pipeline.run_export):
+    for stage in (
+        pipeline.run_workflow,
+        pipeline.run_train,
+        pipeline.run_index,
+        pipeline.run_features,
+        pipeline.run_export,
+    ):
         stage(cold)
     items = load_recipe_data(cold.data_dir).items
     new_items = out_dir / "held_out_items.parquet"
@@ -130,8 +146,10 @@ def run_cold_start_benchmark(base: RecipeConfig) -> Path:
     }
     json_path = out_dir / "cold_start.json"
     json_path.write_text(json.dumps(report, indent=2, default=float))
-    print(f"\nheld out: the {len(held_out):,} items ({base.benchmark.cold_start_share:.0%} of the catalogue) whose first interaction "
-          f"is latest; {len(held_out_test):,} test positives of {report['held_out']['test_users']:,} users")
+    print(
+        f"\nheld out: the {len(held_out):,} items ({base.benchmark.cold_start_share:.0%} of the catalogue) whose first interaction "
+        f"is latest; {len(held_out_test):,} test positives of {report['held_out']['test_users']:,} users"
+    )
     print(_table(rows))
     print(f"total {report['total_seconds'] / 60:.1f} min")
     print(json_path)

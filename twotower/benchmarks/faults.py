@@ -71,11 +71,19 @@ def group_rss_mb(leader_pid: int) -> float:
 def answers(url: str, model: str, users: np.ndarray, timeout_s: float) -> np.ndarray:
     """Top-k item ids per user, one batch request."""
     with grpcclient.InferenceServerClient(url) as client:
-        return client.infer(model, [user_id_request(users.astype(np.int64))], client_timeout=timeout_s).as_numpy("item_ids")
+        return client.infer(model, [user_id_request(users.astype(np.int64))], client_timeout=timeout_s).as_numpy(
+            "item_ids"
+        )
 
 
 def soak(
-    url: str, model: str, expected: dict[int, np.ndarray], seconds: float, concurrency: int, timeout_s: float, seed: int,
+    url: str,
+    model: str,
+    expected: dict[int, np.ndarray],
+    seconds: float,
+    concurrency: int,
+    timeout_s: float,
+    seed: int,
     started: float | None = None,
 ) -> list[Outcome]:
     """Single-user requests for ``seconds`` from ``started`` (a monotonic time; default now),
@@ -90,12 +98,16 @@ def soak(
             while (now := time.monotonic()) - started < seconds:
                 user = int(rng.choice(users))
                 try:
-                    result = client.infer(model, [user_id_request(np.array([user], dtype=np.int64))], client_timeout=timeout_s)
+                    result = client.infer(
+                        model, [user_id_request(np.array([user], dtype=np.int64))], client_timeout=timeout_s
+                    )
                     kind = "good" if np.array_equal(result.as_numpy("item_ids")[0], expected[user]) else "wrong"
                     message = ""
                 except InferenceServerException as error:
                     status, message = str(error.status()), str(error.message())
-                    clear = status in CLEAR_ERROR_STATUSES and "\n" not in message.strip() and "Traceback" not in message
+                    clear = (
+                        status in CLEAR_ERROR_STATUSES and "\n" not in message.strip() and "Traceback" not in message
+                    )
                     kind = "hang" if status == HANG_STATUS else "clear_error" if clear else "wrong"
                 outcomes.append(Outcome(now - started, kind, (time.monotonic() - now) * 1000, message))
         return outcomes
@@ -113,8 +125,17 @@ def redis_gap(server: TritonServer, redis: RedisServer, config: RecipeConfig, ex
     gap = bench.fault_gap_s
     started = time.monotonic()
     with ThreadPoolExecutor(1) as background:
-        running = background.submit(soak, server.grpc_url, serve.model_name, expected, 3 * gap, bench.fault_concurrency,
-                                    serve.client_timeout_s, config.seed, started)
+        running = background.submit(
+            soak,
+            server.grpc_url,
+            serve.model_name,
+            expected,
+            3 * gap,
+            bench.fault_concurrency,
+            serve.client_timeout_s,
+            config.seed,
+            started,
+        )
         time.sleep(gap)
         stopped_at = time.monotonic() - started
         redis.stop()
@@ -139,20 +160,28 @@ def redis_gap(server: TritonServer, redis: RedisServer, config: RecipeConfig, ex
     }
 
 
-def sigkill_and_restart(server: TritonServer, config: RecipeConfig, users: np.ndarray, before: np.ndarray) -> tuple[TritonServer, dict]:
+def sigkill_and_restart(
+    server: TritonServer, config: RecipeConfig, users: np.ndarray, before: np.ndarray
+) -> tuple[TritonServer, dict]:
     server.process.send_signal(signal.SIGKILL)
     server.stop()  # reaps it and takes its orphaned stubs
     started = time.monotonic()
     replacement = TritonServer(server.model_repository, server.work_dir, server.config).start()
     restart_s = time.monotonic() - started
     after = answers(replacement.grpc_url, config.serve.model_name, users, config.serve.client_timeout_s)
-    return replacement, {"restart_s": restart_s, "users": len(users), "same_answers": bool(np.array_equal(before, after))}
+    return replacement, {
+        "restart_s": restart_s,
+        "users": len(users),
+        "same_answers": bool(np.array_equal(before, after)),
+    }
 
 
 def _stage_command(run: RecipeConfig, stage: str) -> list[str]:
     overrides = {
-        "output_dir": run.output_dir, "export_dir": run.export_dir,
-        "features.online_store": run.features.online_store, "features.redis_connection": run.features.redis_connection,
+        "output_dir": run.output_dir,
+        "export_dir": run.export_dir,
+        "features.online_store": run.features.online_store,
+        "features.redis_connection": run.features.redis_connection,
     }
     return [sys.executable, "-m", "twotower", stage, *(a for k, v in overrides.items() for a in ("--set", f"{k}={v}"))]
 
@@ -166,9 +195,16 @@ def kill_stage_and_rerun(run: RecipeConfig, stage: str, kill_after_s: float) -> 
     process.wait()
     pipeline.run_export(run)  # refuses if the killed stage left parts that disagree
     started = time.monotonic()
-    subprocess.run(_stage_command(run, stage), check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=3600)
+    subprocess.run(
+        _stage_command(run, stage), check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=3600
+    )
     pipeline.run_export(run)
-    return {"stage": stage, "killed_after_s": kill_after_s, "killed_mid_way": killed_mid_way, "rerun_s": time.monotonic() - started}
+    return {
+        "stage": stage,
+        "killed_after_s": kill_after_s,
+        "killed_mid_way": killed_mid_way,
+        "rerun_s": time.monotonic() - started,
+    }
 
 
 def _copy_run(config: RecipeConfig, run_dir: Path, redis: RedisServer) -> RecipeConfig:
@@ -202,24 +238,45 @@ def plot_faults(gap: dict, rss: list[tuple[float, float]], path: Path) -> Figure
     return fig
 
 
-def memory_soak(server: TritonServer, config: RecipeConfig, expected: dict[int, np.ndarray]) -> tuple[dict, list[tuple[float, float]]]:
+def memory_soak(
+    server: TritonServer, config: RecipeConfig, expected: dict[int, np.ndarray]
+) -> tuple[dict, list[tuple[float, float]]]:
     bench, serve = config.benchmark, config.serve
     samples = [(0.0, group_rss_mb(server.process.pid))]
     slices = max(int(bench.fault_soak_seconds // 30), 1)
     outcomes: list[Outcome] = []
     for index in range(slices):  # RSS sampled between slices of the soak
-        outcomes += soak(server.grpc_url, serve.model_name, expected, bench.fault_soak_seconds / slices,
-                         bench.fault_concurrency, serve.client_timeout_s, config.seed + index)
+        outcomes += soak(
+            server.grpc_url,
+            serve.model_name,
+            expected,
+            bench.fault_soak_seconds / slices,
+            bench.fault_concurrency,
+            serve.client_timeout_s,
+            config.seed + index,
+        )
         samples.append(((index + 1) * bench.fault_soak_seconds / slices, group_rss_mb(server.process.pid)))
-        print(f"  soak {samples[-1][0]:6.0f}/{bench.fault_soak_seconds:.0f} s  RSS {samples[-1][1]:7.1f} MB  {counts(outcomes)}", flush=True)
-    return {"seconds": bench.fault_soak_seconds, **counts(outcomes), "rss_mb_before": samples[0][1], "rss_mb_after": samples[-1][1]}, samples
+        print(
+            f"  soak {samples[-1][0]:6.0f}/{bench.fault_soak_seconds:.0f} s  RSS {samples[-1][1]:7.1f} MB  {counts(outcomes)}",
+            flush=True,
+        )
+    return {
+        "seconds": bench.fault_soak_seconds,
+        **counts(outcomes),
+        "rss_mb_before": samples[0][1],
+        "rss_mb_after": samples[-1][1],
+    }, samples
 
 
 def run_fault_benchmark(config: RecipeConfig) -> Path:
     out_dir = config.output_dir / "benchmark-faults"
     bench, serve = config.benchmark, config.serve
     users = demo_users(config, bench.fault_sample_users)
-    report: dict = {"date": date.today().isoformat(), "dataset": config.data.dataset, "concurrency": bench.fault_concurrency}
+    report: dict = {
+        "date": date.today().isoformat(),
+        "dataset": config.data.dataset,
+        "concurrency": bench.fault_concurrency,
+    }
     with RedisServer(out_dir / "redis", persistent=True) as redis:
         print(f"[faults] copying the run and materializing Feast into redis-server pid {redis.process.pid}", flush=True)
         run = _copy_run(config, out_dir / "run", redis)
@@ -227,7 +284,10 @@ def run_fault_benchmark(config: RecipeConfig) -> Path:
         try:
             baseline = answers(server.grpc_url, serve.model_name, np.array(users), serve.client_timeout_s)
             expected = dict(zip(users, baseline))
-            print(f"[faults] Redis stopped {bench.fault_gap_s:.0f} s in the middle of a soak at concurrency {bench.fault_concurrency}", flush=True)
+            print(
+                f"[faults] Redis stopped {bench.fault_gap_s:.0f} s in the middle of a soak at concurrency {bench.fault_concurrency}",
+                flush=True,
+            )
             report["redis_gap"] = redis_gap(server, redis, run, expected)
             print("[faults] Triton killed with SIGKILL and restarted", flush=True)
             server, report["triton_sigkill"] = sigkill_and_restart(server, run, np.array(users), baseline)
@@ -256,12 +316,24 @@ def _print_report(report: dict) -> None:
     soak_counts = report["memory_soak"]
     print(f"{'soak':<28}" + "".join(f"{soak_counts[k]:>13}" for k in OUTCOMES))
     p99 = gap["gap_error_p99_ms"]
-    print(f"\nerrors during the Redis gap: p99 {p99:.1f} ms" if p99 is not None else "\nno request ran during the Redis gap")
-    print(f"  e.g. {gap['gap_error_messages'][:1]}; first good answer {gap['first_good_after_restart_s']} s after Redis came back")
+    print(
+        f"\nerrors during the Redis gap: p99 {p99:.1f} ms"
+        if p99 is not None
+        else "\nno request ran during the Redis gap"
+    )
+    print(
+        f"  e.g. {gap['gap_error_messages'][:1]}; first good answer {gap['first_good_after_restart_s']} s after Redis came back"
+    )
     kill = report["triton_sigkill"]
-    print(f"Triton SIGKILL: restarted in {kill['restart_s']:.1f} s, same answers for {kill['users']} users: {kill['same_answers']}")
+    print(
+        f"Triton SIGKILL: restarted in {kill['restart_s']:.1f} s, same answers for {kill['users']} users: {kill['same_answers']}"
+    )
     stage = report["stage_killed"]
-    print(f"'{stage['stage']}' killed after {stage['killed_after_s']:.0f} s (mid-way: {stage['killed_mid_way']}), "
-          f"re-run in {stage['rerun_s']:.1f} s, same answers: {stage['same_answers']}")
-    print(f"server RSS {soak_counts['rss_mb_before']:.0f} MB before, {soak_counts['rss_mb_after']:.0f} MB after "
-          f"{soak_counts['seconds']:.0f} s of soak")
+    print(
+        f"'{stage['stage']}' killed after {stage['killed_after_s']:.0f} s (mid-way: {stage['killed_mid_way']}), "
+        f"re-run in {stage['rerun_s']:.1f} s, same answers: {stage['same_answers']}"
+    )
+    print(
+        f"server RSS {soak_counts['rss_mb_before']:.0f} MB before, {soak_counts['rss_mb_after']:.0f} MB after "
+        f"{soak_counts['seconds']:.0f} s of soak"
+    )

@@ -80,7 +80,11 @@ def _train(config: RecipeConfig) -> dict:
     history = metrics["history"]
     validation = f"val_{config.train.early_stopping_metric}"
     wall_seconds = time.perf_counter() - started
-    multi_vector = {"multi_vector": _multi_vector_retrieval(config, inputs, model)} if isinstance(model, IntTowerRetrievalModel) else {}
+    multi_vector = (
+        {"multi_vector": _multi_vector_retrieval(config, inputs, model)}
+        if isinstance(model, IntTowerRetrievalModel)
+        else {}
+    )
     return {
         **metrics["test"][config.model.name],
         "validation": max(h[validation] for h in history),
@@ -131,8 +135,16 @@ def _latency(config: RecipeConfig, url: str, users: np.ndarray, concurrency: int
     from twotower.benchmarks.serving import drive_requests, latency_summary, user_batches
 
     requests, timeout = config.benchmark.model_serving_requests, config.serve.client_timeout_s
-    drive_requests(url, config.serve.model_name, user_batches(users, config.benchmark.warmup_requests, 1, config.seed), concurrency, timeout)
-    latencies, errors, wall = drive_requests(url, config.serve.model_name, user_batches(users, requests, 1, config.seed + 1), concurrency, timeout)
+    drive_requests(
+        url,
+        config.serve.model_name,
+        user_batches(users, config.benchmark.warmup_requests, 1, config.seed),
+        concurrency,
+        timeout,
+    )
+    latencies, errors, wall = drive_requests(
+        url, config.serve.model_name, user_batches(users, requests, 1, config.seed + 1), concurrency, timeout
+    )
     if errors:
         raise RuntimeError(f"{errors} of {requests} requests failed while measuring {config.output_dir.name}")
     return latency_summary(latencies, errors, wall, 1)
@@ -171,7 +183,9 @@ def _served_quality(config: RecipeConfig, url: str, test_set, catalogue_ids: np.
     positions = {item: position for position, item in enumerate(catalogue_ids)}
     size, answers = config.serve.max_request_users, []
     for start in range(0, len(test_set.user_ids), size):
-        answer = recommend(test_set.user_ids[start : start + size], url, config.serve.model_name, config.serve.client_timeout_s)
+        answer = recommend(
+            test_set.user_ids[start : start + size], url, config.serve.model_name, config.serve.client_timeout_s
+        )
         answers.append(np.vectorize(positions.__getitem__)(answer["item_ids"]))
     metrics = ranking_metrics(np.concatenate(answers), test_set, ks=(config.serve.top_k,))
     return {name: metrics[name] for name in (f"recall@{config.serve.top_k}", "ndcg@10")}
@@ -187,7 +201,11 @@ def _cascade(retriever: RecipeConfig, rankers: list[RecipeConfig], candidates: i
     stages = [("retrieval_only", retriever)]
     for ranker in rankers:
         cascade = copy.deepcopy(retriever)
-        cascade.serve.prerank_candidates, cascade.serve.prerank_run, cascade.serve.prerank_model = candidates, ranker.output_dir, ranker.model.name
+        cascade.serve.prerank_candidates, cascade.serve.prerank_run, cascade.serve.prerank_model = (
+            candidates,
+            ranker.output_dir,
+            ranker.model.name,
+        )
         cascade.export_dir = retriever.output_dir / f"triton_models_cascade_{ranker.model.name}"
         pipeline.run_export(cascade)
         stages.append(("with_prerank" if len(stages) == 1 else f"with_prerank_{ranker.model.name}", cascade))
@@ -206,13 +224,18 @@ def _cascade(retriever: RecipeConfig, rankers: list[RecipeConfig], candidates: i
 
 
 def _table(rows: dict[str, dict]) -> str:
-    header = f"{'model':<22}" + "".join(f"{c:>12}" for c in COLUMNS) + f"{'p50 ms':>9}{'params':>11}{'s/epoch':>9}{'epochs':>8}"
+    header = (
+        f"{'model':<22}"
+        + "".join(f"{c:>12}" for c in COLUMNS)
+        + f"{'p50 ms':>9}{'params':>11}{'s/epoch':>9}{'epochs':>8}"
+    )
     lines = [header]
     for name, row in rows.items():
         p50 = row.get("serving_p50_ms")
         per_epoch = row.get("seconds_per_epoch")
         lines.append(
-            f"{name:<22}" + "".join(f"{row[c]:>12.4f}" for c in COLUMNS)
+            f"{name:<22}"
+            + "".join(f"{row[c]:>12.4f}" for c in COLUMNS)
             + (f"{p50:>9.2f}" if p50 is not None else f"{'-':>9}")
             + f"{row['params']:>11,}"
             + (f"{per_epoch:>9.1f}{row['epochs_run']:>8}" if per_epoch is not None else f"{'-':>9}{'-':>8}")
@@ -221,7 +244,10 @@ def _table(rows: dict[str, dict]) -> str:
 
 
 def _spread(runs: list[dict]) -> dict[str, dict[str, float]]:
-    return {c: {"mean": float(np.mean([r[c] for r in runs])), "std": float(np.std([r[c] for r in runs]))} for c in ("recall@10", "recall@100", "ndcg@10")}
+    return {
+        c: {"mean": float(np.mean([r[c] for r in runs])), "std": float(np.std([r[c] for r in runs]))}
+        for c in ("recall@10", "recall@100", "ndcg@10")
+    }
 
 
 def run_model_benchmark(base: RecipeConfig) -> Path:
@@ -250,13 +276,22 @@ def run_model_benchmark(base: RecipeConfig) -> Path:
         tried[name] = []
         for number, overrides in enumerate(VARIANTS[name]):
             done += 1
-            print(f"\n[benchmark-models] run {done}/{total_runs}: {name} setting {number} {overrides or '(defaults)'}", flush=True)
+            print(
+                f"\n[benchmark-models] run {done}/{total_runs}: {name} setting {number} {overrides or '(defaults)'}",
+                flush=True,
+            )
             config = run_folder(base, shared, f"{_slug(name)}-{number}", overrides, base.seed)
             tried[name].append({"settings": overrides, "config": config, **_train(config)})
         best = max(tried[name], key=lambda run: run["validation"])
-        print(f"[benchmark-models] {name}: chose {best['settings'] or '(defaults)'} on validation; serving it", flush=True)
+        print(
+            f"[benchmark-models] {name}: chose {best['settings'] or '(defaults)'} on validation; serving it", flush=True
+        )
         # a ranking model is not served as a retriever (models.check_retriever): no serving latency
-        served = {"serving_p50_ms": None, "serving_p99_ms": None} if best["config"].model.name in RANKING_MODELS else _serving_latency(best["config"])
+        served = (
+            {"serving_p50_ms": None, "serving_p99_ms": None}
+            if best["config"].model.name in RANKING_MODELS
+            else _serving_latency(best["config"])
+        )
         rows[name] = {**{k: v for k, v in best.items() if k != "config"}, **served, "seeds": [base.seed]}
 
     seed_runs = {}
@@ -272,14 +307,25 @@ def run_model_benchmark(base: RecipeConfig) -> Path:
     cascade = None
     prerankers = [name for name in PRERANKERS if name in rows]
     if bench.cascade_candidates and "two_tower" in rows and prerankers:
-        print(f"\n[benchmark-models] cascade: two_tower retrieving {bench.cascade_candidates}, pre-ranked by {', '.join(prerankers)}", flush=True)
-        best = {name: max(tried[name], key=lambda run: run["validation"])["config"] for name in ("two_tower", *prerankers)}
+        print(
+            f"\n[benchmark-models] cascade: two_tower retrieving {bench.cascade_candidates}, pre-ranked by {', '.join(prerankers)}",
+            flush=True,
+        )
+        best = {
+            name: max(tried[name], key=lambda run: run["validation"])["config"] for name in ("two_tower", *prerankers)
+        }
         cascade = _cascade(best["two_tower"], [best[name] for name in prerankers], bench.cascade_candidates)
 
     reference = tried[names[0]][0]["config"]  # any run: they share data, split and catalogue
     for baseline, values in baselines(reference).items():
         # Not trained by gradient descent and not served: no epochs, no serving latency.
-        rows[baseline] = {**values, "seeds": [], "serving_p50_ms": None, "serving_p99_ms": None, "seconds_per_epoch": None}
+        rows[baseline] = {
+            **values,
+            "seeds": [],
+            "serving_p50_ms": None,
+            "serving_p99_ms": None,
+            "seconds_per_epoch": None,
+        }
 
     report = {
         "date": date.today().isoformat(),
@@ -287,7 +333,9 @@ def run_model_benchmark(base: RecipeConfig) -> Path:
         "protocol": "per-user temporal holdout (latest 20% of positives), full catalogue, earlier positives excluded",
         "selection": f"each variant's setting with the best validation {base.train.early_stopping_metric}",
         "models": rows,
-        "tried": {name: [{k: v for k, v in run.items() if k != "config"} for run in runs] for name, runs in tried.items()},
+        "tried": {
+            name: [{k: v for k, v in run.items() if k != "config"} for run in runs] for name, runs in tried.items()
+        },
         "seed_repeats": seed_runs,
         **({"cascade": cascade} if cascade else {}),
         "base_config": config_to_dict(base),
@@ -298,17 +346,26 @@ def run_model_benchmark(base: RecipeConfig) -> Path:
     plot_model_tradeoff(rows, out_dir / "tradeoff.png")
     print("\n" + _table(rows))
     for name, spread in seed_runs.items():
-        print(f"{name} over seeds {rows[name]['seeds']}: " + ", ".join(f"{c} {v['mean']:.4f} ± {v['std']:.4f}" for c, v in spread["spread"].items()))
+        print(
+            f"{name} over seeds {rows[name]['seeds']}: "
+            + ", ".join(f"{c} {v['mean']:.4f} ± {v['std']:.4f}" for c, v in spread["spread"].items())
+        )
     for name, row in rows.items():
         if "multi_vector" in row:
             found = row["multi_vector"]
-            print(f"{name} through FAISS over item heads (depth {found['search_depth']}): " + ", ".join(f"{key} {value:.4f}" for key, value in found.items() if key != "search_depth"))
+            print(
+                f"{name} through FAISS over item heads (depth {found['search_depth']}): "
+                + ", ".join(f"{key} {value:.4f}" for key, value in found.items() if key != "search_depth")
+            )
     if cascade:
-        print(f"cascade (served, every test user; p50 ms at concurrency 1 and 16):")
+        print("cascade (served, every test user; p50 ms at concurrency 1 and 16):")
         for stage, values in cascade.items():
             latency = values["latency"]
-            print(f"  {stage:<15}" + "".join(f" {key} {values[key]:.4f}" for key in values if key.startswith(("recall@", "ndcg@")))
-                  + f"  p50 {latency['c1']['p50_ms']:.2f} / {latency['c16']['p50_ms']:.2f}")
+            print(
+                f"  {stage:<15}"
+                + "".join(f" {key} {values[key]:.4f}" for key in values if key.startswith(("recall@", "ndcg@")))
+                + f"  p50 {latency['c1']['p50_ms']:.2f} / {latency['c16']['p50_ms']:.2f}"
+            )
     print(f"total {report['total_seconds'] / 60:.1f} min; plot {out_dir / 'tradeoff.png'}")
     print(json_path)
     return json_path

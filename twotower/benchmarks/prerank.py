@@ -83,8 +83,11 @@ def prerank_split(rows: pd.DataFrame, test_fraction: float, validation_fraction:
     n_test = math.ceil(test_fraction * len(ordered))
     training = ordered.iloc[permutation[n_test:]].reset_index(drop=True)
     split_at = int(len(training) * (1 - validation_fraction))
-    return Split(train=training.iloc[:split_at].reset_index(drop=True), valid=training.iloc[split_at:].reset_index(drop=True),
-                 test=ordered.iloc[permutation[:n_test]].reset_index(drop=True))
+    return Split(
+        train=training.iloc[:split_at].reset_index(drop=True),
+        valid=training.iloc[split_at:].reset_index(drop=True),
+        test=ordered.iloc[permutation[:n_test]].reset_index(drop=True),
+    )
 
 
 def mean_rating_features(fitted: pd.DataFrame, rows: pd.DataFrame) -> dict[str, np.ndarray]:
@@ -108,20 +111,32 @@ class Encoding:
 
     @classmethod
     def of(cls, data: RecipeData) -> Encoding:
-        users = pd.DataFrame({field: pd.factorize(data.users[field], sort=True)[0] for field in USER_FIELDS}, index=data.users["user_id"])
+        users = pd.DataFrame(
+            {field: pd.factorize(data.users[field], sort=True)[0] for field in USER_FIELDS}, index=data.users["user_id"]
+        )
         item_codes = pd.Series(np.arange(len(data.items)), index=data.items["item_id"])
-        vocabulary = {genre: code for code, genre in enumerate(sorted({g for gs in data.items["genres"] for g in gs}), start=1)}
+        vocabulary = {
+            genre: code for code, genre in enumerate(sorted({g for gs in data.items["genres"] for g in gs}), start=1)
+        }
         lists = [[vocabulary[g] for g in gs] for gs in data.items["genres"]]
         genres = np.zeros((len(lists), max(1, max(map(len, lists)))), dtype=np.int64)
         for row, codes in enumerate(lists):
             genres[row, : len(codes)] = codes
-        cardinalities = {**{field: int(users[field].max()) + 1 for field in USER_FIELDS}, "item_id": len(item_codes), "genres": len(vocabulary) + 1}
+        cardinalities = {
+            **{field: int(users[field].max()) + 1 for field in USER_FIELDS},
+            "item_id": len(item_codes),
+            "genres": len(vocabulary) + 1,
+        }
         return cls(users, item_codes, genres, cardinalities)
 
     def features(self, rows: pd.DataFrame) -> dict[str, np.ndarray]:
         users = self.users.loc[rows["user_id"].to_numpy()]
         items = self.item_codes.loc[rows["item_id"].to_numpy()].to_numpy()
-        return {**{field: users[field].to_numpy(np.int64) for field in USER_FIELDS}, "item_id": items, "genres": self.genres[items]}
+        return {
+            **{field: users[field].to_numpy(np.int64) for field in USER_FIELDS},
+            "item_id": items,
+            "genres": self.genres[items],
+        }
 
 
 @dataclass
@@ -165,7 +180,11 @@ class FieldEmbeddings(tf.keras.layers.Layer):
         super().__init__(**kwargs)
         self.tables = {
             name: tf.keras.layers.Embedding(
-                rows, dim, embeddings_initializer=_normal(init_std), embeddings_regularizer=tf.keras.regularizers.l2(l2), name=f"{name}_table"
+                rows,
+                dim,
+                embeddings_initializer=_normal(init_std),
+                embeddings_regularizer=tf.keras.regularizers.l2(l2),
+                name=f"{name}_table",
             )
             for name, rows in cardinalities.items()
         }
@@ -216,7 +235,9 @@ class ClickModel(tf.keras.Model):
     def __init__(self, prepared: Prepared, settings: PrerankConfig, dim: int | None = None):
         super().__init__()
         self.dense = prepared.dense
-        self.embeddings = FieldEmbeddings(prepared.cardinalities, dim or settings.embedding_dim, settings.embedding_l2, settings.init_std)
+        self.embeddings = FieldEmbeddings(
+            prepared.cardinalities, dim or settings.embedding_dim, settings.embedding_l2, settings.init_std
+        )
         self.bias = tf.Variable(0.0, name="bias")
 
     def logits(self, features: dict, training: bool) -> tf.Tensor:
@@ -243,7 +264,14 @@ class Tower(tf.keras.layers.Layer):
     """Field embeddings, optionally Light-SE gated and with an id's augmented vector, then the
     MLP; ``call`` returns the MLP's input and every layer's output."""
 
-    def __init__(self, settings: PrerankConfig, dense: tuple[str, ...], gate: bool = False, augment: AugmentedVector | None = None, **kwargs):
+    def __init__(
+        self,
+        settings: PrerankConfig,
+        dense: tuple[str, ...],
+        gate: bool = False,
+        augment: AugmentedVector | None = None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.dense, self.augment = dense, augment
         self.gate = LightSE() if gate else None
@@ -270,7 +298,10 @@ class TwoTowerClick(ClickModel):
         self.kind, self.model_config, self.settings = kind, model, settings
         augments = [None, None]
         if kind == "dat":
-            augments = [AugmentedVector(column, prepared.cardinalities[column], settings.tower_layers[-1]) for column in ("user_id", "item_id")]
+            augments = [
+                AugmentedVector(column, prepared.cardinalities[column], settings.tower_layers[-1])
+                for column in ("user_id", "item_id")
+            ]
         gate = kind == "inttower"
         self.user_tower = Tower(settings, prepared.dense["user"], gate, augments[0])
         self.item_tower = Tower(settings, prepared.dense["item"], gate, augments[1])
@@ -285,16 +316,31 @@ class TwoTowerClick(ClickModel):
         labels = features.get(LABEL) if training else None
         if self.kind == "inttower":
             fe = self.settings.inttower
-            user_heads, item_heads = self.fe.heads(head_sources(user_input, user, fe.fe_layers, fe.user_heads_from), item[-1])
+            user_heads, item_heads = self.fe.heads(
+                head_sources(user_input, user, fe.fe_layers, fe.user_heads_from), item[-1]
+            )
             if labels is not None and fe.cir_weight:
-                self.add_loss(fe.cir_weight * tf.reduce_sum(contrastive_interaction_loss(user_heads[-1], item_heads, labels, fe.cir_temperature)))
+                self.add_loss(
+                    fe.cir_weight
+                    * tf.reduce_sum(
+                        contrastive_interaction_loss(user_heads[-1], item_heads, labels, fe.cir_temperature)
+                    )
+                )
             score = fe_score(user_heads, item_heads)
             return score / (len(user_heads) * fe.user_heads) if self.settings.inttower_logit == "mean" else score
         if self.kind == "dat" and labels is not None:
             dat, clicks = self.model_config.dat, tf.reshape(labels, [-1])
             a_u = self.user_tower.augment.lookup(features["user_id"])
             a_v = self.item_tower.augment.lookup(features["item_id"])
-            self.add_loss(tf.reduce_sum(clicks * (dat.user_mimic_weight * mimic_distances(a_u, item[-1]) + dat.item_mimic_weight * mimic_distances(a_v, user[-1]))))
+            self.add_loss(
+                tf.reduce_sum(
+                    clicks
+                    * (
+                        dat.user_mimic_weight * mimic_distances(a_u, item[-1])
+                        + dat.item_mimic_weight * mimic_distances(a_v, user[-1])
+                    )
+                )
+            )
         return tf.reduce_sum(user[-1] * item[-1], axis=-1)
 
 
@@ -308,7 +354,11 @@ class DeepCrossNetwork(ClickModel):
         self.out = tf.keras.layers.Dense(1, use_bias=False)
 
     def logits(self, features, training):
-        hidden = self.cross(_flat(self.embeddings(features, USER_FIELDS + ITEM_FIELDS), features, self.dense["user"] + self.dense["item"]))
+        hidden = self.cross(
+            _flat(
+                self.embeddings(features, USER_FIELDS + ITEM_FIELDS), features, self.dense["user"] + self.dense["item"]
+            )
+        )
         for layer in self.mlp:
             hidden = layer(hidden, training=training)
         return self.out(hidden)[:, 0]
@@ -360,7 +410,10 @@ class BestValidationAUC(tf.keras.callbacks.Callback):
         self.history.append({"epoch": epoch + 1, "loss": float(logs["loss"]), "val_auc": value, "seconds": seconds})
         if value > self.best:
             self.best, self.best_epoch, self.best_weights = value, epoch + 1, self.model.get_weights()
-        print(f"[prerank] {self.label} epoch {epoch + 1}/{self.epochs}: loss {logs['loss']:.1f} val AUC {value:.4f} ({seconds:.0f} s)", flush=True)
+        print(
+            f"[prerank] {self.label} epoch {epoch + 1}/{self.epochs}: loss {logs['loss']:.1f} val AUC {value:.4f} ({seconds:.0f} s)",
+            flush=True,
+        )
         if epoch + 1 - self.best_epoch >= self.patience:
             self.model.stop_training = True
 
@@ -369,12 +422,16 @@ class BestValidationAUC(tf.keras.callbacks.Callback):
             self.model.set_weights(self.best_weights)
 
 
-def train_and_test(name: str, prepared: Prepared, settings: PrerankConfig, model_config: ModelConfig, seed: int, label: str) -> dict:
+def train_and_test(
+    name: str, prepared: Prepared, settings: PrerankConfig, model_config: ModelConfig, seed: int, label: str
+) -> dict:
     started = time.perf_counter()
     set_seeds(seed)
     model = build(name, prepared, settings, model_config)
-    model.compile(optimizer=tf.keras.optimizers.Adam(settings.learning_rate),
-                  loss=tf.keras.losses.BinaryCrossentropy(from_logits=True, reduction=tf.keras.losses.Reduction.SUM))
+    model.compile(
+        optimizer=tf.keras.optimizers.Adam(settings.learning_rate),
+        loss=tf.keras.losses.BinaryCrossentropy(from_logits=True, reduction=tf.keras.losses.Reduction.SUM),
+    )
     features, labels = prepared.splits["train"]
     tensors = {**{key: tf.constant(value) for key, value in features.items()}, LABEL: tf.constant(labels[:, None])}
     batches = shuffled_batches(tensors, settings.batch_size, seed).map(lambda batch: (batch, batch[LABEL]))
@@ -404,7 +461,9 @@ def _chosen(names: list[str], known: tuple[str, ...], key: str) -> list[str]:
 
 def table(rows: dict[str, dict[str, dict]]) -> str:
     setups = list(rows)
-    header = f"{'model':<11}{'paper AUC':>10}{'LogLoss':>9}" + "".join(f"{setup + ' AUC':>24}{'LogLoss':>9}{'vs paper':>9}" for setup in setups)
+    header = f"{'model':<11}{'paper AUC':>10}{'LogLoss':>9}" + "".join(
+        f"{setup + ' AUC':>24}{'LogLoss':>9}{'vs paper':>9}" for setup in setups
+    )
     lines = [header]
     for name in dict.fromkeys([*PAPER, *(m for setup in setups for m in rows[setup])]):
         paper = PAPER.get(name)
@@ -432,8 +491,11 @@ def run_prerank_benchmark(config: RecipeConfig) -> Path:
         interactions = interactions.sample(settings.sample_rows, random_state=config.seed)
     split = prerank_split(click_rows(interactions), settings.test_fraction, settings.validation_fraction, config.seed)
     encoding = Encoding.of(data)
-    print(f"[prerank] {config.data.dataset}: {len(split.train):,} train, {len(split.valid):,} validation, {len(split.test):,} test rows; "
-          f"{split.test[LABEL].mean():.3f} of test rows are clicks", flush=True)
+    print(
+        f"[prerank] {config.data.dataset}: {len(split.train):,} train, {len(split.valid):,} validation, {len(split.test):,} test rows; "
+        f"{split.test[LABEL].mean():.3f} of test rows are clicks",
+        flush=True,
+    )
     rows: dict[str, dict[str, dict]] = {}
     for setup in setups:
         prepared = prepare(split, encoding, setup)
@@ -441,7 +503,10 @@ def run_prerank_benchmark(config: RecipeConfig) -> Path:
         for name in models:
             print(f"\n[prerank] {setup}: {name}", flush=True)
             rows[setup][name] = train_and_test(name, prepared, settings, config.model, config.seed, f"{setup}/{name}")
-            print(f"[prerank] {setup}/{name}: test AUC {rows[setup][name]['auc']:.4f} LogLoss {rows[setup][name]['logloss']:.4f}", flush=True)
+            print(
+                f"[prerank] {setup}/{name}: test AUC {rows[setup][name]['auc']:.4f} LogLoss {rows[setup][name]['logloss']:.4f}",
+                flush=True,
+            )
     report = {
         "date": date.today().isoformat(),
         "dataset": config.data.dataset,
@@ -449,7 +514,12 @@ def run_prerank_benchmark(config: RecipeConfig) -> Path:
         "early stopping on validation AUC; mean ratings (train_mean_rating) from the fitted training rows only",
         "rows": rows,
         "paper": {name: {"auc": values[0], "logloss": values[1]} for name, values in PAPER.items()},
-        "data": {"train": len(split.train), "valid": len(split.valid), "test": len(split.test), "test_click_rate": float(split.test[LABEL].mean())},
+        "data": {
+            "train": len(split.train),
+            "valid": len(split.valid),
+            "test": len(split.test),
+            "test_click_rate": float(split.test[LABEL].mean()),
+        },
         "settings": dataclasses.asdict(settings),
         "seed": config.seed,
         "total_seconds": time.perf_counter() - started,

@@ -98,7 +98,9 @@ def _table(results: dict[str, dict], columns: list[str]) -> str:
     for name, values in results.items():
         per_epoch = values.get("seconds_per_epoch")
         lines.append(
-            f"{name:<38}" + "".join(f"{values[c]:>12.4f}" for c in columns) + (f"{per_epoch:>10.1f}" if per_epoch else f"{'-':>10}")
+            f"{name:<38}"
+            + "".join(f"{values[c]:>12.4f}" for c in columns)
+            + (f"{per_epoch:>10.1f}" if per_epoch else f"{'-':>10}")
         )
     return "\n".join(lines)
 
@@ -108,9 +110,16 @@ def run_quality_benchmark(base: RecipeConfig, ablations: bool = True) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     tuned_config = _variant(base, "tuned", {})
-    trained = {"reference": _train_variant(_variant(base, "reference", REFERENCE)), "tuned": _train_variant(tuned_config)}
+    trained = {
+        "reference": _train_variant(_variant(base, "reference", REFERENCE)),
+        "tuned": _train_variant(tuned_config),
+    }
     configs = {**baselines(tuned_config), **trained}
-    ablation = {name: _train_variant(_variant(base, name, overrides)) for name, overrides in ABLATIONS.items()} if ablations else {}
+    ablation = (
+        {name: _train_variant(_variant(base, name, overrides)) for name, overrides in ABLATIONS.items()}
+        if ablations
+        else {}
+    )
 
     columns = [f"recall@{k}" for k in RECALL_KS] + ["ndcg@10", "mrr@100", "coverage@10"]
     tuned = configs["tuned"]

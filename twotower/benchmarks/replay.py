@@ -72,7 +72,9 @@ def _arm_config(base: RecipeConfig, out_dir: Path, name: str) -> RecipeConfig:
     return config
 
 
-def score(config: RecipeConfig, users: pd.DataFrame, every_positive: pd.DataFrame, known_until: int, cutoff: int, end: int) -> dict:
+def score(
+    config: RecipeConfig, users: pd.DataFrame, every_positive: pd.DataFrame, known_until: int, cutoff: int, end: int
+) -> dict:
     """Metrics of ``config``'s saved model on the positives in [cutoff, end), every earlier positive
     excluded, user history as the run knew it (positives before ``known_until``)."""
     from twotower.stages.evaluate import build_eval_set, evaluate_embeddings, query_vectors_of
@@ -85,7 +87,11 @@ def score(config: RecipeConfig, users: pd.DataFrame, every_positive: pd.DataFram
     evaluated = users[users["user_id"].isin(eval_set.user_ids)]
     query = query_vectors_of(config, evaluated, every_positive[timestamps < known_until], eval_set.user_ids)
     metrics = evaluate_embeddings(query, item_vectors, eval_set)
-    return {**{name: metrics[name] for name in METRICS}, "users": len(eval_set.user_ids), "catalogue_items": len(catalogue)}
+    return {
+        **{name: metrics[name] for name in METRICS},
+        "users": len(eval_set.user_ids),
+        "catalogue_items": len(catalogue),
+    }
 
 
 def _training_seconds(config: RecipeConfig) -> float:
@@ -104,11 +110,21 @@ def _day(timestamp: int) -> str:
 
 
 def _table(rows: list[dict]) -> str:
-    header = f"{'step':>4}  {'cutoff (UTC)':<16}  {'retrain':<22}" + "".join(f"{m:>11}" for m in METRICS) + f"{'wall s':>9}{'train s':>9}"
+    header = (
+        f"{'step':>4}  {'cutoff (UTC)':<16}  {'retrain':<22}"
+        + "".join(f"{m:>11}" for m in METRICS)
+        + f"{'wall s':>9}{'train s':>9}"
+    )
     lines = [header]
     for row in rows:
-        seconds = "".join(f"{row[k]:>9.1f}" if row[k] is not None else f"{'-':>9}" for k in ("wall_seconds", "train_seconds"))
-        lines.append(f"{row['step']:>4}  {_day(row['cutoff']):<16}  {row['arm']:<22}" + "".join(f"{row[m]:>11.4f}" for m in METRICS) + seconds)
+        seconds = "".join(
+            f"{row[k]:>9.1f}" if row[k] is not None else f"{'-':>9}" for k in ("wall_seconds", "train_seconds")
+        )
+        lines.append(
+            f"{row['step']:>4}  {_day(row['cutoff']):<16}  {row['arm']:<22}"
+            + "".join(f"{row[m]:>11.4f}" for m in METRICS)
+            + seconds
+        )
     return "\n".join(lines)
 
 
@@ -135,7 +151,9 @@ def run_replay_benchmark(base: RecipeConfig) -> Path:
     started = time.perf_counter()
     dataset = load_dataset(base.data, base.seed)
     every_positive = positives(dataset.interactions, positive_threshold(base.data))
-    cutoffs = slice_cutoffs(dataset.interactions["timestamp"], bench.replay_start, bench.replay_slice, bench.replay_steps)
+    cutoffs = slice_cutoffs(
+        dataset.interactions["timestamp"], bench.replay_start, bench.replay_slice, bench.replay_steps
+    )
     incremental = [incremental_arm(ratio) for ratio in bench.replay_ratios]
     arms = [*incremental, FULL, STALE]
     configs = {arm: _arm_config(base, out_dir, arm) for arm in arms}
@@ -147,8 +165,11 @@ def run_replay_benchmark(base: RecipeConfig) -> Path:
 
     first = configs[FULL]
     first.data.until = cutoffs[0]
-    print(f"[benchmark-replay] the first model: every stage on the interactions before {_day(cutoffs[0])} "
-          f"({bench.replay_start:.0%}), in {first.output_dir}", flush=True)
+    print(
+        f"[benchmark-replay] the first model: every stage on the interactions before {_day(cutoffs[0])} "
+        f"({bench.replay_start:.0%}), in {first.output_dir}",
+        flush=True,
+    )
     first_seconds = _timed(lambda: pipeline.run_all(first))
     for arm in [*incremental, STALE]:
         shutil.copytree(first.output_dir, configs[arm].output_dir)
@@ -158,10 +179,21 @@ def run_replay_benchmark(base: RecipeConfig) -> Path:
         config = configs[arm]
         metrics = score(config, dataset.users, every_positive, config.data.until, cutoffs[step], cutoffs[step + 1])
         trained = wall_seconds is not None
-        print(f"[benchmark-replay] step {step}, {arm}: recall@10 {metrics['recall@10']:.4f}, recall@100 {metrics['recall@100']:.4f}"
-              + (f", {wall_seconds:.1f} s" if trained else ""), flush=True)
-        return {"step": step, "cutoff": cutoffs[step], "arm": arm, "new_positives": new_positives, **metrics,
-                "wall_seconds": wall_seconds, "train_seconds": _training_seconds(config) if trained else None, **extra}
+        print(
+            f"[benchmark-replay] step {step}, {arm}: recall@10 {metrics['recall@10']:.4f}, recall@100 {metrics['recall@100']:.4f}"
+            + (f", {wall_seconds:.1f} s" if trained else ""),
+            flush=True,
+        )
+        return {
+            "step": step,
+            "cutoff": cutoffs[step],
+            "arm": arm,
+            "new_positives": new_positives,
+            **metrics,
+            "wall_seconds": wall_seconds,
+            "train_seconds": _training_seconds(config) if trained else None,
+            **extra,
+        }
 
     rows = [row(0, arm, first_seconds if arm == FULL else None, 0) for arm in arms]
     for step in range(1, bench.replay_steps + 1):
@@ -172,7 +204,16 @@ def run_replay_benchmark(base: RecipeConfig) -> Path:
             configs[arm].data.until = until
             reports = []
             wall = _timed(lambda: reports.append(retrain(configs[arm], since)))
-            rows.append(row(step, arm, wall, new_positives, trained_positives=reports[0].trained_positives, replayed=reports[0].replayed))
+            rows.append(
+                row(
+                    step,
+                    arm,
+                    wall,
+                    new_positives,
+                    trained_positives=reports[0].trained_positives,
+                    replayed=reports[0].replayed,
+                )
+            )
         configs[FULL].data.until = until
         rows.append(row(step, FULL, _timed(lambda: pipeline.run_all(configs[FULL])), new_positives))
         rows.append(row(step, STALE, None, new_positives))
@@ -182,7 +223,7 @@ def run_replay_benchmark(base: RecipeConfig) -> Path:
         "date": date.today().isoformat(),
         "dataset": base.data.dataset,
         "protocol": "global time cutoffs at shares of the interactions; each retrain scored on the next slice's positives, "
-                    "full catalogue, earlier positives excluded, unseen users and items counted as they are",
+        "full catalogue, earlier positives excluded, unseen users and items counted as they are",
         "cutoffs": cutoffs,
         "settings": {
             "replay_start": bench.replay_start,

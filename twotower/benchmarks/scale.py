@@ -35,7 +35,21 @@ from twotower.store.index import save_index
 
 
 class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
 
 
 _LIBC = ctypes.CDLL("libc.so.6")
@@ -60,7 +74,9 @@ def neighbour_spread(vectors: np.ndarray, sample: int = 2000, seed: int = 0) -> 
     return float(np.median(distances.min(axis=1)) / np.sqrt(vectors.shape[1]))
 
 
-def grown_catalogue(item_ids: np.ndarray, vectors: np.ndarray, n_items: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def grown_catalogue(
+    item_ids: np.ndarray, vectors: np.ndarray, n_items: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """``n_items`` items: the real ones first, then perturbed copies of random real ones, each
     rescaled to its original's norm (the model's vectors are L2-normalised)."""
     if n_items < len(item_ids):
@@ -87,11 +103,18 @@ def export_with_index(config: RecipeConfig, index_path: Path, export_dir: Path) 
     from twotower.store.manifest import fingerprint
 
     ensemble = build_ensemble(
-        config.feature_repo_dir, config.query_tower_dir, index_path, config.serve.top_k, popular_items(config),
-        exclude_seen=config.serve.exclude_seen, max_users=config.serve.max_request_users,
+        config.feature_repo_dir,
+        config.query_tower_dir,
+        index_path,
+        config.serve.top_k,
+        popular_items(config),
+        exclude_seen=config.serve.exclude_seen,
+        max_users=config.serve.max_request_users,
         workflow_fingerprint=fingerprint(config.workflow_dir),
     )
-    return export_ensemble(ensemble, export_dir, config.serve.model_name, lambda model_dir: apply_serving_settings(model_dir, config.serve))
+    return export_ensemble(
+        ensemble, export_dir, config.serve.model_name, lambda model_dir: apply_serving_settings(model_dir, config.serve)
+    )
 
 
 def served_latency(config: RecipeConfig, export_dir: Path, users: np.ndarray, work_dir: Path) -> dict[str, float]:
@@ -105,19 +128,35 @@ def served_latency(config: RecipeConfig, export_dir: Path, users: np.ndarray, wo
     serve = dataclasses.replace(config.serve, grpc_port=0, http_port=0, metrics_port=0)
     timeout = config.serve.client_timeout_s
     with TritonServer(export_dir, work_dir, serve) as server:
-        drive_requests(server.grpc_url, serve.model_name, user_batches(users, bench.warmup_requests, 1, config.seed), 1, timeout)
+        drive_requests(
+            server.grpc_url, serve.model_name, user_batches(users, bench.warmup_requests, 1, config.seed), 1, timeout
+        )
         for concurrency in (1, 16):
             batches = user_batches(users, bench.scale_requests, 1, config.seed + concurrency)
-            summary = latency_summary(*drive_requests(server.grpc_url, serve.model_name, batches, concurrency, timeout), 1)
+            summary = latency_summary(
+                *drive_requests(server.grpc_url, serve.model_name, batches, concurrency, timeout), 1
+            )
             if summary["errors"]:
                 raise RuntimeError(f"{summary['errors']} requests failed at concurrency {concurrency} on {export_dir}")
             suffix = "" if concurrency == 1 else f"_c{concurrency}"
-            result.update({f"p50_ms_triton{suffix}": summary["p50_ms"], f"p99_ms_triton{suffix}": summary["p99_ms"], f"qps_triton{suffix}": summary["qps"]})
+            result.update(
+                {
+                    f"p50_ms_triton{suffix}": summary["p50_ms"],
+                    f"p99_ms_triton{suffix}": summary["p99_ms"],
+                    f"qps_triton{suffix}": summary["qps"],
+                }
+            )
     return result
 
 
 def measure_kind(
-    config: RecipeConfig, kind: str, item_ids: np.ndarray, vectors: np.ndarray, queries: RecallQueries, users: np.ndarray, work_dir: Path
+    config: RecipeConfig,
+    kind: str,
+    item_ids: np.ndarray,
+    vectors: np.ndarray,
+    queries: RecallQueries,
+    users: np.ndarray,
+    work_dir: Path,
 ) -> tuple[dict, IndexReport]:
     """The benchmark's row for one kind, and the build's own report (what ``auto`` chooses by)."""
     gc.collect()
@@ -128,14 +167,22 @@ def measure_kind(
     index_path = work_dir / "items.faiss"
     save_index(index, index_path)
     row = {
-        "recall@10": report.recall_at_10, "recall@100": report.recall_at_100, "meets_target": report.meets_target,
-        "factory": report.factory, "search_knob": report.search_knob, "build_s": report.build_s,
-        "memory_bytes": memory, "bytes_per_item": memory / len(item_ids), "file_bytes": index_path.stat().st_size,
+        "recall@10": report.recall_at_10,
+        "recall@100": report.recall_at_100,
+        "meets_target": report.meets_target,
+        "factory": report.factory,
+        "search_knob": report.search_knob,
+        "build_s": report.build_s,
+        "memory_bytes": memory,
+        "bytes_per_item": memory / len(item_ids),
+        "file_bytes": index_path.stat().st_size,
         "p50_ms_index_search": report.p50_ms,
     }
     del index
     gc.collect()
-    row.update(served_latency(config, export_with_index(config, index_path, work_dir / "models"), users, work_dir / "triton"))
+    row.update(
+        served_latency(config, export_with_index(config, index_path, work_dir / "models"), users, work_dir / "triton")
+    )
     shutil.rmtree(work_dir)  # a million-item export is hundreds of MB; the next kind needs the room
     return row, report
 
@@ -160,10 +207,15 @@ def index_scaling(config: RecipeConfig, out_dir: Path) -> tuple[dict, dict]:
             row, report = measure_kind(config, kind, item_ids, vectors, queries, users, out_dir / "work")
             sizes[str(n_items)][kind] = row
             reports.append(report)
-            print(f"        R@100 {row['recall@100']:.4f}  {row['bytes_per_item']:.0f} B/item  build {row['build_s']:.1f} s  "
-                  f"in process p50 {row['p50_ms_in_process']:.2f} ms  Triton p50 {row['p50_ms_triton']:.2f} / p99 {row['p99_ms_triton']:.2f} ms  "
-                  f"c16 p50 {row['p50_ms_triton_c16']:.2f} ms", flush=True)
-        auto[str(n_items)] = choose_kind(reports, config.index.latency_tolerance_ms).kind  # auto's rule on auto's inputs
+            print(
+                f"        R@100 {row['recall@100']:.4f}  {row['bytes_per_item']:.0f} B/item  build {row['build_s']:.1f} s  "
+                f"in process p50 {row['p50_ms_in_process']:.2f} ms  Triton p50 {row['p50_ms_triton']:.2f} / p99 {row['p99_ms_triton']:.2f} ms  "
+                f"c16 p50 {row['p50_ms_triton_c16']:.2f} ms",
+                flush=True,
+            )
+        auto[str(n_items)] = choose_kind(
+            reports, config.index.latency_tolerance_ms
+        ).kind  # auto's rule on auto's inputs
         del item_ids, vectors, queries
         gc.collect()
     return sizes, auto
@@ -189,7 +241,10 @@ def feast_scaling(config: RecipeConfig, out_dir: Path) -> dict:
     results: dict[str, dict] = {}
     rng = np.random.default_rng(config.seed)
     with RedisServer(out_dir / "redis") as redis_server:
-        stores = {"sqlite": FeaturesConfig(online_store="sqlite"), "redis": FeaturesConfig(online_store="redis", redis_connection=redis_server.connection)}
+        stores = {
+            "sqlite": FeaturesConfig(online_store="sqlite"),
+            "redis": FeaturesConfig(online_store="redis", redis_connection=redis_server.connection),
+        }
         for store_name, features in stores.items():
             results[store_name] = {}
             for n_users in config.benchmark.scale_feast_users:
@@ -207,8 +262,15 @@ def feast_scaling(config: RecipeConfig, out_dir: Path) -> dict:
                     query.read(np.array([user_id])), user.read(np.array([user_id]))
                     latencies.append((time.perf_counter() - started) * 1000)
                 p50, p99 = np.percentile(latencies[20:], [50, 99])
-                results[store_name][str(n_users)] = {"materialize_s": materialize_s, "read_p50_ms": float(p50), "read_p99_ms": float(p99)}
-                print(f"        materialized in {materialize_s:.1f} s; online read (both views) p50 {p50:.3f} ms, p99 {p99:.3f} ms", flush=True)
+                results[store_name][str(n_users)] = {
+                    "materialize_s": materialize_s,
+                    "read_p50_ms": float(p50),
+                    "read_p99_ms": float(p99),
+                }
+                print(
+                    f"        materialized in {materialize_s:.1f} s; online read (both views) p50 {p50:.3f} ms, p99 {p99:.3f} ms",
+                    flush=True,
+                )
                 shutil.rmtree(repo)
                 if store_name == "redis":  # the next size starts from an empty store
                     Redis(host="127.0.0.1", port=redis_server.port).flushall()
@@ -217,18 +279,24 @@ def feast_scaling(config: RecipeConfig, out_dir: Path) -> dict:
 
 # --------------------------------------------------------------------- report
 def _print_tables(report: dict) -> None:
-    print(f"\n{'items':>10} {'kind':<9}{'R@10':>8}{'R@100':>8}{'B/item':>8}{'build s':>9}{'proc p50':>10}{'proc p99':>10}"
-          f"{'Triton p50':>11}{'p99':>8}{'c16 p50':>9}{'c16 p99':>9}")
+    print(
+        f"\n{'items':>10} {'kind':<9}{'R@10':>8}{'R@100':>8}{'B/item':>8}{'build s':>9}{'proc p50':>10}{'proc p99':>10}"
+        f"{'Triton p50':>11}{'p99':>8}{'c16 p50':>9}{'c16 p99':>9}"
+    )
     for n_items, kinds in report["sizes"].items():
         for kind, r in kinds.items():
             chosen = " <- auto" if report["auto"][n_items] == kind else ""
-            print(f"{int(n_items):>10,} {kind:<9}{r['recall@10']:>8.4f}{r['recall@100']:>8.4f}{r['bytes_per_item']:>8.0f}{r['build_s']:>9.1f}"
-                  f"{r['p50_ms_in_process']:>10.2f}{r['p99_ms_in_process']:>10.2f}{r['p50_ms_triton']:>11.2f}{r['p99_ms_triton']:>8.2f}"
-                  f"{r['p50_ms_triton_c16']:>9.2f}{r['p99_ms_triton_c16']:>9.2f}{chosen}")
+            print(
+                f"{int(n_items):>10,} {kind:<9}{r['recall@10']:>8.4f}{r['recall@100']:>8.4f}{r['bytes_per_item']:>8.0f}{r['build_s']:>9.1f}"
+                f"{r['p50_ms_in_process']:>10.2f}{r['p99_ms_in_process']:>10.2f}{r['p50_ms_triton']:>11.2f}{r['p99_ms_triton']:>8.2f}"
+                f"{r['p50_ms_triton_c16']:>9.2f}{r['p99_ms_triton_c16']:>9.2f}{chosen}"
+            )
     print(f"\n{'store':<8}{'users':>10}{'materialize s':>15}{'read p50 ms':>13}{'read p99 ms':>13}")
     for store, by_users in report["feast"].items():
         for n_users, r in by_users.items():
-            print(f"{store:<8}{int(n_users):>10,}{r['materialize_s']:>15.1f}{r['read_p50_ms']:>13.3f}{r['read_p99_ms']:>13.3f}")
+            print(
+                f"{store:<8}{int(n_users):>10,}{r['materialize_s']:>15.1f}{r['read_p50_ms']:>13.3f}{r['read_p99_ms']:>13.3f}"
+            )
 
 
 def run_scale_benchmark(config: RecipeConfig) -> Path:
@@ -239,7 +307,9 @@ def run_scale_benchmark(config: RecipeConfig) -> Path:
     try:
         check_export(config)
     except ArtifactMismatch as reason:  # no finished run yet (a fresh clone): make one first
-        print(f"[scale] no finished run under {config.output_dir} ({str(reason).splitlines()[0]}); running the pipeline first")
+        print(
+            f"[scale] no finished run under {config.output_dir} ({str(reason).splitlines()[0]}); running the pipeline first"
+        )
         run_all(config)
     out_dir = config.output_dir / "benchmark-scale"
     if out_dir.exists():

@@ -39,7 +39,9 @@ class Phase:
     concurrency: int
 
 
-def drive_requests(url: str, model: str, batches: list[np.ndarray], concurrency: int, timeout_s: float) -> tuple[np.ndarray, int, float]:
+def drive_requests(
+    url: str, model: str, batches: list[np.ndarray], concurrency: int, timeout_s: float
+) -> tuple[np.ndarray, int, float]:
     """Send every batch, ``concurrency`` at a time; latencies (ms), error count, wall seconds."""
 
     def worker(share: list[np.ndarray]) -> tuple[list[float], int]:
@@ -80,8 +82,17 @@ def triton_model_stats(metrics_url: str, model: str) -> dict[str, float]:
     """Cumulative per-model counters from Triton's Prometheus endpoint."""
     text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
     stats = {}
-    for name in ("request_success", "request_failure", "inference_count", "execution_count", "request_duration_us",
-                 "queue_duration_us", "compute_infer_duration_us", "compute_input_duration_us", "compute_output_duration_us"):
+    for name in (
+        "request_success",
+        "request_failure",
+        "inference_count",
+        "execution_count",
+        "request_duration_us",
+        "queue_duration_us",
+        "compute_infer_duration_us",
+        "compute_input_duration_us",
+        "compute_output_duration_us",
+    ):
         match = re.search(rf'^nv_inference_{name}{{[^}}]*model="{model}"[^}}]*}} ([0-9.e+]+)$', text, re.MULTILINE)
         stats[name] = float(match.group(1)) if match else 0.0
     return stats
@@ -102,7 +113,12 @@ def user_batches(users: np.ndarray, count: int, size: int, seed: int) -> list[np
 
 def run_phases(config: RecipeConfig, url: str, metrics_url: str, users: np.ndarray) -> dict[str, dict]:
     bench, model = config.benchmark, config.serve.model_name
-    phases = [Phase("c1", 1, 1), Phase("c4", 1, 4), Phase("c16", 1, 16), Phase(f"batch{bench.batch_users}_c1", bench.batch_users, 1)]
+    phases = [
+        Phase("c1", 1, 1),
+        Phase("c4", 1, 4),
+        Phase("c16", 1, 16),
+        Phase(f"batch{bench.batch_users}_c1", bench.batch_users, 1),
+    ]
     timeout_s = config.serve.client_timeout_s
     drive_requests(url, model, user_batches(users, bench.warmup_requests, 1, config.seed), 1, timeout_s)
     results = {}
@@ -115,14 +131,17 @@ def run_phases(config: RecipeConfig, url: str, metrics_url: str, users: np.ndarr
             **latency_summary(latencies, errors, wall, phase.users_per_request),
             "triton": _per_request_ms(before, triton_model_stats(metrics_url, model)),
         }
-        print(f"  {phase.name:<12} p50 {results[phase.name]['p50_ms']:7.2f} ms  p99 {results[phase.name]['p99_ms']:7.2f} ms  "
-              f"{results[phase.name]['qps']:7.1f} req/s  errors {errors}")
+        print(
+            f"  {phase.name:<12} p50 {results[phase.name]['p50_ms']:7.2f} ms  p99 {results[phase.name]['p99_ms']:7.2f} ms  "
+            f"{results[phase.name]['qps']:7.1f} req/s  errors {errors}"
+        )
     return results
 
 
 def soak(config: RecipeConfig, url: str, users: np.ndarray) -> dict:
     """Good and malformed requests mixed for a bounded time; counts errors on good ones."""
     bench, model = config.benchmark, config.serve.model_name
+
     def fp32_request() -> list[grpcclient.InferInput]:
         request = grpcclient.InferInput("user_id", [1], "FP32")
         request.set_data_from_numpy(np.array([1.0], dtype=np.float32))
@@ -150,7 +169,9 @@ def soak(config: RecipeConfig, url: str, users: np.ndarray) -> dict:
                 else:
                     counts["good"] += 1
                     try:
-                        client.infer(model, [user_id_request(rng.choice(users, 1).astype(np.int64))], client_timeout=timeout_s)
+                        client.infer(
+                            model, [user_id_request(rng.choice(users, 1).astype(np.int64))], client_timeout=timeout_s
+                        )
                     except InferenceServerException:
                         counts["good_errors"] += 1
         return counts
@@ -159,7 +180,9 @@ def soak(config: RecipeConfig, url: str, users: np.ndarray) -> dict:
         results = list(pool.map(worker, range(bench.soak_concurrency)))
     totals = {key: sum(r[key] for r in results) for key in results[0]}
     with grpcclient.InferenceServerClient(url) as client:
-        totals["ready_after"] = bool(client.is_server_ready(client_timeout=timeout_s) and client.is_model_ready(model, client_timeout=timeout_s))
+        totals["ready_after"] = bool(
+            client.is_server_ready(client_timeout=timeout_s) and client.is_model_ready(model, client_timeout=timeout_s)
+        )
     totals["seconds"] = bench.soak_seconds
     return totals
 
@@ -190,9 +213,26 @@ def perf_analyzer_phases(config: RecipeConfig, url: str, users: np.ndarray, out_
     for concurrency in (1, 4, 16):
         report = out_dir / f"perf_analyzer_c{concurrency}.csv"
         run = subprocess.run(
-            [bench.perf_analyzer, "-m", config.serve.model_name, "-u", url, "-i", "grpc", "--input-data", str(input_path),
-             "--concurrency-range", str(concurrency), "--measurement-interval", str(bench.perf_analyzer_interval_ms), "-f", str(report)],
-            capture_output=True, text=True, timeout=600,
+            [
+                bench.perf_analyzer,
+                "-m",
+                config.serve.model_name,
+                "-u",
+                url,
+                "-i",
+                "grpc",
+                "--input-data",
+                str(input_path),
+                "--concurrency-range",
+                str(concurrency),
+                "--measurement-interval",
+                str(bench.perf_analyzer_interval_ms),
+                "-f",
+                str(report),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
         )
         if run.returncode != 0:  # e.g. no stable window on a busy machine: a second opinion, not the benchmark
             reason = (run.stderr.strip() or run.stdout.strip() or "no output").splitlines()[-1]
@@ -207,8 +247,10 @@ def perf_analyzer_phases(config: RecipeConfig, url: str, users: np.ndarray, out_
             "p99_ms": float(row["p99 latency"]) / 1000,
             "qps": float(row["Inferences/Second"]),
         }
-        print(f"  perf_analyzer c{concurrency}: p50 {results[f'c{concurrency}']['p50_ms']:.2f} ms  "
-              f"p99 {results[f'c{concurrency}']['p99_ms']:.2f} ms  {results[f'c{concurrency}']['qps']:.1f} req/s")
+        print(
+            f"  perf_analyzer c{concurrency}: p50 {results[f'c{concurrency}']['p50_ms']:.2f} ms  "
+            f"p99 {results[f'c{concurrency}']['p99_ms']:.2f} ms  {results[f'c{concurrency}']['qps']:.1f} req/s"
+        )
     return results
 
 
@@ -223,18 +265,26 @@ def export_reference(config: RecipeConfig, out_dir: Path) -> Path:
     index_path = out_dir / "reference_ivf32.faiss"
     save_index(build_reference_index(*load_item_vectors(config.item_vectors_path)), index_path)
     ensemble = build_reference_ensemble(
-        config.feature_repo_dir, config.workflow_dir / "user", config.query_tower_dir, index_path,
-        config.serve.top_k, config.serve.max_request_users,
+        config.feature_repo_dir,
+        config.workflow_dir / "user",
+        config.query_tower_dir,
+        index_path,
+        config.serve.top_k,
+        config.serve.max_request_users,
     )
     return export_ensemble(ensemble, out_dir / "reference_models", config.serve.model_name)
 
 
 def _print_table(phases: dict[str, dict]) -> None:
-    print(f"\n{'phase':<14}{'graph':<11}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'req/s':>9}{'users/s':>9}{'errors':>8}{'triton compute ms':>19}")
+    print(
+        f"\n{'phase':<14}{'graph':<11}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'req/s':>9}{'users/s':>9}{'errors':>8}{'triton compute ms':>19}"
+    )
     for phase, graphs in phases.items():
         for graph, r in graphs.items():
-            print(f"{phase:<14}{graph:<11}{r['p50_ms']:>9.2f}{r['p95_ms']:>9.2f}{r['p99_ms']:>9.2f}{r['qps']:>9.1f}"
-                  f"{r['users_per_s']:>9.1f}{r['errors']:>8}{r['triton']['compute_infer_ms']:>19.2f}")
+            print(
+                f"{phase:<14}{graph:<11}{r['p50_ms']:>9.2f}{r['p95_ms']:>9.2f}{r['p99_ms']:>9.2f}{r['qps']:>9.1f}"
+                f"{r['users_per_s']:>9.1f}{r['errors']:>8}{r['triton']['compute_infer_ms']:>19.2f}"
+            )
 
 
 def run_serving_benchmark(config: RecipeConfig) -> Path:
@@ -264,18 +314,27 @@ def run_serving_benchmark(config: RecipeConfig) -> Path:
         "top_k": config.serve.top_k,
         "phases": phases,
         # The same graphs without Triton: what the served ratio should be close to.
-        "in_process": {graph: in_process_latency(model_repository, users, min(config.benchmark.requests_per_phase, 1000))
-                       for graph, model_repository in graphs.items()},
+        "in_process": {
+            graph: in_process_latency(model_repository, users, min(config.benchmark.requests_per_phase, 1000))
+            for graph, model_repository in graphs.items()
+        },
         "soak": soak_result,
         "perf_analyzer_recipe": perf_analyzer,
         "p50_ratio_reference_over_recipe_c1": phases["c1"]["reference"]["p50_ms"] / phases["c1"]["recipe"]["p50_ms"],
     }
-    report["p50_ratio_reference_over_recipe_in_process"] = report["in_process"]["reference"]["p50_ms"] / report["in_process"]["recipe"]["p50_ms"]
+    report["p50_ratio_reference_over_recipe_in_process"] = (
+        report["in_process"]["reference"]["p50_ms"] / report["in_process"]["recipe"]["p50_ms"]
+    )
     _print_table(phases)
     for graph, result in report["in_process"].items():
-        print(f"\nin-process DAG (no Triton), {graph}, single user: p50 {result['p50_ms']:.2f} ms, p99 {result['p99_ms']:.2f} ms", end="")
-    print(f"\nreference p50 / recipe p50 at concurrency 1: {report['p50_ratio_reference_over_recipe_c1']:.1f}x through Triton, "
-          f"{report['p50_ratio_reference_over_recipe_in_process']:.1f}x in process")
+        print(
+            f"\nin-process DAG (no Triton), {graph}, single user: p50 {result['p50_ms']:.2f} ms, p99 {result['p99_ms']:.2f} ms",
+            end="",
+        )
+    print(
+        f"\nreference p50 / recipe p50 at concurrency 1: {report['p50_ratio_reference_over_recipe_c1']:.1f}x through Triton, "
+        f"{report['p50_ratio_reference_over_recipe_in_process']:.1f}x in process"
+    )
     json_path = out_dir / "serving.json"
     json_path.write_text(json.dumps(report, indent=2))
     print(json_path)

@@ -79,7 +79,9 @@ def check_comparable(config: RecipeConfig) -> None:
     }
     changed = [key for key, differs in differences.items() if differs]
     if changed:
-        raise ValueError(f"benchmark-train compares the default model and loss; these settings differ from it: {', '.join(changed)}")
+        raise ValueError(
+            f"benchmark-train compares the default model and loss; these settings differ from it: {', '.join(changed)}"
+        )
 
 
 def plain_layout(schema: Schema) -> Layout:
@@ -139,11 +141,22 @@ class EpochClock(tf.keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         seconds = time.perf_counter() - self._epoch_start
         self.epoch_seconds.append(seconds)
-        print(f"[benchmark-train] {self.label}: epoch {epoch + 1}/{self.params['epochs']} {seconds:.1f} s, "
-              f"{self.rows / seconds:,.0f} examples/s", flush=True)
+        print(
+            f"[benchmark-train] {self.label}: epoch {epoch + 1}/{self.params['epochs']} {seconds:.1f} s, "
+            f"{self.rows / seconds:,.0f} examples/s",
+            flush=True,
+        )
 
 
-def timed_fit(keras_model: tf.keras.Model, batches: Iterable, epochs: int, rows: int, batch_size: int, label: str, warmup_epochs: int) -> dict:
+def timed_fit(
+    keras_model: tf.keras.Model,
+    batches: Iterable,
+    epochs: int,
+    rows: int,
+    batch_size: int,
+    label: str,
+    warmup_epochs: int,
+) -> dict:
     """Fit ``epochs`` epochs; the median of those after ``warmup_epochs`` is the throughput."""
     clock = EpochClock(label, rows)
     keras_model.fit(batches, epochs=epochs, callbacks=[clock], verbose=0)
@@ -177,7 +190,10 @@ def repeated_batch(batch: dict[str, tf.Tensor], steps: int) -> tf.data.Dataset:
     input block refuses a static row count that its list columns do not have)."""
 
     def unknown_rows(features: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        return {name: tf.compat.v1.placeholder_with_default(values, [None, *values.shape[1:]]) for name, values in features.items()}
+        return {
+            name: tf.compat.v1.placeholder_with_default(values, [None, *values.shape[1:]])
+            for name, values in features.items()
+        }
 
     return tf.data.Dataset.from_tensors(batch).repeat(steps).map(unknown_rows)
 
@@ -224,12 +240,16 @@ def top_op_types(op_ms: Counter, count: int = 8) -> list[dict]:
 
 def recipe_parts(op_ms: Counter) -> dict[str, dict[str, float]]:
     """Op time per step by part of the recipe's model, forward and backward."""
-    parts = {name: {"forward_ms": 0.0, "backward_ms": 0.0} for name, _ in RECIPE_PARTS} | {OTHER_PART: {"forward_ms": 0.0, "backward_ms": 0.0}}
+    parts = {name: {"forward_ms": 0.0, "backward_ms": 0.0} for name, _ in RECIPE_PARTS} | {
+        OTHER_PART: {"forward_ms": 0.0, "backward_ms": 0.0}
+    }
     for name, ms in op_ms.items():
         part = next((part for part, scopes in RECIPE_PARTS if any(scope in name for scope in scopes)), OTHER_PART)
         parts[part]["backward_ms" if name.startswith("gradient_tape/") else "forward_ms"] += ms
     total = sum(op_ms.values())
-    return {part: {**times, "share": (times["forward_ms"] + times["backward_ms"]) / total} for part, times in parts.items()}
+    return {
+        part: {**times, "share": (times["forward_ms"] + times["backward_ms"]) / total} for part, times in parts.items()
+    }
 
 
 def replicated_users(inputs: TrainingInputs, copies: int) -> TrainingInputs:
@@ -239,9 +259,14 @@ def replicated_users(inputs: TrainingInputs, copies: int) -> TrainingInputs:
     user_id = inputs.schema.select_by_tag(Tags.USER_ID).first
     users = user_id.int_domain.max + 1
     frame = inputs.train_dataset.to_ddf().compute()
-    rows = pd.concat([frame.assign(**{user_id.name: frame[user_id.name] + copy * users}) for copy in range(copies)], ignore_index=True)
+    rows = pd.concat(
+        [frame.assign(**{user_id.name: frame[user_id.name] + copy * users}) for copy in range(copies)],
+        ignore_index=True,
+    )
     schema = with_domain(inputs.schema, user_id.name, {**user_id.properties["domain"], "max": copies * users - 1})
-    return dataclasses.replace(inputs, train_dataset=merlin.io.Dataset(rows, schema=schema), item_counts=inputs.item_counts * copies)
+    return dataclasses.replace(
+        inputs, train_dataset=merlin.io.Dataset(rows, schema=schema), item_counts=inputs.item_counts * copies
+    )
 
 
 def scale_epochs(config: RecipeConfig, inputs: TrainingInputs, rows: int) -> dict[str, dict]:
@@ -251,32 +276,52 @@ def scale_epochs(config: RecipeConfig, inputs: TrainingInputs, rows: int) -> dic
     users = inputs.schema.select_by_tag(Tags.USER_ID).first.int_domain.max + 1
     scale = {}
     for copies in config.benchmark.train_scale_factors:
-        print(f"[benchmark-train] {copies}x: replicating the encoded rows in memory ({copies * rows:,} interactions)", flush=True)
+        print(
+            f"[benchmark-train] {copies}x: replicating the encoded rows in memory ({copies * rows:,} interactions)",
+            flush=True,
+        )
         scaled = replicated_users(inputs, copies)
         model, batches = recipe_side(config, scaled, "cached")
         model.keras.fit(batches.take(2), verbose=0)
-        timed = timed_fit(model.keras, batches, 1, copies * rows, config.train.batch_size, f"recipe at {copies}x", warmup_epochs=0)
-        scale[f"{copies}x"] = {"interactions": copies * rows, "users": copies * users, "epoch_s": timed["epoch_s"], "examples_per_s": timed["examples_per_s"]}
+        timed = timed_fit(
+            model.keras, batches, 1, copies * rows, config.train.batch_size, f"recipe at {copies}x", warmup_epochs=0
+        )
+        scale[f"{copies}x"] = {
+            "interactions": copies * rows,
+            "users": copies * users,
+            "epoch_s": timed["epoch_s"],
+            "examples_per_s": timed["examples_per_s"],
+        }
         del scaled, model, batches
         gc.collect()
     return scale
 
 
 def side_labels(loader: str) -> dict[str, str]:
-    return {"recipe": f"recipe ({loader} loader)", "recipe_merlin_loader": "recipe (mm.Loader)", "plain_keras": "plain tf.keras"}
+    return {
+        "recipe": f"recipe ({loader} loader)",
+        "recipe_merlin_loader": "recipe (mm.Loader)",
+        "plain_keras": "plain tf.keras",
+    }
 
 
 def _epoch_table(report: dict, labels: dict[str, str]) -> str:
     """Where an epoch's time goes, per side: the loader alone, the step alone, the epoch."""
     profile, steps = report["profile"], report["steps_per_epoch"]
-    lines = [f"{'1x, ' + format(steps, ',') + ' steps per epoch':<38}" + "".join(f"{labels[side]:>22}" for side in SIDES)]
+    lines = [
+        f"{'1x, ' + format(steps, ',') + ' steps per epoch':<38}" + "".join(f"{labels[side]:>22}" for side in SIDES)
+    ]
     rows = [
         ("loader alone, one epoch (s)", [profile["loader_s_per_epoch"][side] for side in SIDES], ".1f"),
         ("train step, resident batch (ms)", [profile["resident_step_ms"][side] for side in SIDES], ".0f"),
         ("steps x resident step (s)", [steps * profile["resident_step_ms"][side] / 1000 for side in SIDES], ".1f"),
         ("measured epoch, median (s)", [report[side]["epoch_s"] for side in SIDES], ".1f"),
         ("examples/s", [report[side]["examples_per_s"] for side in SIDES], ",.0f"),
-        ("step time / plain tf.keras", [report[side]["epoch_s"] / report["plain_keras"]["epoch_s"] for side in SIDES], ".2f"),
+        (
+            "step time / plain tf.keras",
+            [report[side]["epoch_s"] / report["plain_keras"]["epoch_s"] for side in SIDES],
+            ".2f",
+        ),
     ]
     for label, values, spec in rows:
         lines.append(f"{label:<38}" + "".join(f"{format(value, spec):>22}" for value in values))
@@ -284,7 +329,9 @@ def _epoch_table(report: dict, labels: dict[str, str]) -> str:
 
 
 def _profile_tables(profile: dict, labels: dict[str, str]) -> str:
-    lines = [f"\nrecipe train step by part (tf.profiler, op ms per step summed over threads)\n{'part':<48}{'forward':>9}{'backward':>10}{'share':>8}"]
+    lines = [
+        f"\nrecipe train step by part (tf.profiler, op ms per step summed over threads)\n{'part':<48}{'forward':>9}{'backward':>10}{'share':>8}"
+    ]
     for part, times in profile["recipe_step_parts"].items():
         lines.append(f"{part:<48}{times['forward_ms']:>9.1f}{times['backward_ms']:>10.1f}{times['share']:>8.0%}")
     for side in ("recipe", "plain_keras"):
@@ -295,7 +342,10 @@ def _profile_tables(profile: dict, labels: dict[str, str]) -> str:
 
 def _scale_table(scale: dict) -> str:
     lines = [f"\n{'users':<8}{'interactions':>14}{'epoch s':>10}{'examples/s':>12}"]
-    lines += [f"{name:<8}{row['interactions']:>14,}{row['epoch_s']:>10.1f}{row['examples_per_s']:>12,.0f}" for name, row in scale.items()]
+    lines += [
+        f"{name:<8}{row['interactions']:>14,}{row['epoch_s']:>10.1f}{row['examples_per_s']:>12,.0f}"
+        for name, row in scale.items()
+    ]
     return "\n".join(lines)
 
 
@@ -306,15 +356,24 @@ def run_train_benchmark(config: RecipeConfig) -> Path:
     bench, labels = config.benchmark, side_labels(config.train.loader)
     started = time.perf_counter()
     if not config.train_encoded_dir.exists():  # a fresh clone: the recipe's first two stages
-        print(f"[benchmark-train] no encoded training data under {config.output_dir}; running the data and workflow stages")
+        print(
+            f"[benchmark-train] no encoded training data under {config.output_dir}; running the data and workflow stages"
+        )
         pipeline.run_data(config)
         pipeline.run_workflow(config)
     inputs = load_training_inputs(config)
     rows, batch_size = int(inputs.train_dataset.to_ddf().shape[0].compute()), config.train.batch_size
-    print(f"[benchmark-train] {config.data.dataset}: {rows:,} encoded training rows, batch {batch_size}, "
-          f"{bench.train_epochs} epochs per side (the first not counted)", flush=True)
+    print(
+        f"[benchmark-train] {config.data.dataset}: {rows:,} encoded training rows, batch {batch_size}, "
+        f"{bench.train_epochs} epochs per side (the first not counted)",
+        flush=True,
+    )
 
-    loaders = {"recipe": config.train.loader, "recipe_merlin_loader": "merlin", "plain_keras": "tf.data from NumPy arrays"}
+    loaders = {
+        "recipe": config.train.loader,
+        "recipe_merlin_loader": "merlin",
+        "plain_keras": "tf.data from NumPy arrays",
+    }
     models, batches, loader_s, report = {}, {}, {}, {}
     for side in SIDES:
         if side == "plain_keras":
@@ -324,7 +383,9 @@ def run_train_benchmark(config: RecipeConfig) -> Path:
             models[side] = model.keras
         loader_s[side] = loader_seconds(batches[side])
         print(f"[benchmark-train] {labels[side]}: loader alone {loader_s[side]:.1f} s per epoch", flush=True)
-        report[side] = timed_fit(models[side], batches[side], bench.train_epochs, rows, batch_size, labels[side], warmup_epochs=1)
+        report[side] = timed_fit(
+            models[side], batches[side], bench.train_epochs, rows, batch_size, labels[side], warmup_epochs=1
+        )
         report[side]["loader"] = loaders[side]
 
     print("[benchmark-train] profile: train steps on one resident batch, then a tf.profiler trace", flush=True)
@@ -332,7 +393,10 @@ def run_train_benchmark(config: RecipeConfig) -> Path:
         "recipe": resident_batch(cached_batches(inputs.train_dataset, batch_size, config.seed)),
         "plain_keras": resident_batch(batches["plain_keras"]),
     }
-    resident_ms = {side: resident_step_ms(models[side], resident[side], bench.train_resident_batch_steps, labels[side]) for side in resident}
+    resident_ms = {
+        side: resident_step_ms(models[side], resident[side], bench.train_resident_batch_steps, labels[side])
+        for side in resident
+    }
     resident_ms["recipe_merlin_loader"] = resident_ms["recipe"]  # the same model and step; only the loader differs
     op_ms = {side: traced_op_ms(models[side], resident[side], bench.train_traced_steps) for side in resident}
     del models, batches, resident

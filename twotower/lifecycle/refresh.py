@@ -102,7 +102,9 @@ def read_new_items(path: Path, config: RecipeConfig) -> pd.DataFrame:
     expected = list(run_items.columns)
     missing = [column for column in expected if column not in frame.columns]
     if missing:
-        raise RefreshRefused(f"{path} lacks the column(s) {', '.join(missing)} of the run's item table ({', '.join(expected)})")
+        raise RefreshRefused(
+            f"{path} lacks the column(s) {', '.join(missing)} of the run's item table ({', '.join(expected)})"
+        )
     repeated = frame["item_id"][frame["item_id"].duplicated()].unique()
     if len(repeated):
         raise RefreshRefused(f"{path}: item ids appear more than once: {_some(repeated)}")
@@ -163,7 +165,9 @@ def add_to_catalogue(items: pd.DataFrame, vectors: np.ndarray, config: RecipeCon
     add_items(index, item_ids, vectors)
     add_rows(config.feature_repo_dir, ITEM_VIEW, items)
     with atomic_file(config.item_vectors_path) as staging:
-        save_item_vectors(np.concatenate([catalogue_ids, item_ids]), np.concatenate([catalogue_vectors, vectors]), staging)
+        save_item_vectors(
+            np.concatenate([catalogue_ids, item_ids]), np.concatenate([catalogue_vectors, vectors]), staging
+        )
     save_index(index, config.index_path)
     return index.ntotal
 
@@ -203,20 +207,27 @@ def roll_out(url: str, model_name: str, version: int, timeout_s: float) -> None:
             client.load_model(model_name, client_timeout=timeout_s)
             ready = client.is_model_ready(model_name, str(version), client_timeout=timeout_s)
         except InferenceServerException as error:
-            raise RolloutFailed(f"{url} did not load version {version} of {model_name} and serves the previous one: {error.message()}") from None
+            raise RolloutFailed(
+                f"{url} did not load version {version} of {model_name} and serves the previous one: {error.message()}"
+            ) from None
         if not ready:
             raise RolloutFailed(f"{url} loaded {model_name}, but version {version} is not ready; see the server log")
         deadline = time.monotonic() + timeout_s
         while _other_versions_loaded(client, model_name, version, timeout_s):
             if time.monotonic() > deadline:
-                raise RolloutFailed(f"{url} serves version {version}, but older versions of {model_name} were still loaded after {timeout_s:.0f} s")
+                raise RolloutFailed(
+                    f"{url} serves version {version}, but older versions of {model_name} were still loaded after {timeout_s:.0f} s"
+                )
             time.sleep(0.2)
 
 
 def _other_versions_loaded(client, model_name: str, version: int, timeout_s: float) -> bool:
     """True while a version other than ``version`` is still ready or unloading (answering requests it holds)."""
     index = client.get_model_repository_index(as_json=True, client_timeout=timeout_s).get("models", [])
-    return any(m["name"] == model_name and m.get("version") != str(version) and m.get("state") in ("READY", "UNLOADING") for m in index)
+    return any(
+        m["name"] == model_name and m.get("version") != str(version) and m.get("state") in ("READY", "UNLOADING")
+        for m in index
+    )
 
 
 def refresh_items(config: RecipeConfig, items_path: Path) -> RefreshReport:
@@ -226,7 +237,9 @@ def refresh_items(config: RecipeConfig, items_path: Path) -> RefreshReport:
     from twotower.store.artifacts import load_item_vectors
 
     if head_shape(config.model):
-        raise RefreshRefused(f"model.name={config.model.name} indexes item heads; refresh-items adds single item vectors (retrain instead)")
+        raise RefreshRefused(
+            f"model.name={config.model.name} indexes item heads; refresh-items adds single item vectors (retrain instead)"
+        )
     if config.serve.prerank_candidates:
         raise RefreshRefused(
             f"serve.prerank_candidates={config.serve.prerank_candidates}: the pre-ranker holds vectors of the items it was trained on only, "
@@ -241,8 +254,10 @@ def refresh_items(config: RecipeConfig, items_path: Path) -> RefreshReport:
         check_export(config)  # the run must agree with itself before it is extended
         refuse_catalogued(items, load_item_vectors(config.item_vectors_path)[0])
         catalogue_size = add_new_items(items, config)
-        print(f"[refresh] {len(items):,} new items embedded (cold start: the shared out-of-vocabulary id, their own features) "
-              f"and added to Feast's item view; the index holds {catalogue_size:,} items")
+        print(
+            f"[refresh] {len(items):,} new items embedded (cold start: the shared out-of-vocabulary id, their own features) "
+            f"and added to Feast's item view; the index holds {catalogue_size:,} items"
+        )
         version, servers = roll_out_new_version(config, "refresh")
     return RefreshReport(catalogue_size, version, servers)
 

@@ -102,9 +102,14 @@ def warm_start(config: RecipeConfig, since: int) -> int:
     inputs = load_training_inputs(config)
     narrowed, new, replayed = new_training_rows(inputs, since, config.train.retrain_replay, config.seed)
     started_from = fingerprint(config.model_weights_path)
-    print(f"[train] warm start from {config.model_weights_path} ({started_from[:12]}): {new:,} new training positives, "
-          f"{replayed:,} older ones replayed, {config.train.retrain_epochs} epoch(s)", flush=True)
-    model, stopper = fit_model(config, narrowed, epochs=config.train.retrain_epochs, warm_start=config.model_weights_path)
+    print(
+        f"[train] warm start from {config.model_weights_path} ({started_from[:12]}): {new:,} new training positives, "
+        f"{replayed:,} older ones replayed, {config.train.retrain_epochs} epoch(s)",
+        flush=True,
+    )
+    model, stopper = fit_model(
+        config, narrowed, epochs=config.train.retrain_epochs, warm_start=config.model_weights_path
+    )
     details = {
         "warm_start": {
             "model_weights": started_from,
@@ -128,7 +133,9 @@ def rewrite_user_rows(config: RecipeConfig, user_ids: np.ndarray) -> None:
     with recorded_stage(config, "features"):
         if len(user_ids):
             update_users(config, user_ids)
-    print(f"[features] rows of {len(user_ids):,} users rewritten in {config.feature_repo_dir} ({config.features.online_store})")
+    print(
+        f"[features] rows of {len(user_ids):,} users rewritten in {config.feature_repo_dir} ({config.features.online_store})"
+    )
 
 
 def carry_refreshed_items(config: RecipeConfig, items: pd.DataFrame) -> None:
@@ -142,8 +149,10 @@ def carry_refreshed_items(config: RecipeConfig, items: pd.DataFrame) -> None:
     items = items[~items["item_id"].isin(load_item_vectors(config.item_vectors_path)[0])]
     if len(items):
         catalogue_size = add_new_items(items, config)
-        print(f"[retrain] {len(items):,} items added by refresh-items embedded again by the retrained item tower; "
-              f"the index holds {catalogue_size:,} items")
+        print(
+            f"[retrain] {len(items):,} items added by refresh-items embedded again by the retrained item tower; "
+            f"the index holds {catalogue_size:,} items"
+        )
 
 
 def _store_has_current_items(config: RecipeConfig) -> bool:
@@ -159,7 +168,9 @@ def _check_window(config: RecipeConfig, since: int, until: int | None) -> None:
         raise RetrainRefused(f"--since {since} is not before data.until {until}: no interaction can be new")
     known_until = read_manifest(config).get("data", {}).get("details", {}).get("until")
     if known_until is not None and until is not None and until < known_until:
-        raise RetrainRefused(f"data.until {until} is before the run's data cutoff {known_until}: retrain moves forward in time")
+        raise RetrainRefused(
+            f"data.until {until} is before the run's data cutoff {known_until}: retrain moves forward in time"
+        )
     if known_until is not None and since > known_until:
         raise RetrainRefused(
             f"--since {since} is after the run's data cutoff {known_until}: the positives in between would be neither "
@@ -185,7 +196,9 @@ def retrain(config: RecipeConfig, since: int) -> RetrainReport:
         _check_window(config, since, data_cutoff(config.data))
         if policy == "oov":
             if not config.model_weights_path.exists():
-                raise RetrainRefused(f"no saved model weights at {config.model_weights_path} to warm-start from: run `twotower train` first")
+                raise RetrainRefused(
+                    f"no saved model weights at {config.model_weights_path} to warm-start from: run `twotower train` first"
+                )
             check_export(config)  # the last model must be the one its workflow and data belong to
         known = load_recipe_data(config.data_dir)
         known_users = known.users["user_id"].to_numpy()
@@ -200,17 +213,23 @@ def retrain(config: RecipeConfig, since: int) -> RetrainReport:
         fresh = positives[positives["timestamp"] >= since]
         trained = int((split.train["timestamp"] >= since).sum())
         if trained == 0:
-            raise RetrainRefused(f"no new positives at or after --since {since} in the training split ({len(fresh):,} in all): nothing to train on")
+            raise RetrainRefused(
+                f"no new positives at or after --since {since} in the training split ({len(fresh):,} in all): nothing to train on"
+            )
         new_users = np.setdiff1d(data.users["user_id"].to_numpy(), known_users)
         changed_users = np.union1d(fresh["user_id"].unique(), new_users)
-        print(f"[retrain] {len(fresh):,} new positives ({trained:,} in the training split), {len(new_users):,} new users; train.new_ids={policy}")
+        print(
+            f"[retrain] {len(fresh):,} new positives ({trained:,} in the training split), {len(new_users):,} new users; train.new_ids={policy}"
+        )
 
         with timed_step("data"):
             write_data(config, data, split)
         replayed = 0
         if policy == "refit":
-            print("[retrain] train.new_ids=refit: the workflow is fitted again, which changes the embedding tables, "
-                  "so this is a full retrain from scratch (train.epochs), not a warm start")
+            print(
+                "[retrain] train.new_ids=refit: the workflow is fitted again, which changes the embedding tables, "
+                "so this is a full retrain from scratch (train.epochs), not a warm start"
+            )
             for stage in ("workflow", "train", "index", "features"):
                 run_stage(stage, config)
         else:

@@ -28,6 +28,7 @@ REGISTRY: dict[str, str] = {
 # so they serve only as the cascade's pre-ranker (serve.prerank_model)
 RANKING_MODELS = ("dcn_v2",)
 
+
 def head_shape(model: ModelConfig) -> HeadShape | None:
     """How a multi-vector model's vectors split into heads: it is scored by the FE score and
     served through ``multi_vector.HeadIndex``. None for a model scored by one dot product."""

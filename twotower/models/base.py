@@ -87,7 +87,12 @@ class RetrievalModel:
         module = tf.Module()
         module.state = self.pair_scoring_state()
 
-        @tf.function(input_signature=[tf.TensorSpec([None, query_width], tf.float32, "query"), tf.TensorSpec([None, item_width], tf.float32, "items")])
+        @tf.function(
+            input_signature=[
+                tf.TensorSpec([None, query_width], tf.float32, "query"),
+                tf.TensorSpec([None, item_width], tf.float32, "items"),
+            ]
+        )
         def serve(query, items):
             return {"scores": self.pair_scores(query, items)}
 
@@ -184,7 +189,11 @@ def field_inputs(schema: Schema, tables: mm.ParallelBlock, model: ModelConfig) -
 
 
 def compile_model(
-    keras_model: mm.RetrievalModelV2, schema: Schema, train: TrainConfig, model: ModelConfig, kind: Callable[..., RetrievalModel] = RetrievalModel
+    keras_model: mm.RetrievalModelV2,
+    schema: Schema,
+    train: TrainConfig,
+    model: ModelConfig,
+    kind: Callable[..., RetrievalModel] = RetrievalModel,
 ) -> RetrievalModel:
     keras_model.compile(optimizer=tf.keras.optimizers.Adam(train.learning_rate), loss=loss_for(model.loss), metrics=[])
     return kind(keras_model, schema)

@@ -103,7 +103,16 @@ class DualAugmentedModel(mm.RetrievalModelV2):
     """merlin-models' retrieval model plus DAT's losses, added from the towers' outputs of
     the same forward pass (no second pass through the towers)."""
 
-    def __init__(self, *, user_augment, item_augment, category_column: str | None, category_cardinality: int, dat: DATConfig, **kwargs):
+    def __init__(
+        self,
+        *,
+        user_augment,
+        item_augment,
+        category_column: str | None,
+        category_cardinality: int,
+        dat: DATConfig,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.user_augment, self.item_augment = user_augment, item_augment
         self.category_column, self.category_cardinality = category_column, category_cardinality
@@ -146,7 +155,9 @@ def build(schema: Schema, stats: TrainingStats, train: TrainConfig, model: Model
     if category == "auto":  # the first multi-valued item feature: genres on ML-1M, class on ML-100K
         category = next((c.name for c in schema.select_by_tag(Tags.ITEM).remove_by_tag(Tags.ITEM_ID) if c.is_list), "")
     if category and category not in schema.select_by_tag(Tags.ITEM).column_names:
-        raise ValueError(f"model.dat.category_column={category!r} is not an item feature; item features: {schema.select_by_tag(Tags.ITEM).column_names}")
+        raise ValueError(
+            f"model.dat.category_column={category!r} is not an item feature; item features: {schema.select_by_tag(Tags.ITEM).column_names}"
+        )
     keras_model = DualAugmentedModel(
         query=query,
         candidate=candidate,

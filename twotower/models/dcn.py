@@ -58,7 +58,10 @@ class PairScorer(tf.keras.layers.Layer):
         super().__init__(**kwargs)
         self.cross_depth, self.low_rank_dim, self.layer_sizes = cross_depth, low_rank_dim, list(layer_sizes)
         self.cross = mm.CrossBlock(cross_depth, low_rank_dim=low_rank_dim or None)
-        self.mlp = [tf.keras.layers.Dense(units, activation="relu", name=f"layer_{number}") for number, units in enumerate(self.layer_sizes)]
+        self.mlp = [
+            tf.keras.layers.Dense(units, activation="relu", name=f"layer_{number}")
+            for number, units in enumerate(self.layer_sizes)
+        ]
         self.logit = tf.keras.layers.Dense(1, name="logit")
 
     def call(self, inputs):
@@ -69,7 +72,12 @@ class PairScorer(tf.keras.layers.Layer):
         return self.logit(hidden)[:, 0]
 
     def get_config(self):
-        return {**super().get_config(), "cross_depth": self.cross_depth, "low_rank_dim": self.low_rank_dim, "layer_sizes": self.layer_sizes}
+        return {
+            **super().get_config(),
+            "cross_depth": self.cross_depth,
+            "low_rank_dim": self.low_rank_dim,
+            "layer_sizes": self.layer_sizes,
+        }
 
 
 class PairScore(DotProduct):
@@ -105,9 +113,13 @@ class SampledPairOutput(mm.ContrastiveOutput):
         positive_scores = self.scorer((query_embedding, positive.embedding))[:, None]
         negative_scores = scores_against(self.scorer, query_embedding, negative_embeddings)
         if self.downscore_false_negatives:  # a row's own positive among the negatives is no negative
-            negative_scores, _ = rescore_false_negatives(positive.id, negative_ids, negative_scores, self.false_negative_score)
+            negative_scores, _ = rescore_false_negatives(
+                positive.id, negative_ids, negative_scores, self.false_negative_score
+            )
         logits = tf.cast(tf.concat([positive_scores, negative_scores], axis=-1), tf.float32)
-        targets = tf.one_hot(tf.zeros(tf.shape(logits)[:1], tf.int32), tf.shape(logits)[1], dtype=logits.dtype)  # the positive is column 0
+        targets = tf.one_hot(
+            tf.zeros(tf.shape(logits)[:1], tf.int32), tf.shape(logits)[1], dtype=logits.dtype
+        )  # the positive is column 0
         return Prediction(logits, targets, negative_candidate_ids=negative_ids if self.store_negative_ids else None)
 
 
@@ -128,18 +140,27 @@ class DCNRetrievalModel(RetrievalModel):
         items = tf.constant(item_vectors)
         step = max(1, PAIRS_PER_CALL // len(item_vectors))
         return np.concatenate(
-            [scores_against(self.scorer, tf.constant(query_vectors[start : start + step]), items).numpy() for start in range(0, len(query_vectors), step)]
+            [
+                scores_against(self.scorer, tf.constant(query_vectors[start : start + step]), items).numpy()
+                for start in range(0, len(query_vectors), step)
+            ]
         )
 
 
 def check_dcn(config: DCNConfig, train: TrainConfig, model: ModelConfig) -> None:
     """Refuse settings this model has no use for, rather than ignore them."""
     if model.gating != "none":
-        raise ValueError(f"model.gating={model.gating}: dcn_v2 has no tower MLP to gate; its cross network weighs the fields")
+        raise ValueError(
+            f"model.gating={model.gating}: dcn_v2 has no tower MLP to gate; its cross network weighs the fields"
+        )
     if train.mixed_negatives:
-        raise ValueError(f"train.mixed_negatives={train.mixed_negatives}: dcn_v2 scores the batch's own items as negatives (model.dcn.negatives)")
+        raise ValueError(
+            f"train.mixed_negatives={train.mixed_negatives}: dcn_v2 scores the batch's own items as negatives (model.dcn.negatives)"
+        )
     if config.cross_depth < 1 or config.negatives < 1 or config.batch_size < 1 or config.low_rank_dim < 0:
-        raise ValueError(f"model.dcn: cross_depth, negatives and batch_size at least 1, low_rank_dim at least 0 (got {config})")
+        raise ValueError(
+            f"model.dcn: cross_depth, negatives and batch_size at least 1, low_rank_dim at least 0 (got {config})"
+        )
 
 
 def build(schema: Schema, stats: TrainingStats, train: TrainConfig, model: ModelConfig) -> RetrievalModel:
@@ -153,7 +174,12 @@ def build(schema: Schema, stats: TrainingStats, train: TrainConfig, model: Model
     query, candidate = towers
     scorer = PairScorer(model.dcn.cross_depth, model.dcn.low_rank_dim, train.tower_layers, name="pair_scorer")
     output = contrastive_output(
-        schema, stats.item_counts, stats.catalogue_features, candidate, train, model,
+        schema,
+        stats.item_counts,
+        stats.catalogue_features,
+        candidate,
+        train,
+        model,
         make_output=functools.partial(SampledPairOutput, scorer, model.dcn.negatives),
     )
     keras_model = mm.RetrievalModelV2(query=query, candidate=candidate, output=output)

@@ -122,23 +122,40 @@ class FEBlock(tf.keras.layers.Layer):
 
     def __init__(self, user_layers: int, user_heads: int = 32, item_heads: int = 32, head_size: int = 64, **kwargs):
         super().__init__(**kwargs)
-        self.user_layers, self.user_heads, self.item_heads, self.head_size = user_layers, user_heads, item_heads, head_size
-        self.user_projections = [HeadProjection(user_heads, head_size, name=f"user_layer_{number}_heads") for number in range(user_layers)]
+        self.user_layers, self.user_heads, self.item_heads, self.head_size = (
+            user_layers,
+            user_heads,
+            item_heads,
+            head_size,
+        )
+        self.user_projections = [
+            HeadProjection(user_heads, head_size, name=f"user_layer_{number}_heads") for number in range(user_layers)
+        ]
         self.item_projection = HeadProjection(item_heads, head_size, name="item_heads")
 
     def heads(self, user_outputs: list[tf.Tensor], item_output: tf.Tensor) -> tuple[list[tf.Tensor], tf.Tensor]:
         """[batch, user heads, size] per user layer, and [batch, item heads, size]."""
-        return [project(output) for project, output in zip(self.user_projections, user_outputs)], self.item_projection(item_output)
+        return [project(output) for project, output in zip(self.user_projections, user_outputs)], self.item_projection(
+            item_output
+        )
 
     def call(self, inputs):
         user_outputs, item_output = inputs
         return fe_score(*self.heads(list(user_outputs), item_output))
 
     def get_config(self):
-        return {**super().get_config(), "user_layers": self.user_layers, "user_heads": self.user_heads, "item_heads": self.item_heads, "head_size": self.head_size}
+        return {
+            **super().get_config(),
+            "user_layers": self.user_layers,
+            "user_heads": self.user_heads,
+            "item_heads": self.item_heads,
+            "head_size": self.head_size,
+        }
 
 
-def contrastive_interaction_loss(user: tf.Tensor, item: tf.Tensor, positive: tf.Tensor, temperature: float) -> tf.Tensor:
+def contrastive_interaction_loss(
+    user: tf.Tensor, item: tf.Tensor, positive: tf.Tensor, temperature: float
+) -> tf.Tensor:
     """CIR per row [batch]: InfoNCE of the row's own item among the batch's items, for rows
     whose label is positive (0 elsewhere).
 
@@ -154,7 +171,9 @@ def contrastive_interaction_loss(user: tf.Tensor, item: tf.Tensor, positive: tf.
     return per_row * tf.cast(tf.reshape(positive, [-1]) > 0.5, per_row.dtype)
 
 
-def head_sources(tower_input: tf.Tensor, layer_outputs: list[tf.Tensor], layers: list[int], heads_from: HeadSource) -> list[tf.Tensor]:
+def head_sources(
+    tower_input: tf.Tensor, layer_outputs: list[tf.Tensor], layers: list[int], heads_from: HeadSource
+) -> list[tf.Tensor]:
     """What the FE-Block projects for each user layer in ``layers``: that layer's output, or
     its input (``layer_inputs``: the tower's input for layer 0, the previous layer's output after)."""
     check_head_source(heads_from)
@@ -171,9 +190,13 @@ def check_head_source(heads_from: str) -> None:
 def check_inttower(config: IntTowerConfig, tower_layers: int, key: str) -> None:
     """Refuse FE layers the tower does not have, and CIR between heads that do not pair up."""
     if not config.fe_layers or any(not 0 <= index < tower_layers for index in config.fe_layers):
-        raise ValueError(f"{key}.fe_layers={config.fe_layers}: indices of the {tower_layers} tower layers, at least one")
+        raise ValueError(
+            f"{key}.fe_layers={config.fe_layers}: indices of the {tower_layers} tower layers, at least one"
+        )
     if config.cir_weight and config.user_heads != config.item_heads:
-        raise ValueError(f"{key}: CIR compares user and item heads one to one; set user_heads == item_heads or cir_weight=0")
+        raise ValueError(
+            f"{key}: CIR compares user and item heads one to one; set user_heads == item_heads or cir_weight=0"
+        )
 
 
 # ------------------------------------------------------------------ model.name=inttower
@@ -193,12 +216,30 @@ class HeadsTower(tf.keras.layers.Layer):
     (L2-normalised if ``normalize``), returned flattened and concatenated in ``projected`` order:
     [batch, len(projected) * heads * head_size]."""
 
-    def __init__(self, layer_sizes: list[int], projected: list[int], heads: int, head_size: int, normalize: bool, heads_from: HeadSource = "layer_outputs", **kwargs):
+    def __init__(
+        self,
+        layer_sizes: list[int],
+        projected: list[int],
+        heads: int,
+        head_size: int,
+        normalize: bool,
+        heads_from: HeadSource = "layer_outputs",
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         check_head_source(heads_from)
-        self.layer_sizes, self.projected, self.heads, self.head_size, self.normalize = list(layer_sizes), list(projected), heads, head_size, normalize
+        self.layer_sizes, self.projected, self.heads, self.head_size, self.normalize = (
+            list(layer_sizes),
+            list(projected),
+            heads,
+            head_size,
+            normalize,
+        )
         self.heads_from = heads_from
-        self.mlp = [tf.keras.layers.Dense(units, activation="relu", name=f"layer_{number}") for number, units in enumerate(self.layer_sizes)]
+        self.mlp = [
+            tf.keras.layers.Dense(units, activation="relu", name=f"layer_{number}")
+            for number, units in enumerate(self.layer_sizes)
+        ]
         self.projections = [HeadProjection(heads, head_size, name=f"layer_{index}_heads") for index in self.projected]
 
     def compute_output_shape(self, input_shape):
@@ -217,8 +258,13 @@ class HeadsTower(tf.keras.layers.Layer):
 
     def get_config(self):
         return {
-            **super().get_config(), "layer_sizes": self.layer_sizes, "projected": self.projected,
-            "heads": self.heads, "head_size": self.head_size, "normalize": self.normalize, "heads_from": self.heads_from,
+            **super().get_config(),
+            "layer_sizes": self.layer_sizes,
+            "projected": self.projected,
+            "heads": self.heads,
+            "head_size": self.head_size,
+            "normalize": self.normalize,
+            "heads_from": self.heads_from,
         }
 
 
@@ -232,7 +278,9 @@ class FEPairScore(DotProduct):
         self.layout = layout
 
     def call(self, inputs, **kwargs):
-        return fe_score([self.layout.query(inputs[self.query_name])], self.layout.items(inputs[self.item_name]))[:, None]
+        return fe_score([self.layout.query(inputs[self.query_name])], self.layout.items(inputs[self.item_name]))[
+            :, None
+        ]
 
 
 class FEContrastiveOutput(mm.ContrastiveOutput):
@@ -251,9 +299,13 @@ class FEContrastiveOutput(mm.ContrastiveOutput):
         positive_scores = fe_score([query], self.layout.items(positive.embedding))[:, None] / self.layout.query_heads
         negative_scores = fe_score_matrix(query, self.layout.items(negative.embedding)) / self.layout.query_heads
         if self.downscore_false_negatives:  # a batch's own positive among its negatives is no negative
-            negative_scores, _ = rescore_false_negatives(positive.id, negative.id, negative_scores, self.false_negative_score)
+            negative_scores, _ = rescore_false_negatives(
+                positive.id, negative.id, negative_scores, self.false_negative_score
+            )
         logits = tf.cast(tf.concat([positive_scores, negative_scores], axis=-1), tf.float32)
-        targets = tf.one_hot(tf.zeros(tf.shape(logits)[:1], tf.int32), tf.shape(logits)[1], dtype=logits.dtype)  # the positive is column 0
+        targets = tf.one_hot(
+            tf.zeros(tf.shape(logits)[:1], tf.int32), tf.shape(logits)[1], dtype=logits.dtype
+        )  # the positive is column 0
         return Prediction(logits, targets, negative_candidate_ids=negative.id if self.store_negative_ids else None)
 
 
@@ -268,12 +320,19 @@ class IntTowerModel(mm.RetrievalModelV2):
     def contrastive_interaction(self, query: tf.Tensor, candidate: tf.Tensor) -> tf.Tensor:
         last_layer_heads = self.layout.query(query)[:, -self.layout.user_heads :]
         positives = tf.ones(tf.shape(query)[:1])
-        return tf.reduce_mean(contrastive_interaction_loss(last_layer_heads, self.layout.items(candidate), positives, self.inttower.cir_temperature))
+        return tf.reduce_mean(
+            contrastive_interaction_loss(
+                last_layer_heads, self.layout.items(candidate), positives, self.inttower.cir_temperature
+            )
+        )
 
     def _call_child(self, child, inputs, context):
         outputs, context = super()._call_child(child, inputs, context)
         if child is self.encoder and context.training and self.inttower.cir_weight:
-            self.add_loss(self.inttower.cir_weight * self.contrastive_interaction(outputs[self._query_name], outputs[self._candidate_name]))
+            self.add_loss(
+                self.inttower.cir_weight
+                * self.contrastive_interaction(outputs[self._query_name], outputs[self._candidate_name])
+            )
         return outputs, context
 
 
@@ -301,13 +360,28 @@ def build(schema: Schema, stats: TrainingStats, train: TrainConfig, model: Model
     layout = HeadLayout(len(fe.fe_layers), fe.user_heads, fe.item_heads, fe.head_size)
     towers = []
     # item heads: the last layer's output, in the paper and the official code alike
-    for tag, projected, heads, heads_from in ((Tags.USER, fe.fe_layers, fe.user_heads, fe.user_heads_from), (Tags.ITEM, [len(train.tower_layers) - 1], fe.item_heads, "layer_outputs")):
+    for tag, projected, heads, heads_from in (
+        (Tags.USER, fe.fe_layers, fe.user_heads, fe.user_heads_from),
+        (Tags.ITEM, [len(train.tower_layers) - 1], fe.item_heads, "layer_outputs"),
+    ):
         tower_schema = schema.select_by_tag(tag)
         inputs = field_inputs(tower_schema, tables_for(tower_schema, embeddings), gated)
-        towers.append(mm.Encoder(inputs, field_gate(gated), HeadsTower(train.tower_layers, projected, heads, fe.head_size, train.l2_normalize, heads_from)))
+        towers.append(
+            mm.Encoder(
+                inputs,
+                field_gate(gated),
+                HeadsTower(train.tower_layers, projected, heads, fe.head_size, train.l2_normalize, heads_from),
+            )
+        )
     query, candidate = towers
     output = contrastive_output(
-        schema, stats.item_counts, stats.catalogue_features, candidate, train, model, make_output=functools.partial(FEContrastiveOutput, layout)
+        schema,
+        stats.item_counts,
+        stats.catalogue_features,
+        candidate,
+        train,
+        model,
+        make_output=functools.partial(FEContrastiveOutput, layout),
     )
     keras_model = IntTowerModel(query=query, candidate=candidate, output=output, layout=layout, inttower=fe)
     return compile_model(keras_model, schema, train, model, IntTowerRetrievalModel)

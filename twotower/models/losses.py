@@ -73,7 +73,9 @@ def loss_for(name: str) -> tf.keras.losses.Loss:
     return LOSSES[name](name=f"{name}_loss")
 
 
-def sampling_probabilities(item_counts: np.ndarray, catalogue_codes: np.ndarray, batch_size: int, mixed_negatives: int) -> np.ndarray:
+def sampling_probabilities(
+    item_counts: np.ndarray, catalogue_codes: np.ndarray, batch_size: int, mixed_negatives: int
+) -> np.ndarray:
     """Per code, the chance of landing among a batch's negatives: in-batch negatives follow
     training popularity, mixed-in ones are uniform over the catalogue, so logQ uses the mixture."""
     popularity = item_counts / item_counts.sum()
@@ -92,7 +94,9 @@ def feature_tensors(features: pd.DataFrame, schema: Schema) -> dict[str, tf.Tens
             flat = np.concatenate(values.to_numpy()) if lengths.sum() else np.zeros(0)
             tensors[column.name] = tf.RaggedTensor.from_row_lengths(flat.astype(np.int64), lengths.astype(np.int64))
         else:  # categorical codes, or normalised continuous values
-            tensors[column.name] = tf.constant(values.to_numpy().astype(np.float32 if np.dtype(column.dtype.to_numpy).kind == "f" else np.int64))
+            tensors[column.name] = tf.constant(
+                values.to_numpy().astype(np.float32 if np.dtype(column.dtype.to_numpy).kind == "f" else np.int64)
+            )
     return tensors
 
 
@@ -101,7 +105,9 @@ class UniformCatalogueSampler(CandidateSampler):
     drawn uniformly (with replacement) and run through the candidate tower, so rarely seen
     items, which in-batch negatives almost never include, are pushed away too."""
 
-    def __init__(self, catalogue_features: dict, item_id_column: str, candidate_tower: mm.Encoder, num_samples: int, **kwargs):
+    def __init__(
+        self, catalogue_features: dict, item_id_column: str, candidate_tower: mm.Encoder, num_samples: int, **kwargs
+    ):
         super().__init__(max_num_samples=num_samples, **kwargs)
         self.catalogue_features = catalogue_features
         self.item_id_column = item_id_column
@@ -143,7 +149,9 @@ def contrastive_output(
         item_schema = schema.select_by_tag(Tags.ITEM)
         item_id = schema.select_by_tag(Tags.ITEM_ID).first.name
         samplers.append(
-            UniformCatalogueSampler(feature_tensors(catalogue_features, item_schema), item_id, candidate, train.mixed_negatives)
+            UniformCatalogueSampler(
+                feature_tensors(catalogue_features, item_schema), item_id, candidate, train.mixed_negatives
+            )
         )
         codes = catalogue_features[item_id].to_numpy()
         item_probabilities = sampling_probabilities(item_counts, codes, train.batch_size, train.mixed_negatives)
@@ -151,7 +159,9 @@ def contrastive_output(
     if train.logq_correction and model.loss == "softmax":
         # ContrastiveOutput divides by the temperature after `post`; scaling the
         # correction by it leaves logits/T - log(q) in the softmax.
-        post = PopularityLogitsCorrection(item_probabilities, is_prob_distribution=True, schema=schema, reg_factor=train.temperature)
+        post = PopularityLogitsCorrection(
+            item_probabilities, is_prob_distribution=True, schema=schema, reg_factor=train.temperature
+        )
     return (make_output or functools.partial(mm.ContrastiveOutput, DotProduct()))(
         schema=schema.select_by_tag(Tags.ITEM_ID),
         negative_samplers=samplers,

@@ -57,7 +57,9 @@ class HeadShape:
     def _split(self, vectors, heads: int, side: str):
         width = int(vectors.shape[-1])
         if width != heads * self.head_size:
-            raise ValueError(f"{side} vectors of width {width}; this IntTower's are {heads} heads x {self.head_size} = {heads * self.head_size}")
+            raise ValueError(
+                f"{side} vectors of width {width}; this IntTower's are {heads} heads x {self.head_size} = {heads * self.head_size}"
+            )
         return self._reshape(vectors, [-1, heads, self.head_size])
 
 
@@ -70,7 +72,9 @@ def fe_scores(query_heads: np.ndarray, item_heads: np.ndarray) -> np.ndarray:
 def check_heads(query_heads: np.ndarray, item_heads: np.ndarray, k: int, depth: int) -> None:
     """ValueError for inputs the retriever cannot answer, naming what is wrong."""
     if query_heads.ndim != 3 or item_heads.ndim != 3:
-        raise ValueError(f"heads are [rows, heads, size]: got query heads {query_heads.shape} and item heads {item_heads.shape}")
+        raise ValueError(
+            f"heads are [rows, heads, size]: got query heads {query_heads.shape} and item heads {item_heads.shape}"
+        )
     if query_heads.shape[2] != item_heads.shape[2]:
         raise ValueError(f"query head size {query_heads.shape[2]} differs from item head size {item_heads.shape[2]}")
     if not 1 <= k <= len(item_heads):
@@ -87,7 +91,9 @@ class HeadIndex:
 
     def __init__(self, index: faiss.IndexIDMap, heads_per_item: int):
         if index.ntotal % heads_per_item:
-            raise ValueError(f"the index holds {index.ntotal} rows, not a whole number of items of {heads_per_item} heads")
+            raise ValueError(
+                f"the index holds {index.ntotal} rows, not a whole number of items of {heads_per_item} heads"
+            )
         self.index = index
         rows = faiss.downcast_index(index.index).reconstruct_n(0, index.ntotal)
         self.item_heads = rows.reshape(-1, heads_per_item, index.d)
@@ -99,9 +105,14 @@ class HeadIndex:
         """``item_heads`` [items, heads, size] of the items ``item_ids``, in that order."""
         item_ids = np.asarray(item_ids, dtype=np.int64)
         if item_heads.ndim != 3 or len(item_ids) != len(item_heads) or len(np.unique(item_ids)) != len(item_ids):
-            raise ValueError(f"need unique item ids, one per [heads, size] block: got {len(item_ids)} ids for heads {item_heads.shape}")
+            raise ValueError(
+                f"need unique item ids, one per [heads, size] block: got {len(item_ids)} ids for heads {item_heads.shape}"
+            )
         index = faiss.IndexIDMap(faiss.IndexFlatIP(item_heads.shape[2]))
-        index.add_with_ids(np.ascontiguousarray(item_heads.reshape(-1, item_heads.shape[2]), dtype=np.float32), np.repeat(item_ids, item_heads.shape[1]))
+        index.add_with_ids(
+            np.ascontiguousarray(item_heads.reshape(-1, item_heads.shape[2]), dtype=np.float32),
+            np.repeat(item_ids, item_heads.shape[1]),
+        )
         return cls(index, item_heads.shape[1])
 
     @property
@@ -109,7 +120,9 @@ class HeadIndex:
         """Items (not rows) in the index."""
         return len(self.item_ids)
 
-    def search(self, query_heads: np.ndarray, k: int, depth: int, seen: list[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, query_heads: np.ndarray, k: int, depth: int, seen: list[np.ndarray] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Each user's ``k`` best item ids by FE score and those scores, best first, each user's
         ``seen`` ids last: ``query_heads`` [users, query heads, size] -> ([users, k], [users, k])."""
         check_heads(query_heads, self.item_heads, k, depth)
@@ -132,11 +145,15 @@ class HeadIndex:
         """Per user, the positions (sorted, unique) of the items whose heads are among the ``depth``
         best rows of any of the user's head vectors."""
         users, heads, size = query_heads.shape
-        _, found = self.index.search(np.ascontiguousarray(query_heads.reshape(-1, size), dtype=np.float32), min(depth, self.index.ntotal))
+        _, found = self.index.search(
+            np.ascontiguousarray(query_heads.reshape(-1, size), dtype=np.float32), min(depth, self.index.ntotal)
+        )
         per_user = found.reshape(users, -1)
         return [self._positions.get_indexer(np.unique(row[row >= 0])) for row in per_user]
 
-    def _rescored(self, query_heads: np.ndarray, candidates: np.ndarray, seen: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, int]:
+    def _rescored(
+        self, query_heads: np.ndarray, candidates: np.ndarray, seen: np.ndarray, k: int
+    ) -> tuple[np.ndarray, np.ndarray, int]:
         """The ``k`` best ``candidates`` by exact FE score, unseen before seen; their scores; how
         many candidates are unseen."""
         scores = fe_scores(query_heads, self.item_heads[candidates])
@@ -147,10 +164,14 @@ class HeadIndex:
 
 def exact_top_k(heads: HeadIndex, query_heads: np.ndarray, k: int) -> np.ndarray:
     """Each user's ``k`` best item ids by FE score over every item of ``heads``: [users, k]."""
-    return np.stack([heads.item_ids[np.argsort(-fe_scores(user, heads.item_heads), kind="stable")[:k]] for user in query_heads])
+    return np.stack(
+        [heads.item_ids[np.argsort(-fe_scores(user, heads.item_heads), kind="stable")[:k]] for user in query_heads]
+    )
 
 
-def multi_vector_top_k(query_heads: np.ndarray, item_heads: np.ndarray, k: int, depth: int, seen: sp.csr_matrix | None = None) -> np.ndarray:
+def multi_vector_top_k(
+    query_heads: np.ndarray, item_heads: np.ndarray, k: int, depth: int, seen: sp.csr_matrix | None = None
+) -> np.ndarray:
     """Each user's ``k`` best catalogue positions by FE score through the head index: [users, k].
 
     ``query_heads`` [users, query heads, size]: every FE layer's user heads; ``item_heads``

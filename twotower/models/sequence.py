@@ -59,14 +59,20 @@ class CausalSelfAttention(tf.keras.layers.Layer):
         dim = int(input_shape[-1])
         self.positions = tf.keras.layers.Embedding(self.max_length, dim, name="recency")
         self.attention = [
-            tf.keras.layers.MultiHeadAttention(self.heads, max(1, dim // self.heads), dropout=self.dropout, name=f"attention_{i}")
+            tf.keras.layers.MultiHeadAttention(
+                self.heads, max(1, dim // self.heads), dropout=self.dropout, name=f"attention_{i}"
+            )
             for i in range(self.blocks)
         ]
         self.feed_forward = [
-            tf.keras.Sequential([tf.keras.layers.Dense(dim, activation="relu"), tf.keras.layers.Dense(dim)], name=f"feed_forward_{i}")
+            tf.keras.Sequential(
+                [tf.keras.layers.Dense(dim, activation="relu"), tf.keras.layers.Dense(dim)], name=f"feed_forward_{i}"
+            )
             for i in range(self.blocks)
         ]
-        self.norms = [(tf.keras.layers.LayerNormalization(), tf.keras.layers.LayerNormalization()) for _ in range(self.blocks)]
+        self.norms = [
+            (tf.keras.layers.LayerNormalization(), tf.keras.layers.LayerNormalization()) for _ in range(self.blocks)
+        ]
         self.drop = tf.keras.layers.Dropout(self.dropout)
         super().build(input_shape)
 
@@ -79,14 +85,22 @@ class CausalSelfAttention(tf.keras.layers.Layer):
         hidden = self.drop(sequence + self.positions(recency), training=training)
         causal = tf.linalg.band_part(tf.ones([length, length], dtype=tf.bool), -1, 0)  # [i, j]: j <= i
         attend = tf.logical_and(causal[None], mask[:, None, :])
-        for attention, feed_forward, (norm_attention, norm_output) in zip(self.attention, self.feed_forward, self.norms):
+        for attention, feed_forward, (norm_attention, norm_output) in zip(
+            self.attention, self.feed_forward, self.norms
+        ):
             attended = attention(hidden, hidden, attention_mask=attend, training=training)
             hidden = norm_attention(hidden + self.drop(attended, training=training))
             hidden = norm_output(hidden + self.drop(feed_forward(hidden), training=training))
         return hidden * tf.cast(mask, hidden.dtype)[..., None]
 
     def get_config(self):
-        return {**super().get_config(), "max_length": self.max_length, "heads": self.heads, "blocks": self.blocks, "dropout": self.dropout}
+        return {
+            **super().get_config(),
+            "max_length": self.max_length,
+            "heads": self.heads,
+            "blocks": self.blocks,
+            "dropout": self.dropout,
+        }
 
 
 @tf.keras.utils.register_keras_serializable(package="twotower")
@@ -115,7 +129,9 @@ class SequenceQueryInputs(tf.keras.layers.Layer):
     Returns a dict of field embeddings (``history`` among them) for gating, or their
     concatenation."""
 
-    def __init__(self, schema: Schema, others: mm.Block, item_table, encoder: tf.keras.layers.Layer, concatenate: bool, **kwargs):
+    def __init__(
+        self, schema: Schema, others: mm.Block, item_table, encoder: tf.keras.layers.Layer, concatenate: bool, **kwargs
+    ):
         super().__init__(**kwargs)
         self.schema = schema  # the Encoder prepares these columns (history as ragged) for us
         self.is_input = True  # merlin-models feeds a model the columns of its input blocks' schemas
@@ -166,7 +182,13 @@ def build(schema: Schema, stats: TrainingStats, train: TrainConfig, model: Model
     others_schema = user_schema.excluding_by_name([HISTORY])
     others = mm.InputBlockV2(others_schema, categorical=tables_for(others_schema, embeddings), aggregation=None)
     item_table = embeddings.parallel_dict[schema.select_by_tag(Tags.ITEM_ID).first.int_domain.name]
-    inputs = SequenceQueryInputs(user_schema, others, item_table, history_encoder(model.name, train, model.sequence), concatenate=model.gating == "none")
+    inputs = SequenceQueryInputs(
+        user_schema,
+        others,
+        item_table,
+        history_encoder(model.name, train, model.sequence),
+        concatenate=model.gating == "none",
+    )
     query = tower(inputs, train, model)
     item_schema = schema.select_by_tag(Tags.ITEM)
     candidate = tower(field_inputs(item_schema, tables_for(item_schema, embeddings), model), train, model)

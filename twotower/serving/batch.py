@@ -66,9 +66,13 @@ def read_user_file(path: Path) -> pd.Series:
     if not path.is_file():
         raise RecommendError(f"user list {path} does not exist (give a file of user ids or 'all')")
     if path.suffix in (".parquet", ".csv"):
-        table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path, dtype=str, keep_default_na=False)
+        table = (
+            pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path, dtype=str, keep_default_na=False)
+        )
         if USER_ID_COLUMN not in table.columns:
-            raise RecommendError(f"user list {path} has no '{USER_ID_COLUMN}' column (columns: {', '.join(map(str, table.columns))})")
+            raise RecommendError(
+                f"user list {path} has no '{USER_ID_COLUMN}' column (columns: {', '.join(map(str, table.columns))})"
+            )
         return table[USER_ID_COLUMN]
     lines = (line.strip() for line in path.read_text().splitlines())
     return pd.Series([line for line in lines if line], dtype=object)
@@ -81,7 +85,9 @@ def distinct_user_ids(values: pd.Series, source: str, text_ids: bool) -> UserLis
         raise RecommendError(f"user list {source} holds no user ids")
     missing = (values.isna() | (values.astype(str).str.strip() == "")).to_numpy()
     if missing.any():
-        raise RecommendError(f"user list {source}: {int(missing.sum())} empty user id(s), the first in row {missing.argmax() + 1}")
+        raise RecommendError(
+            f"user list {source}: {int(missing.sum())} empty user id(s), the first in row {missing.argmax() + 1}"
+        )
     if text_ids:
         ids = values.astype(str)
     else:
@@ -101,13 +107,19 @@ def load_served_graph(export_dir: Path, model_name: str) -> Ensemble:
     from twotower.serving.export import load_exported_ensemble
 
     if not (export_dir / model_name).is_dir():
-        raise RecommendError(f"no exported model '{model_name}' in {export_dir}: run `twotower export` (or `twotower all`) first")
+        raise RecommendError(
+            f"no exported model '{model_name}' in {export_dir}: run `twotower export` (or `twotower all`) first"
+        )
     return load_exported_ensemble(export_dir, model_name)
 
 
 def _as_written(item_ids: np.ndarray) -> np.ndarray:
     """Integer ids as int64; text ids, which the graph answers as bytes, as str."""
-    return item_ids.astype(np.int64) if item_ids.dtype.kind in "iu" else np.array([i.decode() for i in item_ids], dtype=object)
+    return (
+        item_ids.astype(np.int64)
+        if item_ids.dtype.kind in "iu"
+        else np.array([i.decode() for i in item_ids], dtype=object)
+    )
 
 
 def long_format(user_ids: np.ndarray, answer: dict[str, np.ndarray]) -> pd.DataFrame:
@@ -124,7 +136,9 @@ def long_format(user_ids: np.ndarray, answer: dict[str, np.ndarray]) -> pd.DataF
     )
 
 
-def recommend_users(ensemble: Ensemble, user_ids: np.ndarray, batch_size: int, progress: TextIO | None = None) -> pd.DataFrame:
+def recommend_users(
+    ensemble: Ensemble, user_ids: np.ndarray, batch_size: int, progress: TextIO | None = None
+) -> pd.DataFrame:
     """Top-k of every user, ``batch_size`` users per call of the graph, with a progress line on
     ``progress`` (default: stderr) about every tenth of the job."""
     from twotower.serving.export import recommend_in_process
@@ -162,7 +176,10 @@ def run_recommend(config: RecipeConfig, users: str, out: Path) -> pd.DataFrame:
     ensemble = load_served_graph(config.export_dir, config.serve.model_name)
     source = "every user of the run" if users == ALL_USERS else f"from {users}"
     repeats = f"; {user_list.repeats_dropped:,} repeated id(s) answered once" if user_list.repeats_dropped else ""
-    print(f"[recommend] {len(user_list.ids):,} users ({source}{repeats}), {config.serve.max_request_users:,} per batch", flush=True)
+    print(
+        f"[recommend] {len(user_list.ids):,} users ({source}{repeats}), {config.serve.max_request_users:,} per batch",
+        flush=True,
+    )
     frame = recommend_users(ensemble, user_list.ids, config.serve.max_request_users)
     write_recommendations(frame, out)
     print(f"[recommend] {len(frame):,} rows ({frame['rank'].max()} per user) written to {out}", flush=True)

@@ -22,7 +22,9 @@ def user_id_request(user_ids: np.ndarray) -> grpcclient.InferInput:
         request.set_data_from_numpy(user_ids.astype(np.int64))
     else:
         request = grpcclient.InferInput("user_id", list(user_ids.shape), "BYTES")
-        request.set_data_from_numpy(np.array([str(u).encode() for u in user_ids.reshape(-1)], dtype=object).reshape(user_ids.shape))
+        request.set_data_from_numpy(
+            np.array([str(u).encode() for u in user_ids.reshape(-1)], dtype=object).reshape(user_ids.shape)
+        )
     return request
 
 
@@ -41,7 +43,10 @@ def recommend(
     request = user_id_request(np.asarray(user_ids).reshape(-1))
     with grpcclient.InferenceServerClient(url) as client:
         result = client.infer(
-            model_name, [request], outputs=[grpcclient.InferRequestedOutput(n) for n in OUTPUTS], client_timeout=timeout_s
+            model_name,
+            [request],
+            outputs=[grpcclient.InferRequestedOutput(n) for n in OUTPUTS],
+            client_timeout=timeout_s,
         )
     return {name: result.as_numpy(name) for name in OUTPUTS}
 
@@ -56,7 +61,9 @@ def print_recommendations(config: RecipeConfig, user_ids: list, url: str | None 
     names = items.set_index(items[EXTERNAL_ID].astype(str))[column] if column else pd.Series(dtype=object)
     url = url or f"{config.serve.host}:{config.serve.grpc_port}"
     answer = recommend(user_ids, url, config.serve.model_name, config.serve.client_timeout_s)
-    for user_id, row_items, row_scores, fallback in zip(user_ids, answer["item_ids"], answer["scores"], answer["is_fallback"]):
+    for user_id, row_items, row_scores, fallback in zip(
+        user_ids, answer["item_ids"], answer["scores"], answer["is_fallback"]
+    ):
         print(f"\nuser {user_id}{' (unknown: most popular items)' if fallback else ''}:")
         for rank, (item_id, score) in enumerate(zip(row_items, row_scores), start=1):
             item = item_id.decode() if isinstance(item_id, bytes) else str(item_id)

@@ -37,7 +37,10 @@ def _triton_response(outputs, schema) -> "pb_utils.InferenceResponse":
     go out as BYTES: Merlin turns them into NumPy unicode arrays, which pb_utils refuses."""
     aligned = match_representations(schema, outputs.to_dict())
     return pb_utils.InferenceResponse(
-        [pb_utils.Tensor(name, np.char.encode(array, "utf-8").astype(object) if array.dtype.kind == "U" else array) for name, array in aligned.items()]
+        [
+            pb_utils.Tensor(name, np.char.encode(array, "utf-8").astype(object) if array.dtype.kind == "U" else array)
+            for name, array in aligned.items()
+        ]
     )
 
 

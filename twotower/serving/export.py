@@ -9,7 +9,6 @@ reads, and every export gets the recipe's executor ``model.py`` (``executor_mode
 error statuses).
 """
 
-
 from __future__ import annotations
 
 import os

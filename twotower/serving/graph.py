@@ -21,7 +21,6 @@ Every operator (``ops/``) runs inside Merlin's python-backend executor model, so
 loads on a Triton server without the TensorFlow backend (the one PyPI ships).
 """
 
-
 from __future__ import annotations
 
 from pathlib import Path
@@ -98,10 +97,17 @@ def build_ensemble(
         if multi_vector
         else RetrieveTopK(index_path, *retrieval_args, **retrieval_kwargs)
     )
-    graph = ["user_id"] >> lookup >> PredictQueryTower(query_tower_dir, passthrough=_union(retrieval_inputs, prerank_inputs)) >> retrieve
+    graph = (
+        ["user_id"]
+        >> lookup
+        >> PredictQueryTower(query_tower_dir, passthrough=_union(retrieval_inputs, prerank_inputs))
+        >> retrieve
+    )
     if prerank:
         graph = graph >> PrerankCandidates(prerank.model_dir, min(top_k, retrieve.top_k), external_ids.item_names)
-    return Ensemble(graph, Schema([ColumnSchema("user_id", dtype=np.int64 if external_ids.user_codes is None else md.string)]))
+    return Ensemble(
+        graph, Schema([ColumnSchema("user_id", dtype=np.int64 if external_ids.user_codes is None else md.string)])
+    )
 
 
 class ExternalIds(NamedTuple):

@@ -20,9 +20,9 @@ import sys
 import sysconfig
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import astuple, dataclass
 from pathlib import Path
-from typing import Iterator
 
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
@@ -266,11 +266,13 @@ class TritonServer:
     def metrics_url(self) -> str:
         return f"http://{self.config.host}:{self.ports.metrics}/metrics"
 
-    def start(self) -> "TritonServer":
+    def start(self) -> TritonServer:
         if self.process is not None and self.process.poll() is None:
             raise RuntimeError(f"tritonserver already running (pid {self.process.pid})")
         if not (self.model_repository / self.config.model_name / "config.pbtxt").exists():
-            raise FileNotFoundError(f"no exported model {self.config.model_name!r} in {self.model_repository}; run the 'export' stage")
+            raise FileNotFoundError(
+                f"no exported model {self.config.model_name!r} in {self.model_repository}; run the 'export' stage"
+            )
         configured = ServerPorts(self.config.grpc_port, self.config.http_port, self.config.metrics_port)
         pick = 0 in (configured.grpc, configured.http, configured.metrics)
         attempts = PORT_ATTEMPTS if pick else 1
@@ -297,7 +299,9 @@ class TritonServer:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
-                server_command(install, self.model_repository, backend_dir, self.config.host, self.ports, self.config.model_name),
+                server_command(
+                    install, self.model_repository, backend_dir, self.config.host, self.ports, self.config.model_name
+                ),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=server_environment(install),
@@ -318,12 +322,17 @@ class TritonServer:
         it says one could not be bound (the process then exits on its own)."""
         log = self.log_path.read_text(errors="replace")
         if "Address already in use" in log:
-            raise PortInUse(f"tritonserver (pid {self.process.pid}) could not bind its ports {self.ports}:\n{self.log_tail(15)}")
-        return all(marker in log for marker in (
-            f"Started GRPCInferenceService at {self.config.host}:{self.ports.grpc}",
-            f"Started HTTPService at {self.config.host}:{self.ports.http}",
-            f"Started Metrics Service at {self.config.host}:{self.ports.metrics}",
-        ))
+            raise PortInUse(
+                f"tritonserver (pid {self.process.pid}) could not bind its ports {self.ports}:\n{self.log_tail(15)}"
+            )
+        return all(
+            marker in log
+            for marker in (
+                f"Started GRPCInferenceService at {self.config.host}:{self.ports.grpc}",
+                f"Started HTTPService at {self.config.host}:{self.ports.http}",
+                f"Started Metrics Service at {self.config.host}:{self.ports.metrics}",
+            )
+        )
 
     def _owns_ports(self) -> bool:
         """The listening sockets belong to this server's pid, not to whoever else answers there."""
@@ -339,7 +348,9 @@ class TritonServer:
                     raise error
                 if self._bound_ports():
                     if not self._owns_ports():
-                        raise PortInUse(f"tritonserver (pid {self.process.pid}) reports its ports {self.ports} bound, but it does not hold them")
+                        raise PortInUse(
+                            f"tritonserver (pid {self.process.pid}) reports its ports {self.ports} bound, but it does not hold them"
+                        )
                     try:
                         if client.is_server_ready(client_timeout=READY_PROBE_TIMEOUT_S) and client.is_model_ready(
                             self.config.model_name, client_timeout=READY_PROBE_TIMEOUT_S
@@ -370,7 +381,7 @@ class TritonServer:
         self.process.wait()
         _wait_for_group_exit(group)
 
-    def __enter__(self) -> "TritonServer":
+    def __enter__(self) -> TritonServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

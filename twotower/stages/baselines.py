@@ -38,7 +38,12 @@ def evaluate_ease(weights: np.ndarray, eval_set: EvalSet) -> dict[str, float]:
     return evaluate_scores(lambda rows: eval_set.seen[rows] @ weights, eval_set)
 
 
-def tune_ease(train: pd.DataFrame, valid_set: EvalSet, catalogue_item_ids: np.ndarray, metric: str = "recall@100") -> tuple[float, dict[float, float]]:
+def tune_ease(
+    train: pd.DataFrame, valid_set: EvalSet, catalogue_item_ids: np.ndarray, metric: str = "recall@100"
+) -> tuple[float, dict[float, float]]:
     """The regularisation with the best validation ``metric`` and every value tried."""
-    tried = {reg: evaluate_ease(ease_weights(train, catalogue_item_ids, reg), valid_set)[metric] for reg in EASE_REGULARISATION_GRID}
+    tried = {
+        reg: evaluate_ease(ease_weights(train, catalogue_item_ids, reg), valid_set)[metric]
+        for reg in EASE_REGULARISATION_GRID
+    }
     return max(tried, key=tried.get), tried

@@ -16,7 +16,6 @@ id in ``external_id``, which the served answer returns. Bad data raises ``DataEr
 naming the file, the column and a row, before anything is written.
 """
 
-
 from __future__ import annotations
 
 import importlib.util
@@ -70,7 +69,9 @@ def read_table(path: str, csv_separator: str = ",") -> pd.DataFrame:
             frame = pd.read_csv(file, sep=separator, dtype=str, keep_default_na=False, na_values=[""])
             frame.columns = [str(c).split(":")[0] for c in frame.columns]
         else:
-            raise DataError(f"{path}: not a Parquet or CSV file (suffix {suffix or 'none'!r}; use .parquet, .csv or .tsv)")
+            raise DataError(
+                f"{path}: not a Parquet or CSV file (suffix {suffix or 'none'!r}; use .parquet, .csv or .tsv)"
+            )
     except DataError:
         raise
     except Exception as error:  # pyarrow's and pandas' parse errors have many types
@@ -128,7 +129,9 @@ def _ids(values: pd.Series, source: str, column: str) -> pd.Series:
         fractional = np.mod(values, 1) != 0
         if fractional.any():
             row = _first_row(fractional)
-            raise DataError(f"{source}: column {column!r} holds ids, which must be whole numbers or text; row {row} has {values.iloc[row]!r}")
+            raise DataError(
+                f"{source}: column {column!r} holds ids, which must be whole numbers or text; row {row} has {values.iloc[row]!r}"
+            )
         return values.astype("int64")
     text = values.astype(str).str.strip()
     if text.str.fullmatch(INTEGER_TEXT).all():
@@ -139,6 +142,7 @@ def _ids(values: pd.Series, source: str, column: str) -> pd.Series:
 def _feature(values: pd.Series, kind: str, source: str, column: str, separator: str) -> pd.Series:
     """One declared feature column, typed for its kind (nulls allowed: they get their own code)."""
     if kind == "multi_categorical":
+
         def as_list(value):
             if isinstance(value, (list, np.ndarray)):
                 return [str(v) for v in value]
@@ -168,7 +172,9 @@ def _integer_if_exact(values: pd.Series) -> pd.Series:
     return values
 
 
-def side_table(frame: pd.DataFrame, id_column: str, features: dict[str, str], separator: str, source: str) -> pd.DataFrame:
+def side_table(
+    frame: pd.DataFrame, id_column: str, features: dict[str, str], separator: str, source: str
+) -> pd.DataFrame:
     """A side file as ``external_id`` plus its declared features, one row per id.
 
     Rows repeated exactly are one row (MovieLens-100K lists 18 films twice, identically);
@@ -189,7 +195,9 @@ def side_table(frame: pd.DataFrame, id_column: str, features: dict[str, str], se
         if conflicting.any():
             row = _first_row(conflicting)
             first = _first_row(ids == ids.iloc[row])
-            raise DataError(f"{source}: {id_column} {ids.iloc[row]!r} appears twice with different values (rows {first} and {row}); one row per id")
+            raise DataError(
+                f"{source}: {id_column} {ids.iloc[row]!r} appears twice with different values (rows {first} and {row}); one row per id"
+            )
         print(f"[data] {source}: {int(exact.sum()):,} rows repeat an earlier row exactly: kept once")
         table = table[~exact]
     return table.reset_index(drop=True)
@@ -199,7 +207,9 @@ def _check_declaration(schema: SchemaConfig) -> None:
     for side in ("user", "item"):
         for name in model_features(schema, side, (*MODEL_KINDS, "text")):
             if name in RESERVED_COLUMNS or name in (schema.user_id, schema.item_id, schema.timestamp, schema.label):
-                raise DataError(f"data.schema.{side}_features: {name!r} is a name the recipe uses for its own column; rename it in the file")
+                raise DataError(
+                    f"data.schema.{side}_features: {name!r} is a name the recipe uses for its own column; rename it in the file"
+                )
     users, items = set(schema.user_features), set(schema.item_features)
     if users & items:
         raise DataError(f"data.schema: {sorted(users & items)[0]!r} is declared as both a user and an item feature")
@@ -261,7 +271,11 @@ def assemble(interactions: pd.DataFrame, users: pd.DataFrame, items: pd.DataFram
     def ordered(frame: pd.DataFrame, key: str) -> pd.DataFrame:
         return frame[[key, *[c for c in frame.columns if c != key]]].sort_values(key).reset_index(drop=True)
 
-    return RecipeData(interactions=interactions.astype({"user_id": "int64", "item_id": "int64"}), users=ordered(users, "user_id"), items=ordered(items, "item_id"))
+    return RecipeData(
+        interactions=interactions.astype({"user_id": "int64", "item_id": "int64"}),
+        users=ordered(users, "user_id"),
+        items=ordered(items, "item_id"),
+    )
 
 
 def from_frames(
@@ -279,10 +293,14 @@ def from_frames(
     inter_source, *side_sources = sources
     rows = canonical_interactions(interactions, schema, inter_source)
 
-    def side(frame: pd.DataFrame | None, id_column: str, canonical: str, features: dict[str, str], source: str) -> pd.DataFrame:
+    def side(
+        frame: pd.DataFrame | None, id_column: str, canonical: str, features: dict[str, str], source: str
+    ) -> pd.DataFrame:
         if frame is None:
             if features:
-                raise DataError(f"data.schema declares {canonical.split('_')[0]} features {list(features)} but data.files has no {canonical.split('_')[0]}s file")
+                raise DataError(
+                    f"data.schema declares {canonical.split('_')[0]} features {list(features)} but data.files has no {canonical.split('_')[0]}s file"
+                )
             return pd.DataFrame({EXTERNAL_ID: np.sort(rows[canonical].unique())})
         table = side_table(frame, id_column, features, separator, source)
         if table[EXTERNAL_ID].dtype != rows[canonical].dtype:  # "7" in one file is 7 in the other
@@ -301,8 +319,13 @@ def load_files(config: DataConfig) -> RecipeData:
     files = config.files
     if not files.interactions:
         raise DataError("data.files.interactions: no interactions file given (data.dataset=files)")
-    frames = [read_table(path, files.csv_separator) if path else None for path in (files.interactions, files.users, files.items)]
-    return from_frames(*frames, config.schema, config.schema.list_separator, (files.interactions, files.users, files.items))
+    frames = [
+        read_table(path, files.csv_separator) if path else None
+        for path in (files.interactions, files.users, files.items)
+    ]
+    return from_frames(
+        *frames, config.schema, config.schema.list_separator, (files.interactions, files.users, files.items)
+    )
 
 
 def movielens_dir() -> Path:
@@ -323,11 +346,22 @@ def load_movielens_1m(schema: SchemaConfig, folder: Path | None = None) -> Recip
     raw_inter = read_table(str(folder / "ml-1m.inter"))
     _require(raw_items, ["item_id", "release_year", "genre"], "ml-1m.item")
     movie_ids = pd.Series(np.arange(1, len(raw_items) + 1), index=raw_items["item_id"])
-    items = pd.DataFrame({"item_id": movie_ids.to_numpy(), "title": raw_items["item_id"], "year": raw_items["release_year"], "genres": raw_items["genre"]})
+    items = pd.DataFrame(
+        {
+            "item_id": movie_ids.to_numpy(),
+            "title": raw_items["item_id"],
+            "year": raw_items["release_year"],
+            "genres": raw_items["genre"],
+        }
+    )
     unknown = ~raw_inter["item_id"].isin(movie_ids.index)
     if unknown.any():
-        raise DataError(f"ml-1m.inter: {int(unknown.sum())} ratings name movies missing from ml-1m.item (first: row {_first_row(unknown)})")
-    inter = raw_inter.assign(user_id=raw_inter["user_id"].str.removeprefix("1m_"), item_id=raw_inter["item_id"].map(movie_ids))
+        raise DataError(
+            f"ml-1m.inter: {int(unknown.sum())} ratings name movies missing from ml-1m.item (first: row {_first_row(unknown)})"
+        )
+    inter = raw_inter.assign(
+        user_id=raw_inter["user_id"].str.removeprefix("1m_"), item_id=raw_inter["item_id"].map(movie_ids)
+    )
     users = raw_users.assign(user_id=raw_users["user_id"].str.removeprefix("1m_"))
     return from_frames(inter, users, items, schema, " ", ("ml-1m interactions", "ml-1m users", "ml-1m items"))
 
@@ -335,7 +369,9 @@ def load_movielens_1m(schema: SchemaConfig, folder: Path | None = None) -> Recip
 GENRES = ["Action", "Comedy", "Drama", "Horror", "Romance", "Sci-Fi", "Thriller", "Animation"]
 
 
-def make_synthetic(n_users: int, n_items: int, per_user: int, seed: int, schema: SchemaConfig | None = None) -> RecipeData:
+def make_synthetic(
+    n_users: int, n_items: int, per_user: int, seed: int, schema: SchemaConfig | None = None
+) -> RecipeData:
     """Small data with learnable structure: each user favours one genre and rates it high.
     Its columns are ML-1M's (configs/synthetic.yaml declares them)."""
     rng = np.random.default_rng(seed)
@@ -345,7 +381,9 @@ def make_synthetic(n_users: int, n_items: int, per_user: int, seed: int, schema:
             "item_id": np.arange(1, n_items + 1, dtype="int64"),
             "title": [f"Movie {i} ({GENRES[g]})" for i, g in enumerate(item_genre, start=1)],
             "year": rng.integers(1950, 2001, n_items),
-            "genres": [[GENRES[g]] + ([GENRES[(g + 1) % len(GENRES)]] if i % 3 == 0 else []) for i, g in enumerate(item_genre)],
+            "genres": [
+                [GENRES[g]] + ([GENRES[(g + 1) % len(GENRES)]] if i % 3 == 0 else []) for i, g in enumerate(item_genre)
+            ],
         }
     )
     favourite = rng.integers(0, len(GENRES), n_users)
@@ -368,9 +406,20 @@ def make_synthetic(n_users: int, n_items: int, per_user: int, seed: int, schema:
         ratings = np.where(np.isin(picked, liked), rng.integers(4, 6, len(picked)), rng.integers(1, 4, len(picked)))
         times = np.sort(rng.integers(9e8, 1e9, len(picked)))
         order = rng.permutation(len(picked))
-        rows.append(pd.DataFrame({"user_id": user_id, "item_id": picked[order] + 1, "rating": ratings[order], "timestamp": times}))
+        rows.append(
+            pd.DataFrame(
+                {"user_id": user_id, "item_id": picked[order] + 1, "rating": ratings[order], "timestamp": times}
+            )
+        )
     interactions = pd.concat(rows, ignore_index=True)
-    return from_frames(interactions, users, items, schema or SchemaConfig(), "|", ("synthetic interactions", "synthetic users", "synthetic items"))
+    return from_frames(
+        interactions,
+        users,
+        items,
+        schema or SchemaConfig(),
+        "|",
+        ("synthetic interactions", "synthetic users", "synthetic items"),
+    )
 
 
 def positives(interactions: pd.DataFrame, min_rating: float) -> pd.DataFrame:
@@ -404,7 +453,9 @@ def load_dataset(config: DataConfig, seed: int) -> RecipeData:
     if config.dataset == "ml-1m":
         return load_movielens_1m(config.schema)
     if config.dataset == "synthetic":
-        return make_synthetic(config.synthetic_users, config.synthetic_items, config.synthetic_interactions_per_user, seed, config.schema)
+        return make_synthetic(
+            config.synthetic_users, config.synthetic_items, config.synthetic_interactions_per_user, seed, config.schema
+        )
     return load_files(config)
 
 
@@ -472,7 +523,9 @@ def users_with_history(users: pd.DataFrame, rows: pd.DataFrame, length: int) -> 
     return users.assign(history=latest_history(rows, users["user_id"].to_numpy(), length).to_numpy())
 
 
-def join_features(interactions: pd.DataFrame, data: RecipeData, schema: SchemaConfig, history_length: int = 0) -> pd.DataFrame:
+def join_features(
+    interactions: pd.DataFrame, data: RecipeData, schema: SchemaConfig, history_length: int = 0
+) -> pd.DataFrame:
     """Interactions with the declared user and item features each row needs for training.
 
     With ``history_length`` > 0 each row also gets the user's causal history.
@@ -480,6 +533,10 @@ def join_features(interactions: pd.DataFrame, data: RecipeData, schema: SchemaCo
     base = interactions[["user_id", "item_id"]]
     if history_length > 0:
         base = base.assign(history=causal_history(interactions, history_length))
-    joined = base.merge(data.users[["user_id", *model_features(schema, "user")]], on="user_id", how="left", validate="many_to_one")
-    joined = joined.merge(data.items[["item_id", *model_features(schema, "item")]], on="item_id", how="left", validate="many_to_one")
+    joined = base.merge(
+        data.users[["user_id", *model_features(schema, "user")]], on="user_id", how="left", validate="many_to_one"
+    )
+    joined = joined.merge(
+        data.items[["item_id", *model_features(schema, "item")]], on="item_id", how="left", validate="many_to_one"
+    )
     return joined

@@ -8,8 +8,8 @@ items outside the catalogue (items never seen in training), which count as misse
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -97,7 +97,9 @@ def evaluate_scores(score_users: Callable[[np.ndarray], np.ndarray], eval_set: E
     return ranking_metrics(top_k_positions(score_users, eval_set, max(RECALL_KS)), eval_set)
 
 
-def evaluate_index(index, query_vectors: np.ndarray, eval_set: EvalSet, catalogue_item_ids: np.ndarray) -> dict[str, float]:
+def evaluate_index(
+    index, query_vectors: np.ndarray, eval_set: EvalSet, catalogue_item_ids: np.ndarray
+) -> dict[str, float]:
     """Metrics of the serving path: the FAISS index's top items per query vector, each user's
     seen items excluded by the index search itself, as the server does."""
     from twotower.store.index import ItemIndex

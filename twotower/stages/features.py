@@ -13,7 +13,6 @@ also holds the fingerprint of the workflow its codes come from (``recipe_run``),
 the serving graph checks at load.
 """
 
-
 from __future__ import annotations
 
 import shutil
@@ -41,7 +40,9 @@ from twotower.store.features import (
 )
 from twotower.store.manifest import fingerprint
 
-TEMPLATE_DIR = next(d for d in (PROJECT_ROOT / "feature_repo", Path(__file__).parents[1] / "feature_repo") if d.is_dir())  # checkout; installed
+TEMPLATE_DIR = next(
+    d for d in (PROJECT_ROOT / "feature_repo", Path(__file__).parents[1] / "feature_repo") if d.is_dir()
+)  # checkout; installed
 
 
 DEFINITION_FILES = ("feature_store.yaml", "features.py")
@@ -109,7 +110,9 @@ def user_view_rows(users: pd.DataFrame, encoded_users: pd.DataFrame) -> dict[str
     return {USER_VIEW: raw, QUERY_VIEW: encoded}
 
 
-def write_sources(data: RecipeData, users: pd.DataFrame, encoded_users: pd.DataFrame, workflow_fingerprint: str, repo_dir: Path) -> None:
+def write_sources(
+    data: RecipeData, users: pd.DataFrame, encoded_users: pd.DataFrame, workflow_fingerprint: str, repo_dir: Path
+) -> None:
     """Parquet sources of the feature views, and their fields in ``columns.yaml``; the user views'
     rows from ``user_view_rows``, ``workflow_fingerprint``: the user workflow's."""
     stamp = pd.Timestamp(FEATURE_TIMESTAMP)
@@ -145,7 +148,9 @@ def feature_tables(config: RecipeConfig, user_ids: np.ndarray | None = None) -> 
     profiles = data.users if user_ids is None else data.users[data.users["user_id"].isin(user_ids)]
     users = users_with_history(profiles, known, config.train.history_length)
     users = users.assign(seen_items=latest_history(known, users["user_id"].to_numpy(), None).to_numpy())
-    return FeatureTables(data, users, encode_users(load_saved_workflows(config.workflow_dir), users), workflow_fingerprint)
+    return FeatureTables(
+        data, users, encode_users(load_saved_workflows(config.workflow_dir), users), workflow_fingerprint
+    )
 
 
 def build_feature_store(

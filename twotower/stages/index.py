@@ -6,7 +6,6 @@ Every kind is a FAISS index factory string inside an ``IDMap2``; the saved index
 are ``twotower.store.index``'s.
 """
 
-
 from __future__ import annotations
 
 import math
@@ -138,7 +137,7 @@ class RecallQueries:
         return self.tune_exact.shape[1]
 
     @classmethod
-    def from_vectors(cls, item_ids: np.ndarray, vectors: np.ndarray, queries: np.ndarray, seed: int) -> "RecallQueries":
+    def from_vectors(cls, item_ids: np.ndarray, vectors: np.ndarray, queries: np.ndarray, seed: int) -> RecallQueries:
         if len(queries) < 2:
             raise ValueError(f"measuring recall needs at least 2 query vectors, got {len(queries)}")
         queries = np.asarray(queries, dtype=np.float32)[np.random.default_rng(seed).permutation(len(queries))]
@@ -161,7 +160,9 @@ def fixed_knob(kind: IndexKind, config: IndexConfig) -> int:
     return {"hnsw": config.hnsw_ef_search, "ivf_flat": config.ivf_nprobe, "ivf_pq": config.ivf_nprobe}.get(kind, 0)
 
 
-def build_kind(kind: IndexKind, item_ids: np.ndarray, vectors: np.ndarray, config: IndexConfig, seed: int = 42) -> faiss.Index:
+def build_kind(
+    kind: IndexKind, item_ids: np.ndarray, vectors: np.ndarray, config: IndexConfig, seed: int = 42
+) -> faiss.Index:
     """One kind built from its factory string, with any search knob the configuration fixes."""
     item_ids = np.asarray(item_ids, dtype=np.int64)
     check_items(item_ids, vectors)
@@ -169,7 +170,9 @@ def build_kind(kind: IndexKind, item_ids: np.ndarray, vectors: np.ndarray, confi
     reason = untrainable_reason(kind, *vectors.shape, config)
     if reason:
         raise ValueError(f"index.kind={kind}: {reason}; use flat, hnsw or auto")
-    index = faiss.index_factory(vectors.shape[1], factory_string(kind, *vectors.shape, config), faiss.METRIC_INNER_PRODUCT)
+    index = faiss.index_factory(
+        vectors.shape[1], factory_string(kind, *vectors.shape, config), faiss.METRIC_INNER_PRODUCT
+    )
     base = faiss_base(index)
     if isinstance(base, faiss.IndexHNSW):
         base.hnsw.efConstruction = config.hnsw_ef_construction
@@ -190,7 +193,9 @@ def tune_search_knob(index: faiss.Index, queries: RecallQueries, min_recall: flo
             return
 
 
-def measure_index(index: faiss.Index, queries: RecallQueries, top_k: int, timed_queries: int = 200) -> tuple[float, float, float]:
+def measure_index(
+    index: faiss.Index, queries: RecallQueries, top_k: int, timed_queries: int = 200
+) -> tuple[float, float, float]:
     """Recall@10 and Recall@100 of the index's own search against exact search on the held-out
     half, and the p50 of one single-threaded top-k query through ``ItemIndex`` (ms)."""
     searcher = ItemIndex(index)
@@ -211,7 +216,13 @@ def measure_index(index: faiss.Index, queries: RecallQueries, top_k: int, timed_
 
 
 def build_measured(
-    kind: IndexKind, item_ids: np.ndarray, vectors: np.ndarray, config: IndexConfig, queries: RecallQueries, top_k: int, seed: int = 42
+    kind: IndexKind,
+    item_ids: np.ndarray,
+    vectors: np.ndarray,
+    config: IndexConfig,
+    queries: RecallQueries,
+    top_k: int,
+    seed: int = 42,
 ) -> tuple[faiss.Index, IndexReport]:
     start = time.perf_counter()
     index = build_kind(kind, item_ids, vectors, config, seed)
@@ -220,8 +231,14 @@ def build_measured(
         tune_search_knob(index, queries, config.min_recall)
     recall_10, recall_100, p50_ms = measure_index(index, queries, top_k)
     report = IndexReport(
-        kind, factory_string(kind, *vectors.shape, config), search_knob(faiss_base(index)),
-        recall_10, recall_100, p50_ms, build_s, meets_target=recall_100 >= config.min_recall,
+        kind,
+        factory_string(kind, *vectors.shape, config),
+        search_knob(faiss_base(index)),
+        recall_10,
+        recall_100,
+        p50_ms,
+        build_s,
+        meets_target=recall_100 >= config.min_recall,
     )
     return index, report
 
@@ -234,11 +251,18 @@ def choose_kind(reports: list[IndexReport], latency_tolerance_ms: float) -> Inde
     if not meeting:
         return max(reports, key=lambda r: r.recall_at_100)
     fastest = min(r.p50_ms for r in meeting)
-    return max((r for r in meeting if r.p50_ms <= fastest + latency_tolerance_ms), key=lambda r: (r.recall_at_100, -r.p50_ms))
+    return max(
+        (r for r in meeting if r.p50_ms <= fastest + latency_tolerance_ms), key=lambda r: (r.recall_at_100, -r.p50_ms)
+    )
 
 
 def build_index(
-    item_ids: np.ndarray, vectors: np.ndarray, config: IndexConfig, query_vectors: np.ndarray, top_k: int, seed: int = 42
+    item_ids: np.ndarray,
+    vectors: np.ndarray,
+    config: IndexConfig,
+    query_vectors: np.ndarray,
+    top_k: int,
+    seed: int = 42,
 ) -> tuple[faiss.Index, IndexChoice]:
     """The configured kind (or, for ``auto``, the chosen one), measured on real query vectors."""
     queries = RecallQueries.from_vectors(item_ids, vectors, query_vectors, seed)
@@ -257,8 +281,10 @@ def print_choice(choice: IndexChoice) -> None:
     for r in choice.candidates:
         knob = ", ".join(f"{k}={v}" for k, v in r.search_knob.items()) or "exact"
         mark = "<- chosen" if r is choice.chosen else ("" if r.meets_target else "(misses the target)")
-        print(f"  {r.kind:<9} {knob:<13} R@10 {r.recall_at_10:.4f}  R@100 {r.recall_at_100:.4f}  "
-              f"p50 {r.p50_ms:.3f} ms  built in {r.build_s:.1f} s {mark}")
+        print(
+            f"  {r.kind:<9} {knob:<13} R@10 {r.recall_at_10:.4f}  R@100 {r.recall_at_100:.4f}  "
+            f"p50 {r.p50_ms:.3f} ms  built in {r.build_s:.1f} s {mark}"
+        )
     for kind, reason in choice.skipped.items():
         print(f"  {kind:<9} skipped: {reason}")
 
@@ -274,14 +300,20 @@ def build_reference_index(item_ids: np.ndarray, vectors: np.ndarray) -> faiss.In
     return index
 
 
-def exact_search(item_ids: np.ndarray, vectors: np.ndarray, queries: np.ndarray, k: int, chunk: int = 64) -> tuple[np.ndarray, np.ndarray]:
+def exact_search(
+    item_ids: np.ndarray, vectors: np.ndarray, queries: np.ndarray, k: int, chunk: int = 64
+) -> tuple[np.ndarray, np.ndarray]:
     """Brute-force top-k by inner product in NumPy: the reference any index is checked against
     (queries in chunks, so a million-item catalogue needs no queries x items matrix)."""
     vectors, item_ids = np.asarray(vectors, dtype=np.float32), np.asarray(item_ids)
     found, found_scores = [], []
     for start in range(0, len(queries), chunk):
         scores = np.asarray(queries[start : start + chunk], dtype=np.float32) @ vectors.T
-        part = np.argpartition(-scores, k - 1, axis=1)[:, :k] if k < scores.shape[1] else np.tile(np.arange(scores.shape[1]), (len(scores), 1))
+        part = (
+            np.argpartition(-scores, k - 1, axis=1)[:, :k]
+            if k < scores.shape[1]
+            else np.tile(np.arange(scores.shape[1]), (len(scores), 1))
+        )
         part_scores = np.take_along_axis(scores, part, axis=1)
         order = np.argsort(-part_scores, axis=1, kind="stable")
         found.append(item_ids[np.take_along_axis(part, order, axis=1)])

@@ -7,7 +7,6 @@ positives excluded. Only the model interface (``query_vectors``, ``item_vectors`
 save, ``score``) is used here.
 """
 
-
 from __future__ import annotations
 
 import json
@@ -90,7 +89,9 @@ def load_training_inputs(config: RecipeConfig) -> TrainingInputs:
     )
 
 
-def evaluate_model(model: RetrievalModel, eval_set: EvalSet, user_features: pd.DataFrame, catalogue: Catalogue) -> dict[str, float]:
+def evaluate_model(
+    model: RetrievalModel, eval_set: EvalSet, user_features: pd.DataFrame, catalogue: Catalogue
+) -> dict[str, float]:
     """Ranking metrics of ``model`` over the whole catalogue, by its own ``score``; ``user_features``
     is indexed by user id."""
     users = model.query_vectors(user_features.loc[eval_set.user_ids])
@@ -101,7 +102,15 @@ def evaluate_model(model: RetrievalModel, eval_set: EvalSet, user_features: pd.D
 class FullCatalogueEarlyStopping(tf.keras.callbacks.Callback):
     """Validation metrics over the whole catalogue after each epoch; keeps the best weights."""
 
-    def __init__(self, model: RetrievalModel, eval_set: EvalSet, user_features: pd.DataFrame, catalogue: Catalogue, metric: str, patience: int):
+    def __init__(
+        self,
+        model: RetrievalModel,
+        eval_set: EvalSet,
+        user_features: pd.DataFrame,
+        catalogue: Catalogue,
+        metric: str,
+        patience: int,
+    ):
         super().__init__()
         self.retrieval_model = model
         self.eval_set = eval_set
@@ -154,7 +163,9 @@ def shuffled_batches(tensors: dict[str, tf.Tensor | tf.RaggedTensor], batch_size
     a new order every epoch: each batch is one gather per tensor, no per-row work."""
     rows = int(next(iter(tensors.values())).shape[0])
     order = tf.data.Dataset.range(rows).shuffle(rows, seed=seed, reshuffle_each_iteration=True).batch(batch_size)
-    return order.map(lambda batch_rows: {name: tf.gather(values, batch_rows) for name, values in tensors.items()}).prefetch(tf.data.AUTOTUNE)
+    return order.map(
+        lambda batch_rows: {name: tf.gather(values, batch_rows) for name, values in tensors.items()}
+    ).prefetch(tf.data.AUTOTUNE)
 
 
 def _loader_layout(batch: dict[str, tf.Tensor | tf.RaggedTensor]) -> dict[str, tf.Tensor]:
@@ -176,7 +187,9 @@ def cached_batches(dataset: merlin.io.Dataset, batch_size: int, seed: int) -> tf
     return shuffled_batches(tensors, batch_size, seed).map(_loader_layout)
 
 
-def training_batches(config: RecipeConfig, dataset: merlin.io.Dataset, batch_size: int | None = None) -> mm.Loader | tf.data.Dataset:
+def training_batches(
+    config: RecipeConfig, dataset: merlin.io.Dataset, batch_size: int | None = None
+) -> mm.Loader | tf.data.Dataset:
     """What fit reads each epoch, from the loader ``train.loader`` names, ``batch_size`` positives
     at a time (default ``train.batch_size``)."""
     batch_size = batch_size or config.train.batch_size
@@ -186,7 +199,11 @@ def training_batches(config: RecipeConfig, dataset: merlin.io.Dataset, batch_siz
 
 
 def fit_model(
-    config: RecipeConfig, inputs: TrainingInputs, verbose: int = 0, epochs: int | None = None, warm_start: Path | None = None
+    config: RecipeConfig,
+    inputs: TrainingInputs,
+    verbose: int = 0,
+    epochs: int | None = None,
+    warm_start: Path | None = None,
 ) -> tuple[RetrievalModel, FullCatalogueEarlyStopping]:
     """Build and fit the configured model with full-catalogue early stopping on the validation
     split, for ``epochs`` (default ``train.epochs``). ``warm_start``: weights an earlier train stage
@@ -197,7 +214,9 @@ def fit_model(
     batches = training_batches(config, inputs.train_dataset, model.batch_size)
     if warm_start is not None:
         first = next(iter(batches))
-        model.load_weights(warm_start, first[0] if isinstance(first, tuple) else first)  # mm.Loader gives (features, targets)
+        model.load_weights(
+            warm_start, first[0] if isinstance(first, tuple) else first
+        )  # mm.Loader gives (features, targets)
     split = inputs.split
     stopper = FullCatalogueEarlyStopping(
         model,
@@ -207,7 +226,9 @@ def fit_model(
         config.train.early_stopping_metric,
         config.train.early_stopping_patience,
     )
-    model.keras.fit(batches, epochs=config.train.epochs if epochs is None else epochs, callbacks=[stopper], verbose=verbose)
+    model.keras.fit(
+        batches, epochs=config.train.epochs if epochs is None else epochs, callbacks=[stopper], verbose=verbose
+    )
     return model, stopper
 
 
@@ -216,7 +237,9 @@ def held_out_eval_set(inputs: TrainingInputs) -> EvalSet:
     return build_eval_set(inputs.split.test, known_before_test(inputs.split), inputs.catalogue.item_ids)
 
 
-def evaluate_on_test(config: RecipeConfig, inputs: TrainingInputs, model: RetrievalModel) -> dict[str, dict[str, float]]:
+def evaluate_on_test(
+    config: RecipeConfig, inputs: TrainingInputs, model: RetrievalModel
+) -> dict[str, dict[str, float]]:
     """Test metrics of the model (under its name) and of popularity, full catalogue, earlier
     positives excluded."""
     from twotower.stages.baselines import evaluate_popularity
@@ -229,7 +252,12 @@ def evaluate_on_test(config: RecipeConfig, inputs: TrainingInputs, model: Retrie
 
 
 def save_training(
-    config: RecipeConfig, inputs: TrainingInputs, model: RetrievalModel, stopper: FullCatalogueEarlyStopping, results: dict, details: dict | None = None
+    config: RecipeConfig,
+    inputs: TrainingInputs,
+    model: RetrievalModel,
+    stopper: FullCatalogueEarlyStopping,
+    results: dict,
+    details: dict | None = None,
 ) -> dict:
     """Both towers and the pair scorer as SavedModels, the whole model's weights, catalogue item vectors, history,
     curves and metrics.json; the model folder is replaced whole, then the run manifest records the
@@ -241,7 +269,13 @@ def save_training(
     with atomic_dir(config.model_dir) as model_dir:
         query_dir, candidate_dir, vectors_path, weights_path, scorer_dir = (
             model_dir / path.relative_to(config.model_dir)
-            for path in (config.query_tower_dir, config.candidate_tower_dir, config.item_vectors_path, config.model_weights_path, config.pair_scorer_dir)
+            for path in (
+                config.query_tower_dir,
+                config.candidate_tower_dir,
+                config.item_vectors_path,
+                config.model_weights_path,
+                config.pair_scorer_dir,
+            )
         )
         model.save_query_tower(query_dir)
         model.save_item_tower(candidate_dir)
@@ -269,7 +303,9 @@ def save_training(
     return metrics
 
 
-def train_and_save(config: RecipeConfig, verbose: int = 0, inputs: TrainingInputs | None = None) -> tuple[RetrievalModel, dict]:
+def train_and_save(
+    config: RecipeConfig, verbose: int = 0, inputs: TrainingInputs | None = None
+) -> tuple[RetrievalModel, dict]:
     """The train stage: fit, evaluate on the test split, save; the model and its metrics.
     ``inputs``: the run's training inputs if the caller already loaded them."""
     inputs = inputs or load_training_inputs(config)

@@ -62,9 +62,16 @@ def build_workflow(category_dir: Path, items: pd.Series, schema: SchemaConfig, w
 
     user = [["user_id"] >> categorify() >> nvt.ops.TagAsUserID(), *encoded("user", nvt.ops.TagAsUserFeatures)]
     if with_history:
-        user.append(["history"] >> categorify(vocabs={"history": items.rename("history")}) >> nvt.ops.TagAsUserFeatures())
-    item = [["item_id"] >> categorify(vocabs={"item_id": items}) >> nvt.ops.TagAsItemID(), *encoded("item", nvt.ops.TagAsItemFeatures)]
-    return nvt.Workflow(Subgraph(USER_SUBGRAPH, sum(user[1:], user[0])) + Subgraph(ITEM_SUBGRAPH, sum(item[1:], item[0])))
+        user.append(
+            ["history"] >> categorify(vocabs={"history": items.rename("history")}) >> nvt.ops.TagAsUserFeatures()
+        )
+    item = [
+        ["item_id"] >> categorify(vocabs={"item_id": items}) >> nvt.ops.TagAsItemID(),
+        *encoded("item", nvt.ops.TagAsItemFeatures),
+    ]
+    return nvt.Workflow(
+        Subgraph(USER_SUBGRAPH, sum(user[1:], user[0])) + Subgraph(ITEM_SUBGRAPH, sum(item[1:], item[0]))
+    )
 
 
 def _local_cluster(workers: int):
@@ -78,7 +85,9 @@ def _local_cluster(workers: int):
     from distributed import LocalCluster
 
     # One thread per process: pandas work holds the GIL, so processes are what run in parallel.
-    return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None)
+    return LocalCluster(
+        n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+    )
 
 
 @contextmanager
@@ -117,13 +126,17 @@ def _dataset(rows: pd.DataFrame, partitions: int = 1) -> merlin.io.Dataset:
     return merlin.io.Dataset(frame.map_partitions(_zero_based))
 
 
-def fit_workflow(train_rows: pd.DataFrame, schema: SchemaConfig, category_dir: Path, partitions: int = 1) -> nvt.Workflow:
+def fit_workflow(
+    train_rows: pd.DataFrame, schema: SchemaConfig, category_dir: Path, partitions: int = 1
+) -> nvt.Workflow:
     workflow = build_workflow(category_dir, item_vocabulary(train_rows), schema, "history" in train_rows.columns)
     workflow.fit(_dataset(train_rows, partitions))
     return workflow
 
 
-def transform_to_parquet(workflow: nvt.Workflow, rows: pd.DataFrame, out_dir: Path, partitions: int = 1) -> merlin.io.Dataset:
+def transform_to_parquet(
+    workflow: nvt.Workflow, rows: pd.DataFrame, out_dir: Path, partitions: int = 1
+) -> merlin.io.Dataset:
     """Encode ``rows`` and write them as parquet together with the Merlin schema."""
     workflow.transform(_dataset(rows, partitions)).to_parquet(str(out_dir), output_files=1)
     return merlin.io.Dataset(str(out_dir), engine="parquet")
@@ -189,6 +202,8 @@ def encode_users(workflows: SavedWorkflows, users: pd.DataFrame) -> pd.DataFrame
     return transform_frame(workflows.user, users).set_index(users["user_id"].to_numpy())
 
 
-def encoded_users(workflows: SavedWorkflows, users: pd.DataFrame, history_rows: pd.DataFrame, history_length: int) -> pd.DataFrame:
+def encoded_users(
+    workflows: SavedWorkflows, users: pd.DataFrame, history_rows: pd.DataFrame, history_length: int
+) -> pd.DataFrame:
     """Every user's encoded features, history (latest ``history_length``) taken from ``history_rows``."""
     return encode_users(workflows, users_with_history(users, history_rows, history_length))

@@ -7,7 +7,6 @@ tower's serving signature. Stages, serving, lifecycle and benchmarks all read th
 them needs another's module to do it.
 """
 
-
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -59,7 +58,10 @@ def display_column(schema: SchemaConfig) -> str | None:
 def category_feature(schema: SchemaConfig) -> str | None:
     """The item feature that groups items for people (genres on MovieLens): the first
     multi-valued categorical one, else the first categorical one."""
-    return next(iter(model_features(schema, "item", ("multi_categorical",)) + model_features(schema, "item", ("categorical",))), None)
+    return next(
+        iter(model_features(schema, "item", ("multi_categorical",)) + model_features(schema, "item", ("categorical",))),
+        None,
+    )
 
 
 def item_names(items: pd.DataFrame, schema: SchemaConfig) -> pd.Series:

@@ -4,7 +4,6 @@ leaves the previous one in place. Staging names carry the writer's process id: a
 removes those of dead writers. Also the inter-process lock that serialises read-modify-writes.
 """
 
-
 from __future__ import annotations
 
 import ctypes

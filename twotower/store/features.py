@@ -8,7 +8,6 @@ checks at load (``check_materialized_from``). Building the repository from a run
 features stage's (``twotower.stages.features``).
 """
 
-
 from __future__ import annotations
 
 import hashlib
@@ -139,7 +138,9 @@ class OnlineReader:
         """One dict of feature values per id (None where the store has no row)."""
         keys = [EntityKey(join_keys=[self.join_key], entity_values=[Value(int64_val=int(i))]) for i in ids]
         rows = self.online_store.online_read(self.store.config, self.view, keys)
-        return [None if values is None else {name: _python_value(v) for name, v in values.items()} for _, values in rows]
+        return [
+            None if values is None else {name: _python_value(v) for name, v in values.items()} for _, values in rows
+        ]
 
 
 def check_materialized_from(store: FeatureStore, workflow_fingerprint: str) -> None:

@@ -7,7 +7,6 @@ refuses search parameters, and each query's seen-item filter is one. Building an
 choosing its kind by measured recall is the index stage's (``twotower.stages.index``).
 """
 
-
 from __future__ import annotations
 
 from pathlib import Path
@@ -64,7 +63,9 @@ class ItemIndex:
         found = self._by_id[np.minimum(np.searchsorted(self.item_ids, item_ids, sorter=self._by_id), self.ntotal - 1)]
         return np.unique(found[self.item_ids[found] == item_ids])
 
-    def search(self, queries: np.ndarray, k: int, seen: list[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, queries: np.ndarray, k: int, seen: list[np.ndarray] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k dataset item ids and scores per query row, best first, without each row's ``seen`` ids."""
         if k > self.ntotal:
             raise ValueError(f"top_k={k} exceeds the catalogue of {self.ntotal} items")
@@ -91,7 +92,9 @@ class ItemIndex:
         _, positions = self._faiss_search(self.base, np.ascontiguousarray(queries, dtype=np.float32), k, None)
         return np.where(positions >= 0, self.item_ids[positions], -1)
 
-    def _search_row(self, query: np.ndarray, k: int, excluded: np.ndarray, exhaustive: bool) -> tuple[np.ndarray, np.ndarray]:
+    def _search_row(
+        self, query: np.ndarray, k: int, excluded: np.ndarray, exhaustive: bool
+    ) -> tuple[np.ndarray, np.ndarray]:
         inner = faiss.IDSelectorBatch(excluded) if len(excluded) else None
         selector = faiss.IDSelectorNot(inner) if inner is not None else None  # both kept alive for the search
         target = self._exhaustive_target() if exhaustive else self.base
@@ -99,7 +102,9 @@ class ItemIndex:
         return scores[0], positions[0]
 
     @staticmethod
-    def _faiss_search(target: faiss.Index, queries: np.ndarray, k: int, params: faiss.SearchParameters | None) -> tuple[np.ndarray, np.ndarray]:
+    def _faiss_search(
+        target: faiss.Index, queries: np.ndarray, k: int, params: faiss.SearchParameters | None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Every FAISS call of a search goes through here (a test counts their depths)."""
         return target.search(queries, k, params=params)
 

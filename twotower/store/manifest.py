@@ -22,7 +22,6 @@ Once one of them runs again the refresh no longer applies, as a whole: the expor
 stages to re-run (which drops the refreshed items), and refresh-items is run again after them.
 """
 
-
 from __future__ import annotations
 
 import hashlib
@@ -63,7 +62,10 @@ STAGES: dict[str, StageIO] = {
     "data": StageIO((), DATA),
     "workflow": StageIO(DATA, ("workflow", "train_encoded")),
     # model_weights: the whole model's, what `twotower retrain` warm-starts from
-    "train": StageIO((*DATA, "workflow", "train_encoded"), ("query_tower", "candidate_tower", "item_vectors", "model_weights", "pair_scorer")),
+    "train": StageIO(
+        (*DATA, "workflow", "train_encoded"),
+        ("query_tower", "candidate_tower", "item_vectors", "model_weights", "pair_scorer"),
+    ),
     # the query tower's vectors measure the index's recall (index.kind=auto chooses by it)
     "index": StageIO(("item_vectors", "query_tower"), ("index",)),
     # the encoded user features come from the saved user workflow
@@ -114,7 +116,9 @@ def fingerprint(path: Path) -> str:
     if not path.exists():
         raise FileNotFoundError(f"no artifact at {path}")
     digest = hashlib.sha256()
-    files = [(Path(), path)] if path.is_file() else sorted((p.relative_to(path), p) for p in path.rglob("*") if p.is_file())
+    files = (
+        [(Path(), path)] if path.is_file() else sorted((p.relative_to(path), p) for p in path.rglob("*") if p.is_file())
+    )
     for relative, file in files:
         # name and size delimit each file, so no two different folders hash the same stream
         digest.update(f"{relative.as_posix()}\0{file.stat().st_size}\0".encode())
@@ -154,7 +158,11 @@ def record_stage(config: RecipeConfig, stage: str, consumed: dict[str, str], det
     produced = fingerprints(config, STAGES[stage].produces)
     with _manifest_lock(config):
         entries = read_manifest(config)
-        entries[stage] = {"consumed": consumed, "produced": produced, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        entries[stage] = {
+            "consumed": consumed,
+            "produced": produced,
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
         if details:
             entries[stage]["details"] = details
         with atomic_file(config.manifest_path, durable=True) as staging:
@@ -173,7 +181,8 @@ def refresh_in_effect(entries: dict[str, dict]) -> dict[str, str]:
 def _stages_run_since(entries: dict[str, dict], refresh: dict) -> list[str]:
     """The stages whose outputs changed since the refreshes started from them."""
     return [
-        PRODUCER[name] for name, started_from in refresh["base"].items()
+        PRODUCER[name]
+        for name, started_from in refresh["base"].items()
         if entries.get(PRODUCER[name], {}).get("produced", {}).get(name) != started_from
     ]
 
@@ -207,7 +216,11 @@ def recorded_stage(config: RecipeConfig, stage: str) -> Iterator[dict]:
 
 
 def _stale_reason(
-    stage: str, entries: dict[str, dict], on_disk: dict[str, str | None], stale: dict[str, str], refreshed: dict[str, str]
+    stage: str,
+    entries: dict[str, dict],
+    on_disk: dict[str, str | None],
+    stale: dict[str, str],
+    refreshed: dict[str, str],
 ) -> str | None:
     """Why ``stage`` must run again (None: it need not); ``refreshed``: what a refresh in effect left."""
     entry = entries.get(stage)
@@ -227,8 +240,10 @@ def _stale_reason(
             refresh = entries.get(REFRESH)
             if refresh is not None and refresh["produced"].get(name) == on_disk[name]:
                 since = ", ".join(f"'{s}'" for s in _stages_run_since(entries, refresh))
-                return (f"its {name} on disk holds items added by refresh-items, which no longer applies because {since} "
-                        f"ran again since (re-running drops those items: run refresh-items again afterwards)")
+                return (
+                    f"its {name} on disk holds items added by refresh-items, which no longer applies because {since} "
+                    f"ran again since (re-running drops those items: run refresh-items again afterwards)"
+                )
             return f"its {name} on disk is not what it wrote (changed since, or the stage was interrupted)"
     return None
 
@@ -263,22 +278,31 @@ def check_prerank(config: RecipeConfig) -> dict[str, str]:
     if not serve.prerank_candidates:
         return {}
     if serve.prerank_candidates < serve.top_k:
-        raise ConfigError(f"serve.prerank_candidates={serve.prerank_candidates}: at least serve.top_k={serve.top_k} (0 turns the stage off)")
+        raise ConfigError(
+            f"serve.prerank_candidates={serve.prerank_candidates}: at least serve.top_k={serve.top_k} (0 turns the stage off)"
+        )
     ranker = prerank_config(config)
     trained = read_manifest(ranker).get("train")
     if trained is None or not ranker.metrics_path.exists():
-        raise ArtifactMismatch(f"no pre-ranker trained in {ranker.output_dir}: run `twotower prerank` (or set serve.prerank_run)")
+        raise ArtifactMismatch(
+            f"no pre-ranker trained in {ranker.output_dir}: run `twotower prerank` (or set serve.prerank_run)"
+        )
     ours = fingerprints(config, ("splits", "workflow"))
     other_inputs = [name for name, value in ours.items() if trained["consumed"].get(name) != value]
     if other_inputs:
-        raise ArtifactMismatch(f"the pre-ranker in {ranker.output_dir} was trained on another {' and '.join(other_inputs)} than this run's; run `twotower prerank` again")
+        raise ArtifactMismatch(
+            f"the pre-ranker in {ranker.output_dir} was trained on another {' and '.join(other_inputs)} than this run's; run `twotower prerank` again"
+        )
     settings = json.loads(ranker.metrics_path.read_text())["config"]["model"]
     if settings != config_to_dict(ranker)["model"]:
         raise ArtifactMismatch(
             f"the pre-ranker in {ranker.output_dir} is a {settings['name']} trained with other model.* settings than "
             f"serve.prerank_model={serve.prerank_model} and this configuration's; run `twotower prerank` again"
         )
-    with np.load(config.item_vectors_path) as ours, np.load(ranker.item_vectors_path) as theirs:  # train.save_item_vectors' files
+    with (
+        np.load(config.item_vectors_path) as ours,
+        np.load(ranker.item_vectors_path) as theirs,
+    ):  # train.save_item_vectors' files
         missing = np.setdiff1d(ours["item_ids"], theirs["item_ids"])
     if len(missing):
         raise ArtifactMismatch(
@@ -289,8 +313,12 @@ def check_prerank(config: RecipeConfig) -> dict[str, str]:
     parts = {name: _fingerprint_or_none(paths[name]) for name in PRERANK_PARTS}
     absent = [name for name, value in parts.items() if value is None]
     if absent:
-        raise ArtifactMismatch(f"the pre-ranker in {ranker.output_dir} has no {' and no '.join(absent)} (trained before the recipe saved it); run `twotower prerank` again")
+        raise ArtifactMismatch(
+            f"the pre-ranker in {ranker.output_dir} has no {' and no '.join(absent)} (trained before the recipe saved it); run `twotower prerank` again"
+        )
     changed = [name for name, value in parts.items() if trained["produced"].get(name) != value]
     if changed:
-        raise ArtifactMismatch(f"the pre-ranker's {' and '.join(changed)} in {ranker.output_dir} changed since it was trained; run `twotower prerank` again")
+        raise ArtifactMismatch(
+            f"the pre-ranker's {' and '.join(changed)} in {ranker.output_dir} changed since it was trained; run `twotower prerank` again"
+        )
     return {f"prerank_{name}": value for name, value in parts.items()}

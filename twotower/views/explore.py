@@ -35,7 +35,9 @@ def dataset_summary(data: RecipeData, split: Split) -> pd.Series:
             "train positives": len(split.train),
             "validation positives": len(split.valid),
             "test positives": len(split.test),
-            "held-out positives of items never in train": int((~held_out["item_id"].isin(split.train["item_id"])).sum()),
+            "held-out positives of items never in train": int(
+                (~held_out["item_id"].isin(split.train["item_id"])).sum()
+            ),
         },
         dtype=object,
     )

@@ -43,7 +43,9 @@ def plot_training(history: list[dict[str, float]], path: Path | None = None) -> 
     return _save(fig, path)
 
 
-def plot_data_overview(data: RecipeData, split: Split, path: Path | None = None, item_category: str | None = "genres") -> Figure:
+def plot_data_overview(
+    data: RecipeData, split: Split, path: Path | None = None, item_category: str | None = "genres"
+) -> Figure:
     """Rating values, ratings per user, item popularity (long tail) and, when ``item_category``
     names a categorical item feature (single or multi-valued), items per category."""
     inter = data.interactions
@@ -58,7 +60,9 @@ def plot_data_overview(data: RecipeData, split: Split, path: Path | None = None,
     items_ax.loglog(np.arange(1, len(popularity) + 1), popularity)
     items_ax.set(title="training positives per item, by rank", xlabel="item rank (log)", ylabel="positives (log)")
     if item_category:
-        data.items[item_category].explode().value_counts().head(20).sort_values().plot.barh(ax=genres_ax, color="tab:green")
+        data.items[item_category].explode().value_counts().head(20).sort_values().plot.barh(
+            ax=genres_ax, color="tab:green"
+        )
         genres_ax.set(title=f"items per {item_category} (top 20)", xlabel="items")
     else:
         genres_ax.set_axis_off()
@@ -102,7 +106,9 @@ def plot_quality(results: dict[str, dict], ks: tuple[int, ...], out_dir: Path) -
     ax = loss.subplots()
     for name, values in results.items():
         if "history" in values:
-            ax.plot([h["epoch"] for h in values["history"]], [h["loss"] for h in values["history"]], marker="o", label=name)
+            ax.plot(
+                [h["epoch"] for h in values["history"]], [h["loss"] for h in values["history"]], marker="o", label=name
+            )
     ax.set(title="training loss per epoch", xlabel="epoch", ylabel="loss")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize=7)
@@ -116,12 +122,22 @@ def plot_model_tradeoff(rows: dict[str, dict], path: Path | None = None) -> Figu
     for name, row in rows.items():
         if row.get("serving_p50_ms") is not None:
             latency_ax.scatter(row["serving_p50_ms"], row["recall@100"])
-            latency_ax.annotate(name, (row["serving_p50_ms"], row["recall@100"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            latency_ax.annotate(
+                name, (row["serving_p50_ms"], row["recall@100"]), fontsize=7, xytext=(3, 3), textcoords="offset points"
+            )
         if row.get("params"):
             params_ax.scatter(row["params"], row["recall@100"])
-            params_ax.annotate(name, (row["params"], row["recall@100"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    latency_ax.set(title="effectiveness vs serving latency", xlabel="Triton p50, single user, concurrency 1 (ms)", ylabel="test Recall@100")
-    params_ax.set(title="effectiveness vs size", xlabel="trainable parameters (log)", ylabel="test Recall@100", xscale="log")
+            params_ax.annotate(
+                name, (row["params"], row["recall@100"]), fontsize=7, xytext=(3, 3), textcoords="offset points"
+            )
+    latency_ax.set(
+        title="effectiveness vs serving latency",
+        xlabel="Triton p50, single user, concurrency 1 (ms)",
+        ylabel="test Recall@100",
+    )
+    params_ax.set(
+        title="effectiveness vs size", xlabel="trainable parameters (log)", ylabel="test Recall@100", xscale="log"
+    )
     return _save(fig, path)
 
 
@@ -135,8 +151,20 @@ def plot_scale(report: dict, path: Path | None = None) -> Figure:
         rows = [report["sizes"][str(n)][kind] for n in sizes]
         latency_ax.plot(sizes, [r["p50_ms_triton"] for r in rows], marker="o", label=kind)
         memory_ax.plot(sizes, [r["memory_bytes"] / 2**20 for r in rows], marker="o", label=kind)
-    latency_ax.set(title="served latency", xlabel="catalogue items (log)", ylabel="Triton p50, single user, concurrency 1 (ms, log)", xscale="log", yscale="log")
-    memory_ax.set(title="index memory (measured heap growth)", xlabel="catalogue items (log)", ylabel="MiB (log)", xscale="log", yscale="log")
+    latency_ax.set(
+        title="served latency",
+        xlabel="catalogue items (log)",
+        ylabel="Triton p50, single user, concurrency 1 (ms, log)",
+        xscale="log",
+        yscale="log",
+    )
+    memory_ax.set(
+        title="index memory (measured heap growth)",
+        xlabel="catalogue items (log)",
+        ylabel="MiB (log)",
+        xscale="log",
+        yscale="log",
+    )
     for ax in (latency_ax, memory_ax):
         ax.legend(fontsize=8)
     return _save(fig, path)
@@ -153,7 +181,9 @@ def plot_train_benchmark(report: dict, labels: dict[str, str], path: Path | None
     interactions = [row["interactions"] for row in scale.values()]
     scale_ax.plot(interactions, [row["epoch_s"] for row in scale.values()], marker="o")
     for name, row in scale.items():
-        scale_ax.annotate(name, (row["interactions"], row["epoch_s"]), fontsize=8, xytext=(4, -10), textcoords="offset points")
+        scale_ax.annotate(
+            name, (row["interactions"], row["epoch_s"]), fontsize=8, xytext=(4, -10), textcoords="offset points"
+        )
     scale_ax.set(title="one epoch of the recipe against data size", xlabel="training interactions", ylabel="epoch (s)")
     return _save(fig, path)
 
@@ -174,9 +204,13 @@ def plot_replay(rows: list[dict], path: Path | None = None) -> Figure:
     for position, arm in enumerate(timed_arms):
         timed = [row for row in rows if row["arm"] == arm and row["wall_seconds"] is not None]
         offset = (position - (len(timed_arms) - 1) / 2) * width
-        seconds_ax.bar([row["step"] + offset for row in timed], [row["wall_seconds"] for row in timed], width, label=arm)
+        seconds_ax.bar(
+            [row["step"] + offset for row in timed], [row["wall_seconds"] for row in timed], width, label=arm
+        )
     recall10_ax.set(title="Recall@10 on the next slice", xlabel="step (cutoff advanced by one slice)", ylabel="recall")
-    recall100_ax.set(title="Recall@100 on the next slice", xlabel="step (cutoff advanced by one slice)", ylabel="recall")
+    recall100_ax.set(
+        title="Recall@100 on the next slice", xlabel="step (cutoff advanced by one slice)", ylabel="recall"
+    )
     seconds_ax.set(title="retrain wall time (step 0: the first model)", xlabel="step", ylabel="seconds")
     for ax in (recall10_ax, recall100_ax, seconds_ax):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -62,7 +62,9 @@ def padded_arrays(frame: pd.DataFrame, columns: list[str]) -> dict[str, np.ndarr
 
 def _mlp(layers: list[int]) -> tf.keras.Sequential:
     *hidden, last = layers
-    return tf.keras.Sequential([*(tf.keras.layers.Dense(units, activation="relu") for units in hidden), tf.keras.layers.Dense(last)])
+    return tf.keras.Sequential(
+        [*(tf.keras.layers.Dense(units, activation="relu") for units in hidden), tf.keras.layers.Dense(last)]
+    )
 
 
 class PlainTwoTower(tf.keras.Model):
@@ -71,7 +73,10 @@ class PlainTwoTower(tf.keras.Model):
     def __init__(self, layout: Layout, train: TrainConfig, item_log_q: np.ndarray):
         super().__init__(name="plain_two_tower")
         self.layout = layout
-        self.tables = {name: tf.keras.layers.Embedding(rows, train.embedding_dim, name=f"{name}_table") for name, rows in layout.table_rows.items()}
+        self.tables = {
+            name: tf.keras.layers.Embedding(rows, train.embedding_dim, name=f"{name}_table")
+            for name, rows in layout.table_rows.items()
+        }
         self.query_mlp, self.item_mlp = _mlp(train.tower_layers), _mlp(train.tower_layers)
         self.temperature = train.temperature
         self.item_log_q = tf.constant(item_log_q, tf.float32)  # log of each item's share of the training positives
@@ -89,7 +94,9 @@ class PlainTwoTower(tf.keras.Model):
         return tf.math.l2_normalize(mlp(fields), axis=-1, epsilon=1e-12)
 
     def call(self, features: dict[str, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
-        return self.tower(features, self.layout.query_columns, self.query_mlp), self.tower(features, self.layout.item_columns, self.item_mlp)
+        return self.tower(features, self.layout.query_columns, self.query_mlp), self.tower(
+            features, self.layout.item_columns, self.item_mlp
+        )
 
     def in_batch_loss(self, features: dict[str, tf.Tensor]) -> tf.Tensor:
         query, item = self(features)

@@ -34,15 +34,28 @@ class RedisServer:
         """Feast's ``redis_connection`` string for this server."""
         return f"127.0.0.1:{self.port}"
 
-    def start(self) -> "RedisServer":
+    def start(self) -> RedisServer:
         import redis
 
         check_port_free("127.0.0.1", "redis", self.port, "RedisServer(port=...)")
         self.work_dir.mkdir(parents=True, exist_ok=True)
         persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else ["--appendonly", "no"]
-        command = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *persistence, "--dir", str(self.work_dir)]
+        command = [
+            self.binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            *persistence,
+            "--dir",
+            str(self.work_dir),
+        ]
         with open(self.work_dir / "redis.log", "ab") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=set_parent_death_signal)
+            self.process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=set_parent_death_signal
+            )
         atexit.register(self.stop)
         client = redis.Redis(host="127.0.0.1", port=self.port)
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -54,7 +67,9 @@ class RedisServer:
             except redis.ConnectionError:
                 if self.process.poll() is not None or time.monotonic() > deadline:
                     self.stop()
-                    raise RuntimeError(f"redis-server did not start:\n{(self.work_dir / 'redis.log').read_text()[-2000:]}")
+                    raise RuntimeError(
+                        f"redis-server did not start:\n{(self.work_dir / 'redis.log').read_text()[-2000:]}"
+                    )
                 time.sleep(0.05)
 
     def stop(self) -> None:
@@ -71,9 +86,8 @@ class RedisServer:
         self.stop()
         self.start()
 
-    def __enter__(self) -> "RedisServer":
+    def __enter__(self) -> RedisServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
-

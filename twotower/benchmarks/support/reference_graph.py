@@ -40,7 +40,9 @@ class UserFeatureLookup(FeatureRepoOperator):
 
         return FeatureStore(repo_path=str(repo))
 
-    def compute_output_schema(self, input_schema: Schema, col_selector: ColumnSelector, prev_output_schema: Schema = None) -> Schema:
+    def compute_output_schema(
+        self, input_schema: Schema, col_selector: ColumnSelector, prev_output_schema: Schema = None
+    ) -> Schema:
         return self.feature_schema
 
     def transform(self, col_selector: ColumnSelector, transformable):
@@ -66,7 +68,9 @@ class EncodeUserFeatures(ArtifactOperator):
 
         return load_workflow(path.parent, path.name)
 
-    def compute_output_schema(self, input_schema: Schema, col_selector: ColumnSelector, prev_output_schema: Schema = None) -> Schema:
+    def compute_output_schema(
+        self, input_schema: Schema, col_selector: ColumnSelector, prev_output_schema: Schema = None
+    ) -> Schema:
         return self.resource.output_schema
 
     def transform(self, col_selector: ColumnSelector, transformable):

@@ -4,7 +4,6 @@ saved artifact that the export copies into the executor's folder.
 Operators keep no absolute path in the pickled graph, so the exported repository can move.
 """
 
-
 from __future__ import annotations
 
 import shutil
@@ -24,7 +23,9 @@ def as_frame(transformable) -> pd.DataFrame:
 
 def request_user_ids(transformable, max_users: int) -> np.ndarray:
     """The request's user ids, rejecting an empty or oversized batch."""
-    user_ids = np.asarray(transformable["user_id"].values if isinstance(transformable, TensorTable) else transformable["user_id"]).reshape(-1)
+    user_ids = np.asarray(
+        transformable["user_id"].values if isinstance(transformable, TensorTable) else transformable["user_id"]
+    ).reshape(-1)
     if len(user_ids) == 0:
         raise RequestError("empty request: 'user_id' has no rows")
     if len(user_ids) > max_users:

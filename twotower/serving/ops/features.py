@@ -3,7 +3,6 @@ Feast online store (``OnlineQueryFeatures``), through the operator that reads a 
 repository and, once exported, the version's own copy of it (``FeatureRepoOperator``).
 """
 
-
 from __future__ import annotations
 
 import os
@@ -107,7 +106,12 @@ class OnlineQueryFeatures(FeatureRepoOperator):
     """
 
     def __init__(
-        self, feature_repo: Path, model_inputs: Schema, max_users: int, workflow_fingerprint: str, user_codes: dict[str, int] | None = None
+        self,
+        feature_repo: Path,
+        model_inputs: Schema,
+        max_users: int,
+        workflow_fingerprint: str,
+        user_codes: dict[str, int] | None = None,
     ):
         super().__init__(feature_repo)
         self.model_inputs = model_inputs
@@ -125,7 +129,9 @@ class OnlineQueryFeatures(FeatureRepoOperator):
         check_materialized_from(query.store, self.workflow_fingerprint)
         return query, OnlineReader(query.store, USER_VIEW)
 
-    def compute_output_schema(self, input_schema: Schema, col_selector: ColumnSelector, prev_output_schema: Schema = None) -> Schema:
+    def compute_output_schema(
+        self, input_schema: Schema, col_selector: ColumnSelector, prev_output_schema: Schema = None
+    ) -> Schema:
         return self.model_inputs + Schema(
             [
                 ColumnSchema("seen_items", dtype=np.int64, dims=(None, None)),
@@ -146,7 +152,9 @@ class OnlineQueryFeatures(FeatureRepoOperator):
         columns = {}
         for column in self.model_inputs:
             values = [row[ENCODED_PREFIX + column.name] if row else ([] if column.is_list else 0) for row in encoded]
-            columns[column.name] = ragged_column(values) if column.is_list else np.asarray(values, dtype=column.dtype.to_numpy)
+            columns[column.name] = (
+                ragged_column(values) if column.is_list else np.asarray(values, dtype=column.dtype.to_numpy)
+            )
         columns["seen_items"] = ragged_column([row["seen_items"] if row else [] for row in raw])
         columns["known"] = known
         return TensorTable(columns)

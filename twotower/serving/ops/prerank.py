@@ -2,7 +2,6 @@
 candidates and keeps the best ``top_k`` (``PrerankCandidates``).
 """
 
-
 from __future__ import annotations
 
 import shutil
@@ -48,7 +47,12 @@ class PrerankCandidates(ArtifactOperator):
         from twotower.store.artifacts import load_item_vectors
 
         item_ids, vectors = load_item_vectors(path / "item_vectors.npz")
-        return load_serving_signature(path / "query_tower"), pd.Index(item_ids), vectors, load_serving_signature(path / "pair_scorer")
+        return (
+            load_serving_signature(path / "query_tower"),
+            pd.Index(item_ids),
+            vectors,
+            load_serving_signature(path / "pair_scorer"),
+        )
 
     def save_artifacts(self, artifact_path: str) -> None:
         target = Path(artifact_path) / self.artifact_name
@@ -57,10 +61,14 @@ class PrerankCandidates(ArtifactOperator):
             source = Path(self.source) / part
             (shutil.copytree if source.is_dir() else shutil.copy2)(source, target / part)
 
-    def compute_output_schema(self, input_schema: Schema, col_selector: ColumnSelector, prev_output_schema: Schema = None) -> Schema:
+    def compute_output_schema(
+        self, input_schema: Schema, col_selector: ColumnSelector, prev_output_schema: Schema = None
+    ) -> Schema:
         return Schema(
             [
-                ColumnSchema("item_ids", dtype=np.int64 if self.item_names is None else md.string, dims=(None, self.top_k)),
+                ColumnSchema(
+                    "item_ids", dtype=np.int64 if self.item_names is None else md.string, dims=(None, self.top_k)
+                ),
                 ColumnSchema("scores", dtype=np.float32, dims=(None, self.top_k)),
                 ColumnSchema("is_fallback", dtype=md.boolean),
             ]
@@ -79,10 +87,17 @@ class PrerankCandidates(ArtifactOperator):
         if len(rows):
             positions = catalogue.get_indexer(candidates[rows].reshape(-1)).reshape(len(rows), -1)
             if (positions < 0).any():  # the export checks the catalogues match; a mismatch here is a fault
-                raise RuntimeError(f"item {candidates[rows][positions < 0][0]} retrieved but not in the pre-ranker's catalogue")
+                raise RuntimeError(
+                    f"item {candidates[rows][positions < 0][0]} retrieved but not in the pre-ranker's catalogue"
+                )
             query_vectors = call_signature(query_signature, transformable)[rows]
-            pairs = {"query": np.repeat(query_vectors, positions.shape[1], axis=0), "items": item_vectors[positions.reshape(-1)]}
-            (scores,) = pair_scorer(**{name: tf.constant(values, dtype=tf.float32) for name, values in pairs.items()}).values()
+            pairs = {
+                "query": np.repeat(query_vectors, positions.shape[1], axis=0),
+                "items": item_vectors[positions.reshape(-1)],
+            }
+            (scores,) = pair_scorer(
+                **{name: tf.constant(values, dtype=tf.float32) for name, values in pairs.items()}
+            ).values()
             scores = scores.numpy().reshape(positions.shape)
             best = np.argsort(-scores, axis=1, kind="stable")[:, : self.top_k]
             item_ids[rows] = np.take_along_axis(candidates[rows], best, axis=1)

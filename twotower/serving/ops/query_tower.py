@@ -2,7 +2,6 @@
 (``PredictQueryTower``), so no TensorFlow backend is needed in Triton.
 """
 
-
 from __future__ import annotations
 
 from pathlib import Path
@@ -37,9 +36,14 @@ class PredictQueryTower(ArtifactOperator):
     def _load(self, path: Path):
         return load_serving_signature(path)
 
-    def compute_output_schema(self, input_schema: Schema, col_selector: ColumnSelector, prev_output_schema: Schema = None) -> Schema:
+    def compute_output_schema(
+        self, input_schema: Schema, col_selector: ColumnSelector, prev_output_schema: Schema = None
+    ) -> Schema:
         (output_spec,) = self.resource.structured_outputs.values()
-        return Schema([ColumnSchema(self.output_name, dtype=np.float32, dims=(None, output_spec.shape[-1]))]) + self.passthrough
+        return (
+            Schema([ColumnSchema(self.output_name, dtype=np.float32, dims=(None, output_spec.shape[-1]))])
+            + self.passthrough
+        )
 
     def transform(self, col_selector: ColumnSelector, transformable):
         vectors = call_signature(self.resource, transformable)

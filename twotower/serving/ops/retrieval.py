@@ -3,7 +3,6 @@ popularity fallback for unknown users (``RetrieveTopK``), or its multi-vector fo
 with heads (``RetrieveByHeads``, IntTower).
 """
 
-
 from __future__ import annotations
 
 import logging
@@ -65,14 +64,21 @@ class RetrieveTopK(ArtifactOperator):
         faiss.omp_set_num_threads(1)
         return ItemIndex(load_index(path))
 
-    def compute_output_schema(self, input_schema: Schema, col_selector: ColumnSelector, prev_output_schema: Schema = None) -> Schema:
-        return Schema(
-            [
-                ColumnSchema("item_ids", dtype=np.int64 if self.item_names is None else md.string, dims=(None, self.top_k)),
-                ColumnSchema("scores", dtype=np.float32, dims=(None, self.top_k)),
-                ColumnSchema("is_fallback", dtype=md.boolean),
-            ]
-        ) + self.passthrough
+    def compute_output_schema(
+        self, input_schema: Schema, col_selector: ColumnSelector, prev_output_schema: Schema = None
+    ) -> Schema:
+        return (
+            Schema(
+                [
+                    ColumnSchema(
+                        "item_ids", dtype=np.int64 if self.item_names is None else md.string, dims=(None, self.top_k)
+                    ),
+                    ColumnSchema("scores", dtype=np.float32, dims=(None, self.top_k)),
+                    ColumnSchema("is_fallback", dtype=md.boolean),
+                ]
+            )
+            + self.passthrough
+        )
 
     def _search(self, vectors: np.ndarray, seen: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         return self.resource.search(vectors, self.top_k, seen)
