@@ -70,7 +70,7 @@ perf-analyzer: $(TOOLS_VENV)/.installed
 benchmark-serving: venv
 	@if $(MAKE) --no-print-directory perf-analyzer; then \
 		LD_LIBRARY_PATH=$$(echo $(abspath $(TOOLS_VENV))/lib/python3*/site-packages/nvidia/cuda_runtime/lib):$$LD_LIBRARY_PATH \
-			$(TWOTOWER) --set benchmark.perf_analyzer=$(abspath $(PERF_ANALYZER)) benchmark-serving; \
+			$(TWOTOWER) --set benchmark.serving.perf_analyzer=$(abspath $(PERF_ANALYZER)) benchmark-serving; \
 	else \
 		echo "perf_analyzer unavailable (above): benchmarking with the recipe's own load generator only"; \
 		$(TWOTOWER) benchmark-serving; \

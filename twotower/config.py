@@ -294,11 +294,11 @@ class FeaturesConfig:
 
 @dataclass
 class PrerankConfig:
-    """make benchmark-prerank (twotower/prerank_benchmark.py): IntTower's Table 2 protocol on ML-1M
+    """make benchmark-prerank (twotower/benchmarks/prerank.py): IntTower's Table 2 protocol on ML-1M
     as a click-through task; defaults are the official ML-1M script's."""
 
-    models: list[str] = field(default_factory=list)  # names from prerank_benchmark.MODELS; empty: all
-    setups: list[str] = field(default_factory=list)  # names from prerank_benchmark.SETUPS; empty: all
+    models: list[str] = field(default_factory=list)  # names from benchmarks.prerank.MODELS; empty: all
+    setups: list[str] = field(default_factory=list)  # names from benchmarks.prerank.SETUPS; empty: all
     sample_rows: int = 0  # 0: every rating; N: N ratings drawn at random first (tests, quick looks)
     test_fraction: float = 0.2  # random rows (after sorting by time), as sklearn's train_test_split
     validation_fraction: float = 0.2  # the last rows of the training part, as Keras' validation_split
@@ -323,7 +323,10 @@ class PrerankConfig:
 
 
 @dataclass
-class BenchmarkConfig:
+class ServingBenchmarkConfig:
+    """make benchmark-serving (twotower/benchmarks/serving.py); its warm-up also precedes the served
+    measurements of benchmark-models and benchmark-scale."""
+
     requests_per_phase: int = 2000  # per load phase and graph
     warmup_requests: int = 50
     soak_seconds: float = 60.0
@@ -331,50 +334,86 @@ class BenchmarkConfig:
     batch_users: int = 64
     perf_analyzer: str = ""  # path of Triton's perf_analyzer binary (make perf-analyzer installs one); "" skips it
     perf_analyzer_interval_ms: int = 5000
-    # make benchmark-faults (twotower/fault_benchmark.py)
-    fault_concurrency: int = 16
-    fault_gap_s: float = 10.0  # Redis is down this long, mid-soak
-    fault_soak_seconds: float = 600.0  # the memory soak
-    fault_sample_users: int = 200  # users whose answers are checked against the healthy server's
-    fault_stage_kill_after_s: float = 5.0  # 'features' is killed this long after it starts
-    # make benchmark-models (twotower/model_benchmark.py)
-    model_variants: list[str] = field(default_factory=list)  # names from model_benchmark.VARIANTS; empty: all
-    model_seed_rows: int = 1  # the best rows (validation) trained again with each extra seed
-    model_extra_seeds: list[int] = field(default_factory=lambda: [43, 44])
-    model_serving_requests: int = 300  # single-user requests at concurrency 1 through Triton, per model
+
+
+@dataclass
+class FaultBenchmarkConfig:
+    """make benchmark-faults (twotower/benchmarks/faults.py)."""
+
+    concurrency: int = 16
+    gap_s: float = 10.0  # Redis is down this long, mid-soak
+    soak_seconds: float = 600.0  # the memory soak
+    sample_users: int = 200  # users whose answers are checked against the healthy server's
+    stage_kill_after_s: float = 5.0  # 'features' is killed this long after it starts
+
+
+@dataclass
+class ModelBenchmarkConfig:
+    """make benchmark-models (twotower/benchmarks/models.py)."""
+
+    variants: list[str] = field(default_factory=list)  # names from benchmarks.models.VARIANTS; empty: all
+    seed_rows: int = 1  # the best rows (validation) trained again with each extra seed
+    extra_seeds: list[int] = field(default_factory=lambda: [43, 44])
+    serving_requests: int = 300  # single-user requests at concurrency 1 through Triton, per model
     # with the two_tower row and inttower or dcn_v2 rows: two_tower retrieves this many candidates and
     # each of those pre-ranks them (serve.prerank_candidates), against two_tower alone; 0: not measured
     cascade_candidates: int = 200
-    # make benchmark-scale (twotower/scale_benchmark.py); 10_000_000 fits 23 GB of memory but
-    # takes hours on 2 cores, so it is opt-in: --set "benchmark.scale_sizes=[...]"
-    scale_sizes: list[int] = field(default_factory=lambda: [10_000, 100_000, 1_000_000])
-    scale_feast_users: list[int] = field(default_factory=lambda: [100_000, 1_000_000])
-    scale_requests: int = 300  # single-user requests per latency measurement (in process, Triton c1, c16)
-    # make benchmark-train (twotower/train_benchmark.py)
-    train_epochs: int = 4  # per side; the first traces the train step and is not counted
-    train_resident_batch_steps: int = 20  # steps on one resident batch: the train step without any loader
-    train_traced_steps: int = 5  # of those, steps recorded by tf.profiler for the op breakdown
-    train_scale_factors: list[int] = field(
-        default_factory=lambda: [1, 4, 16]
-    )  # copies of the users; one epoch timed each
-    # make benchmark-cold-start (twotower/cold_start_benchmark.py)
-    cold_start_share: float = (
-        0.05  # of the catalogue: the items whose first interaction is latest, held out from training
-    )
 
-    # make benchmark-replay (twotower/replay_benchmark.py): time replayed in slices of the interactions
-    # (by timestamp); each step retrains incrementally (warm start, oov) and from scratch, both
-    # scored on the next slice's positives
-    replay_start: float = 0.8  # share of the interactions (oldest first) the first model is trained on
-    replay_slice: float = 0.05  # share of the interactions in each later slice
-    replay_steps: int = 3  # cutoff advances; each is scored on the slice after it
-    replay_ratios: list[float] = field(
-        default_factory=lambda: [0.0, 1.0]
-    )  # train.retrain_replay of each incremental chain
+
+@dataclass
+class ScaleBenchmarkConfig:
+    """make benchmark-scale (twotower/benchmarks/scale.py); 10_000_000 items fit 23 GB of memory but
+    take hours on 2 cores, so they are opt-in: --set "benchmark.scale.sizes=[...]"."""
+
+    sizes: list[int] = field(default_factory=lambda: [10_000, 100_000, 1_000_000])
+    feast_users: list[int] = field(default_factory=lambda: [100_000, 1_000_000])
+    requests: int = 300  # single-user requests per latency measurement (in process, Triton c1, c16)
+
+
+@dataclass
+class TrainBenchmarkConfig:
+    """make benchmark-train (twotower/benchmarks/training.py)."""
+
+    epochs: int = 4  # per side; the first traces the train step and is not counted
+    resident_batch_steps: int = 20  # steps on one resident batch: the train step without any loader
+    traced_steps: int = 5  # of those, steps recorded by tf.profiler for the op breakdown
+    scale_factors: list[int] = field(default_factory=lambda: [1, 4, 16])  # copies of the users; one epoch timed each
+
+
+@dataclass
+class ColdStartBenchmarkConfig:
+    """make benchmark-cold-start (twotower/benchmarks/cold_start.py)."""
+
+    share: float = 0.05  # of the catalogue: the items whose first interaction is latest, held out from training
+
+
+@dataclass
+class ReplayBenchmarkConfig:
+    """make benchmark-replay (twotower/benchmarks/replay.py): time replayed in slices of the interactions
+    (by timestamp); each step retrains incrementally (warm start, oov) and from scratch, both scored on
+    the next slice's positives."""
+
+    start: float = 0.8  # share of the interactions (oldest first) the first model is trained on
+    slice: float = 0.05  # share of the interactions in each later slice
+    steps: int = 3  # cutoff advances; each is scored on the slice after it
+    ratios: list[float] = field(default_factory=lambda: [0.0, 1.0])  # train.retrain_replay of each incremental chain
     # The runs' per-user holdouts (data.test_fraction, data.validation_fraction), small so that both
     # chains train on nearly everything before each cutoff; validation still drives early stopping
-    replay_test_fraction: float = 0.01
-    replay_validation_fraction: float = 0.05
+    test_fraction: float = 0.01
+    validation_fraction: float = 0.05
+
+
+@dataclass
+class BenchmarkConfig:
+    """Each benchmark's settings, a section per ``make benchmark-<name>``."""
+
+    serving: ServingBenchmarkConfig = field(default_factory=ServingBenchmarkConfig)
+    faults: FaultBenchmarkConfig = field(default_factory=FaultBenchmarkConfig)
+    models: ModelBenchmarkConfig = field(default_factory=ModelBenchmarkConfig)
+    scale: ScaleBenchmarkConfig = field(default_factory=ScaleBenchmarkConfig)
+    train: TrainBenchmarkConfig = field(default_factory=TrainBenchmarkConfig)
+    cold_start: ColdStartBenchmarkConfig = field(default_factory=ColdStartBenchmarkConfig)
+    replay: ReplayBenchmarkConfig = field(default_factory=ReplayBenchmarkConfig)
     prerank: PrerankConfig = field(default_factory=PrerankConfig)
 
 
@@ -452,6 +491,42 @@ class RecipeConfig:
     @property
     def manifest_path(self) -> Path:
         return self.output_dir / "manifest.json"  # twotower/manifest.py
+
+
+# Benchmark settings that moved into a section per benchmark (2026-12-06): the old key names the new one.
+MOVED_KEYS = {
+    "benchmark.requests_per_phase": "benchmark.serving.requests_per_phase",
+    "benchmark.warmup_requests": "benchmark.serving.warmup_requests",
+    "benchmark.soak_seconds": "benchmark.serving.soak_seconds",
+    "benchmark.soak_concurrency": "benchmark.serving.soak_concurrency",
+    "benchmark.batch_users": "benchmark.serving.batch_users",
+    "benchmark.perf_analyzer": "benchmark.serving.perf_analyzer",
+    "benchmark.perf_analyzer_interval_ms": "benchmark.serving.perf_analyzer_interval_ms",
+    "benchmark.fault_concurrency": "benchmark.faults.concurrency",
+    "benchmark.fault_gap_s": "benchmark.faults.gap_s",
+    "benchmark.fault_soak_seconds": "benchmark.faults.soak_seconds",
+    "benchmark.fault_sample_users": "benchmark.faults.sample_users",
+    "benchmark.fault_stage_kill_after_s": "benchmark.faults.stage_kill_after_s",
+    "benchmark.model_variants": "benchmark.models.variants",
+    "benchmark.model_seed_rows": "benchmark.models.seed_rows",
+    "benchmark.model_extra_seeds": "benchmark.models.extra_seeds",
+    "benchmark.model_serving_requests": "benchmark.models.serving_requests",
+    "benchmark.cascade_candidates": "benchmark.models.cascade_candidates",
+    "benchmark.scale_sizes": "benchmark.scale.sizes",
+    "benchmark.scale_feast_users": "benchmark.scale.feast_users",
+    "benchmark.scale_requests": "benchmark.scale.requests",
+    "benchmark.train_epochs": "benchmark.train.epochs",
+    "benchmark.train_resident_batch_steps": "benchmark.train.resident_batch_steps",
+    "benchmark.train_traced_steps": "benchmark.train.traced_steps",
+    "benchmark.train_scale_factors": "benchmark.train.scale_factors",
+    "benchmark.cold_start_share": "benchmark.cold_start.share",
+    "benchmark.replay_start": "benchmark.replay.start",
+    "benchmark.replay_slice": "benchmark.replay.slice",
+    "benchmark.replay_steps": "benchmark.replay.steps",
+    "benchmark.replay_ratios": "benchmark.replay.ratios",
+    "benchmark.replay_test_fraction": "benchmark.replay.test_fraction",
+    "benchmark.replay_validation_fraction": "benchmark.replay.validation_fraction",
+}
 
 
 class ConfigError(ValueError):
@@ -544,6 +619,8 @@ def set_value(config: RecipeConfig, key: str, value: Any) -> None:
     such as ``127.0.0.1:6379`` or ``tcp://host:8786`` are already text in YAML.
     A section (``train``) takes a mapping of its own keys.
     """
+    if key in MOVED_KEYS:
+        raise ConfigError(f"{key} is now {MOVED_KEYS[key]}")
     *parents, leaf = key.split(".")
     section: Any = config
     for depth, name in enumerate(parents):

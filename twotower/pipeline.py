@@ -65,7 +65,8 @@ def write_data(config: RecipeConfig, data: RecipeData, split: Split) -> None:
             for name in SPLITS:
                 getattr(split, name).to_parquet(splits_dir / f"{name}.parquet", index=False)
     print(
-        f"[data] {dc.dataset}{f' before {dc.until}' if dc.until != '' else ''}: {len(data.interactions):,} interactions, "
+        f"[data] {dc.dataset}{f' before {dc.until}' if dc.until != '' else ''}: "
+        f"{len(data.interactions):,} interactions, "
         f"{len(data.users):,} users, {len(data.items):,} items; positives train/valid/test = "
         f"{len(split.train):,}/{len(split.valid):,}/{len(split.test):,}"
     )
@@ -115,7 +116,8 @@ def run_workflow(config: RecipeConfig, refit: bool = True) -> None:
                 )
     what = "fitted on" if refit else "kept (not refitted); it encoded"
     print(
-        f"[workflow] {what} {len(train_rows):,} training rows in {partitions} partition(s); saved in {config.workflow_dir}"
+        f"[workflow] {what} {len(train_rows):,} training rows in {partitions} partition(s); "
+        f"saved in {config.workflow_dir}"
     )
 
 
@@ -166,10 +168,12 @@ def _index_heads(config: RecipeConfig, item_ids, vectors, queries) -> dict:
     overlap = overlap_at_k(found, exact_top_k(heads, shape.query(queries), k), k)
     save_index(heads.index, config.index_path)
     print(
-        f"[index] every head of {heads.ntotal:,} items ({heads.index.ntotal:,} rows, exact inner product) -> {config.index_path}"
+        f"[index] every head of {heads.ntotal:,} items ({heads.index.ntotal:,} rows, exact inner product) "
+        f"-> {config.index_path}"
     )
     print(
-        f"[index] multi-vector search at depth {depth} finds {overlap:.4f} of the exact FE top {k} ({len(queries)} validation users)"
+        f"[index] multi-vector search at depth {depth} finds {overlap:.4f} of the exact FE top {k} "
+        f"({len(queries)} validation users)"
     )
     return {
         "kind": "multi_vector",
@@ -189,7 +193,8 @@ def run_features(config: RecipeConfig) -> FeatureStore:
         with held_back_output():
             store = build_feature_store(*feature_tables(config), config.feature_repo_dir, config.features)
     print(
-        f"[features] Feast repository applied at {config.feature_repo_dir}, materialized into {config.features.online_store}"
+        f"[features] Feast repository applied at {config.feature_repo_dir}, "
+        f"materialized into {config.features.online_store}"
     )
     return store
 
@@ -220,7 +225,8 @@ def run_prerank(config: RecipeConfig) -> dict:
     then serves retrieval followed by it."""
     if config.serve.prerank_run is not None:
         raise ConfigError(
-            "serve.prerank_run names a pre-ranker trained elsewhere; `twotower prerank` trains into <output_dir>/prerank only"
+            "serve.prerank_run names a pre-ranker trained elsewhere; "
+            "`twotower prerank` trains into <output_dir>/prerank only"
         )
     ranker = prerank_config(config)
     copy_run_inputs(config, ranker)
@@ -290,7 +296,10 @@ def run_summary(config: RecipeConfig) -> str:
     rows = [
         (
             "artifacts",
-            f"{config.output_dir} ({config.manifest_path.name}: what each stage made; {config.metrics_path.name}: test metrics)",
+            (
+                f"{config.output_dir} ({config.manifest_path.name}: what each stage made; "
+                f"{config.metrics_path.name}: test metrics)"
+            ),
         ),
         *(("plot", str(plot)) for plot in sorted(config.output_dir.rglob("*.png"))),
         ("Triton model repository", f"{config.export_dir} (model {config.serve.model_name})"),

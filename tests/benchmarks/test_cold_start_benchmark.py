@@ -13,7 +13,7 @@ pytestmark = [pytest.mark.smoke, pytest.mark.timeout(900)]
 
 
 def test_cold_start_benchmark_smoke_run_holds_out_the_newest_items_and_refreshes_them_in(tmp_path, capsys):
-    config = small_config(tmp_path, "train.epochs=2", "benchmark.cold_start_share=0.1")
+    config = small_config(tmp_path, "train.epochs=2", "benchmark.cold_start.share=0.1")
     path = run_cold_start_benchmark(config)
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(path)
     report = json.loads(path.read_text())

@@ -14,10 +14,10 @@ def test_model_benchmark_smoke_run_writes_its_report(tmp_path, capsys):
     config = small_config(
         tmp_path,
         "train.epochs=1",
-        "benchmark.model_variants=[two_tower, dat]",
-        "benchmark.model_extra_seeds=[43]",
-        "benchmark.model_serving_requests=20",
-        "benchmark.warmup_requests=3",
+        "benchmark.models.variants=[two_tower, dat]",
+        "benchmark.models.extra_seeds=[43]",
+        "benchmark.models.serving_requests=20",
+        "benchmark.serving.warmup_requests=3",
     )
     path = run_model_benchmark(config)
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(path)

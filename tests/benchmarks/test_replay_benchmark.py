@@ -13,12 +13,12 @@ def test_replay_benchmark_smoke_run_scores_each_retrain_on_the_next_slice(tmp_pa
         tmp_path,
         "train.epochs=2",
         "train.retrain_epochs=1",
-        "benchmark.replay_steps=1",
-        "benchmark.replay_slice=0.1",
-        "benchmark.replay_start=0.7",
-        "benchmark.replay_ratios=[1.0]",
-        "benchmark.replay_test_fraction=0.2",
-        "benchmark.replay_validation_fraction=0.1",
+        "benchmark.replay.steps=1",
+        "benchmark.replay.slice=0.1",
+        "benchmark.replay.start=0.7",
+        "benchmark.replay.ratios=[1.0]",
+        "benchmark.replay.test_fraction=0.2",
+        "benchmark.replay.validation_fraction=0.1",
     )
     path = run_replay_benchmark(config)
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(path)

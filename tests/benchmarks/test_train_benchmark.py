@@ -111,10 +111,10 @@ def test_replicated_users_grow_the_user_base_and_nothing_else(inputs):
 
 def test_small_run_writes_the_report_whose_path_is_printed_last(prepared, capsys):
     config = copy.deepcopy(prepared)
-    config.benchmark.train_epochs = 2
-    config.benchmark.train_resident_batch_steps = 4
-    config.benchmark.train_traced_steps = 2
-    config.benchmark.train_scale_factors = [1, 2]
+    config.benchmark.train.epochs = 2
+    config.benchmark.train.resident_batch_steps = 4
+    config.benchmark.train.traced_steps = 2
+    config.benchmark.train.scale_factors = [1, 2]
     path = run_train_benchmark(config)
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(path)
     report = json.loads(path.read_text())

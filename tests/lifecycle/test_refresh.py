@@ -202,7 +202,7 @@ def test_refreshes_keep_the_export_consistent_until_a_stage_they_built_on_runs_a
         pipeline.run_export(run)
     message = str(refused.value)
     assert (
-        "train: its item_vectors on disk holds items added by refresh-items, which no longer applies because 'features' ran again"
-        in message
+        "train: its item_vectors on disk holds items added by refresh-items, "
+        "which no longer applies because 'features' ran again" in message
     )
     assert "Re-run, in this order: twotower train, twotower index; then twotower export." in message

@@ -144,7 +144,10 @@ def test_dcn_is_refused_as_a_retriever_before_anything_is_written(prepared, tmp_
     config = copy.deepcopy(prepared)
     config.output_dir, config.export_dir = tmp_path / "artifacts", tmp_path / "triton_models"
     set_value(config, "model.name", "dcn_v2")
-    refusal = r"model.name=dcn_v2 is a ranking model: .* serve it as the pre-ranker behind a retriever \(serve.prerank_model=dcn_v2\)"
+    refusal = (
+        r"model.name=dcn_v2 is a ranking model: .* serve it as the pre-ranker behind a retriever "
+        r"\(serve.prerank_model=dcn_v2\)"
+    )
     with pytest.raises(ConfigError, match=refusal):
         pipeline.run_all(config)
     with pytest.raises(ConfigError, match=refusal):

@@ -223,11 +223,11 @@ def test_benchmark_models_serves_inttower_and_measures_the_cascade_with_both_pre
     config = small_config(
         tmp_path,
         "train.epochs=1",
-        "benchmark.model_variants=[two_tower, inttower, dcn_v2]",
-        "benchmark.model_seed_rows=0",
-        "benchmark.model_serving_requests=20",
-        "benchmark.warmup_requests=5",
-        "benchmark.cascade_candidates=20",
+        "benchmark.models.variants=[two_tower, inttower, dcn_v2]",
+        "benchmark.models.seed_rows=0",
+        "benchmark.models.serving_requests=20",
+        "benchmark.serving.warmup_requests=5",
+        "benchmark.models.cascade_candidates=20",
         "serve.top_k=10",  # the served top 10 is what the rows' recall@10 and ndcg@10 rank
         "model.inttower.search_depth=100000",  # covers every item head: the retriever must equal exact scoring
     )

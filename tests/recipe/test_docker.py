@@ -72,7 +72,7 @@ def test_build_context_dockerfile_and_bind_mounts_exist(compose):
         context = (DOCKER_DIR / service["build"]["context"]).resolve()
         assert context == PROJECT_ROOT
         assert (context / service["build"]["dockerfile"]).is_file()
-        for source, target in _mounts(service):
+        for source, _target in _mounts(service):
             if source.startswith((".", "/")):
                 assert (DOCKER_DIR / source).resolve().exists(), f"{name}: bind mount {source} does not exist"
         assert ("..", str(WORKSPACE)) in _mounts(service), f"{name} does not mount the checkout at {WORKSPACE}"

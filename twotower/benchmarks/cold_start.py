@@ -3,7 +3,7 @@
 Two runs of the recipe on the same data:
 
 - **trained normally**: every stage as ``make export`` runs it;
-- **cold start**: the newest items, the ``benchmark.cold_start_share`` of the trained run's
+- **cold start**: the newest items, the ``benchmark.cold_start.share`` of the trained run's
   catalogue whose first interaction (any rating) is latest, lose every training and validation
   positive, so the workflow, the model, the index and Feast never see them. They are then added
   with refresh-items, from their features alone (twotower/refresh.py: the item tower sees the
@@ -17,8 +17,6 @@ file whose path is the last line printed.
 
 from __future__ import annotations
 
-import copy
-import json
 import time
 from datetime import date
 from pathlib import Path
@@ -26,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from twotower import pipeline
+from twotower.benchmarks.harness import Column, derived_run, output_folder, text_table, write_report
 from twotower.config import RecipeConfig
 from twotower.stages.evaluate import RECALL_KS
 from twotower.store.artifacts import SPLITS, load_recipe_data, load_split
@@ -33,13 +32,6 @@ from twotower.store.atomic import atomic_dir
 from twotower.store.manifest import recorded_stage
 
 RUNS = {"trained": "trained normally", "cold_start": "cold start (refresh-items)"}
-
-
-def _run_config(base: RecipeConfig, name: str) -> RecipeConfig:
-    config = copy.deepcopy(base)
-    config.output_dir = base.output_dir / "benchmark-cold-start" / name
-    config.export_dir = config.output_dir / "triton_models"
-    return config
 
 
 def newest_items(config: RecipeConfig, share: float) -> np.ndarray:
@@ -79,35 +71,37 @@ def _measure(config: RecipeConfig, held_out: np.ndarray) -> dict:
 
 def _table(rows: dict[str, dict]) -> str:
     recalls = [f"recall@{k}" for k in RECALL_KS]
-    header = f"{'':<30}" + "".join(f"{'new R@' + str(k):>11}" for k in RECALL_KS) + f"{'all R@10':>11}{'all R@100':>11}"
-    lines = [header]
-    for name, row in rows.items():
-        new, every = row["held_out_items"], row["all_items"]
-        lines.append(
-            f"{RUNS[name]:<30}"
-            + "".join(f"{new[r]:>11.4f}" for r in recalls)
-            + f"{every['recall@10']:>11.4f}{every['recall@100']:>11.4f}"
-        )
+    columns = [
+        Column("", 30),
+        *(Column(f"new R@{k}", 11) for k in RECALL_KS),
+        Column("all R@10", 11),
+        Column("all R@100", 11),
+    ]
+    lines = [
+        [
+            RUNS[name],
+            *(row["held_out_items"][r] for r in recalls),
+            row["all_items"]["recall@10"],
+            row["all_items"]["recall@100"],
+        ]
+        for name, row in rows.items()
+    ]
     trained, cold = rows["trained"]["held_out_items"], rows["cold_start"]["held_out_items"]
-    lines.append(
-        f"{'cold start / trained':<30}"
-        + "".join(f"{cold[r] / trained[r]:>10.2f}x" if trained[r] else f"{'-':>11}" for r in recalls)
-    )
-    return "\n".join(lines)
+    lines.append(["cold start / trained", *(f"{cold[r] / trained[r]:.2f}x" if trained[r] else None for r in recalls)])
+    return text_table(columns, lines)
 
 
 def run_cold_start_benchmark(base: RecipeConfig) -> Path:
     from twotower.lifecycle.refresh import refresh_items
 
-    out_dir = base.output_dir / "benchmark-cold-start"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = output_folder(base, "cold-start")
     started = time.perf_counter()
-    trained, cold = _run_config(base, "trained"), _run_config(base, "cold_start")
+    trained, cold = derived_run(base, out_dir / "trained"), derived_run(base, out_dir / "cold_start")
 
     print(f"[benchmark-cold-start] trained normally, in {trained.output_dir}", flush=True)
     for stage in (pipeline.run_data, pipeline.run_workflow, pipeline.run_train, pipeline.run_index):
         stage(trained)
-    held_out = newest_items(trained, base.benchmark.cold_start_share)
+    held_out = newest_items(trained, base.benchmark.cold_start.share)
 
     print(
         f"[benchmark-cold-start] the {len(held_out):,} newest items held out from training, in {cold.output_dir}",
@@ -136,7 +130,7 @@ def run_cold_start_benchmark(base: RecipeConfig) -> Path:
         "dataset": base.data.dataset,
         "protocol": "per-user temporal holdout, full catalogue, earlier positives excluded, served path (query tower + FAISS)",
         "held_out": {
-            "share": base.benchmark.cold_start_share,
+            "share": base.benchmark.cold_start.share,
             "items": held_out.tolist(),
             "test_positives": len(held_out_test),
             "test_users": int(held_out_test["user_id"].nunique()),
@@ -144,10 +138,9 @@ def run_cold_start_benchmark(base: RecipeConfig) -> Path:
         "runs": {RUNS[name]: row for name, row in rows.items()},
         "total_seconds": time.perf_counter() - started,
     }
-    json_path = out_dir / "cold_start.json"
-    json_path.write_text(json.dumps(report, indent=2, default=float))
+    json_path = write_report(report, out_dir / "cold_start.json")
     print(
-        f"\nheld out: the {len(held_out):,} items ({base.benchmark.cold_start_share:.0%} of the catalogue) whose first interaction "
+        f"\nheld out: the {len(held_out):,} items ({base.benchmark.cold_start.share:.0%} of the catalogue) whose first interaction "
         f"is latest; {len(held_out_test):,} test positives of {report['held_out']['test_users']:,} users"
     )
     print(_table(rows))

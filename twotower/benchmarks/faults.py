@@ -22,7 +22,6 @@ path is the last line printed.
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 import signal
 import subprocess
@@ -38,6 +37,7 @@ from matplotlib.figure import Figure
 from tritonclient.utils import InferenceServerException
 
 from twotower import pipeline
+from twotower.benchmarks.harness import on_free_ports, output_folder, write_report
 from twotower.benchmarks.support.redis_server import RedisServer
 from twotower.config import RecipeConfig
 from twotower.serving.client import demo_users, user_id_request
@@ -122,7 +122,7 @@ def counts(outcomes: list[Outcome]) -> dict[str, int]:
 
 def redis_gap(server: TritonServer, redis: RedisServer, config: RecipeConfig, expected: dict[int, np.ndarray]) -> dict:
     bench, serve = config.benchmark, config.serve
-    gap = bench.fault_gap_s
+    gap = bench.faults.gap_s
     started = time.monotonic()
     with ThreadPoolExecutor(1) as background:
         running = background.submit(
@@ -131,7 +131,7 @@ def redis_gap(server: TritonServer, redis: RedisServer, config: RecipeConfig, ex
             serve.model_name,
             expected,
             3 * gap,
-            bench.fault_concurrency,
+            bench.faults.concurrency,
             serve.client_timeout_s,
             config.seed,
             started,
@@ -211,7 +211,7 @@ def _copy_run(config: RecipeConfig, run_dir: Path, redis: RedisServer) -> Recipe
     """The run's outputs copied under ``run_dir``, Feast re-materialized into ``redis``, exported."""
     run = dataclasses.replace(config, output_dir=run_dir / "artifacts", export_dir=run_dir / "triton_models")
     run.features = dataclasses.replace(config.features, online_store="redis", redis_connection=redis.connection)
-    run.serve = dataclasses.replace(config.serve, grpc_port=0, http_port=0, metrics_port=0)
+    run.serve = on_free_ports(config.serve)
     if run_dir.exists():
         shutil.rmtree(run_dir)
     shutil.copytree(config.output_dir, run.output_dir, ignore=shutil.ignore_patterns("benchmark-*", "triton"))
@@ -243,25 +243,25 @@ def memory_soak(
 ) -> tuple[dict, list[tuple[float, float]]]:
     bench, serve = config.benchmark, config.serve
     samples = [(0.0, group_rss_mb(server.process.pid))]
-    slices = max(int(bench.fault_soak_seconds // 30), 1)
+    slices = max(int(bench.faults.soak_seconds // 30), 1)
     outcomes: list[Outcome] = []
     for index in range(slices):  # RSS sampled between slices of the soak
         outcomes += soak(
             server.grpc_url,
             serve.model_name,
             expected,
-            bench.fault_soak_seconds / slices,
-            bench.fault_concurrency,
+            bench.faults.soak_seconds / slices,
+            bench.faults.concurrency,
             serve.client_timeout_s,
             config.seed + index,
         )
-        samples.append(((index + 1) * bench.fault_soak_seconds / slices, group_rss_mb(server.process.pid)))
+        samples.append(((index + 1) * bench.faults.soak_seconds / slices, group_rss_mb(server.process.pid)))
         print(
-            f"  soak {samples[-1][0]:6.0f}/{bench.fault_soak_seconds:.0f} s  RSS {samples[-1][1]:7.1f} MB  {counts(outcomes)}",
+            f"  soak {samples[-1][0]:6.0f}/{bench.faults.soak_seconds:.0f} s  RSS {samples[-1][1]:7.1f} MB  {counts(outcomes)}",
             flush=True,
         )
     return {
-        "seconds": bench.fault_soak_seconds,
+        "seconds": bench.faults.soak_seconds,
         **counts(outcomes),
         "rss_mb_before": samples[0][1],
         "rss_mb_after": samples[-1][1],
@@ -269,13 +269,13 @@ def memory_soak(
 
 
 def run_fault_benchmark(config: RecipeConfig) -> Path:
-    out_dir = config.output_dir / "benchmark-faults"
+    out_dir = output_folder(config, "faults")
     bench, serve = config.benchmark, config.serve
-    users = demo_users(config, bench.fault_sample_users)
+    users = demo_users(config, bench.faults.sample_users)
     report: dict = {
         "date": date.today().isoformat(),
         "dataset": config.data.dataset,
-        "concurrency": bench.fault_concurrency,
+        "concurrency": bench.faults.concurrency,
     }
     with RedisServer(out_dir / "redis", persistent=True) as redis:
         print(f"[faults] copying the run and materializing Feast into redis-server pid {redis.process.pid}", flush=True)
@@ -285,25 +285,24 @@ def run_fault_benchmark(config: RecipeConfig) -> Path:
             baseline = answers(server.grpc_url, serve.model_name, np.array(users), serve.client_timeout_s)
             expected = dict(zip(users, baseline))
             print(
-                f"[faults] Redis stopped {bench.fault_gap_s:.0f} s in the middle of a soak at concurrency {bench.fault_concurrency}",
+                f"[faults] Redis stopped {bench.faults.gap_s:.0f} s in the middle of a soak at concurrency {bench.faults.concurrency}",
                 flush=True,
             )
             report["redis_gap"] = redis_gap(server, redis, run, expected)
             print("[faults] Triton killed with SIGKILL and restarted", flush=True)
             server, report["triton_sigkill"] = sigkill_and_restart(server, run, np.array(users), baseline)
-            print(f"[faults] soak of {bench.fault_soak_seconds:.0f} s for memory", flush=True)
+            print(f"[faults] soak of {bench.faults.soak_seconds:.0f} s for memory", flush=True)
             report["memory_soak"], rss = memory_soak(server, run, expected)
         finally:
             server.stop()
         print("[faults] 'features' killed mid-way and re-run", flush=True)
-        report["stage_killed"] = kill_stage_and_rerun(run, "features", bench.fault_stage_kill_after_s)
+        report["stage_killed"] = kill_stage_and_rerun(run, "features", bench.faults.stage_kill_after_s)
         with TritonServer(run.export_dir, out_dir / "triton", run.serve) as server:
             rerun = answers(server.grpc_url, serve.model_name, np.array(users), serve.client_timeout_s)
         report["stage_killed"]["same_answers"] = bool(np.array_equal(rerun, baseline))
     plot_faults(report["redis_gap"], rss, out_dir / "faults.png")
     _print_report(report)
-    path = out_dir / "faults.json"
-    path.write_text(json.dumps(report, indent=2))
+    path = write_report(report, out_dir / "faults.json")
     print(path)
     return path
 

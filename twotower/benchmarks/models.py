@@ -9,7 +9,7 @@ here, and single-user requests at concurrency 1 measure its serving latency (not
 model ``dcn_v2``'s, which serves as a pre-ranker only). ``inttower``'s row also measures its
 multi-vector FAISS retrieval against its exact scoring. With the ``two_tower`` row and an
 ``inttower`` or ``dcn_v2`` row, the cascade is measured through Triton: two_tower's served graph
-alone against it with each of those pre-ranking ``benchmark.cascade_candidates`` retrieved items
+alone against it with each of those pre-ranking ``benchmark.models.cascade_candidates`` retrieved items
 (quality over every test user; latency at concurrency 1 and 16). The best rows are trained again
 with other seeds to show the spread.
 
@@ -20,8 +20,6 @@ every run has its own complete, exportable artifacts.
 from __future__ import annotations
 
 import copy
-import dataclasses
-import json
 import time
 from datetime import date
 from pathlib import Path
@@ -29,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from twotower import pipeline
-from twotower.config import RecipeConfig, config_to_dict, set_value
+from twotower.benchmarks.harness import Column, derived_run, on_free_ports, output_folder, text_table, write_report
+from twotower.config import RecipeConfig, config_to_dict
 from twotower.models import RANKING_MODELS
 from twotower.stages.evaluate import RECALL_KS
 
@@ -60,12 +59,7 @@ def _slug(name: str) -> str:
 
 def run_folder(base: RecipeConfig, shared: RecipeConfig, run_name: str, overrides: dict, seed: int) -> RecipeConfig:
     """A run folder holding a copy of the shared data and workflow, with ``overrides`` set."""
-    config = copy.deepcopy(base)
-    config.seed = seed
-    config.output_dir = base.output_dir / "benchmark-models" / "runs" / run_name
-    config.export_dir = config.output_dir / "triton_models"
-    for key, value in overrides.items():
-        set_value(config, key, value)
+    config = derived_run(base, base.output_dir / "benchmark-models" / "runs" / run_name, {"seed": seed, **overrides})
     pipeline.copy_run_inputs(shared, config)
     return config
 
@@ -134,11 +128,11 @@ def _latency(config: RecipeConfig, url: str, users: np.ndarray, concurrency: int
     """Single-user requests at ``concurrency`` (after a warm-up) to the server at ``url``."""
     from twotower.benchmarks.serving import drive_requests, latency_summary, user_batches
 
-    requests, timeout = config.benchmark.model_serving_requests, config.serve.client_timeout_s
+    requests, timeout = config.benchmark.models.serving_requests, config.serve.client_timeout_s
     drive_requests(
         url,
         config.serve.model_name,
-        user_batches(users, config.benchmark.warmup_requests, 1, config.seed),
+        user_batches(users, config.benchmark.serving.warmup_requests, 1, config.seed),
         concurrency,
         timeout,
     )
@@ -154,8 +148,7 @@ def _served(config: RecipeConfig):
     """A Triton server started here, on free ports, on this run's export."""
     from twotower.serving.triton import TritonServer
 
-    serve = dataclasses.replace(config.serve, grpc_port=0, http_port=0, metrics_port=0)
-    return TritonServer(config.export_dir, config.output_dir / "triton", serve)
+    return TritonServer(config.export_dir, config.output_dir / "triton", on_free_ports(config.serve))
 
 
 def _test_users(config: RecipeConfig) -> np.ndarray:
@@ -224,23 +217,20 @@ def _cascade(retriever: RecipeConfig, rankers: list[RecipeConfig], candidates: i
 
 
 def _table(rows: dict[str, dict]) -> str:
-    header = (
-        f"{'model':<22}"
-        + "".join(f"{c:>12}" for c in COLUMNS)
-        + f"{'p50 ms':>9}{'params':>11}{'s/epoch':>9}{'epochs':>8}"
-    )
-    lines = [header]
+    columns = [
+        Column("model", 22),
+        *(Column(c, 12) for c in COLUMNS),
+        Column("p50 ms", 9, ".2f"),
+        Column("params", 11, ","),
+        Column("s/epoch", 9, ".1f"),
+        Column("epochs", 8, "d"),
+    ]
+    lines = []
     for name, row in rows.items():
-        p50 = row.get("serving_p50_ms")
         per_epoch = row.get("seconds_per_epoch")
-        lines.append(
-            f"{name:<22}"
-            + "".join(f"{row[c]:>12.4f}" for c in COLUMNS)
-            + (f"{p50:>9.2f}" if p50 is not None else f"{'-':>9}")
-            + f"{row['params']:>11,}"
-            + (f"{per_epoch:>9.1f}{row['epochs_run']:>8}" if per_epoch is not None else f"{'-':>9}{'-':>8}")
-        )
-    return "\n".join(lines)
+        epochs = row["epochs_run"] if per_epoch is not None else None
+        lines.append([name, *(row[c] for c in COLUMNS), row.get("serving_p50_ms"), row["params"], per_epoch, epochs])
+    return text_table(columns, lines)
 
 
 def _spread(runs: list[dict]) -> dict[str, dict[str, float]]:
@@ -255,13 +245,12 @@ def run_model_benchmark(base: RecipeConfig) -> Path:
     from twotower.views.plots import plot_model_tradeoff
 
     bench = base.benchmark
-    out_dir = base.output_dir / "benchmark-models"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = output_folder(base, "models")
     started = time.perf_counter()
-    names = bench.model_variants or list(VARIANTS)
+    names = bench.models.variants or list(VARIANTS)
     unknown = sorted(set(names) - set(VARIANTS))
     if unknown:
-        raise ValueError(f"benchmark.model_variants: unknown {unknown}; known: {', '.join(VARIANTS)}")
+        raise ValueError(f"benchmark.models.variants: unknown {unknown}; known: {', '.join(VARIANTS)}")
 
     shared = copy.deepcopy(base)
     shared.output_dir = out_dir / "shared"
@@ -295,26 +284,26 @@ def run_model_benchmark(base: RecipeConfig) -> Path:
         rows[name] = {**{k: v for k, v in best.items() if k != "config"}, **served, "seeds": [base.seed]}
 
     seed_runs = {}
-    for name in sorted(rows, key=lambda n: -rows[n]["validation"])[: bench.model_seed_rows]:
+    for name in sorted(rows, key=lambda n: -rows[n]["validation"])[: bench.models.seed_rows]:
         settings = rows[name]["settings"]
         runs = [rows[name]]
-        for seed in bench.model_extra_seeds:
+        for seed in bench.models.extra_seeds:
             print(f"\n[benchmark-models] {name} again with seed {seed}", flush=True)
             runs.append({**_train(run_folder(base, shared, f"{_slug(name)}-seed{seed}", settings, seed)), "seed": seed})
-        rows[name]["seeds"] = [base.seed, *bench.model_extra_seeds]
+        rows[name]["seeds"] = [base.seed, *bench.models.extra_seeds]
         seed_runs[name] = {"runs": [{c: r[c] for c in COLUMNS} for r in runs], "spread": _spread(runs)}
 
     cascade = None
     prerankers = [name for name in PRERANKERS if name in rows]
-    if bench.cascade_candidates and "two_tower" in rows and prerankers:
+    if bench.models.cascade_candidates and "two_tower" in rows and prerankers:
         print(
-            f"\n[benchmark-models] cascade: two_tower retrieving {bench.cascade_candidates}, pre-ranked by {', '.join(prerankers)}",
+            f"\n[benchmark-models] cascade: two_tower retrieving {bench.models.cascade_candidates}, pre-ranked by {', '.join(prerankers)}",
             flush=True,
         )
         best = {
             name: max(tried[name], key=lambda run: run["validation"])["config"] for name in ("two_tower", *prerankers)
         }
-        cascade = _cascade(best["two_tower"], [best[name] for name in prerankers], bench.cascade_candidates)
+        cascade = _cascade(best["two_tower"], [best[name] for name in prerankers], bench.models.cascade_candidates)
 
     reference = tried[names[0]][0]["config"]  # any run: they share data, split and catalogue
     for baseline, values in baselines(reference).items():
@@ -341,8 +330,7 @@ def run_model_benchmark(base: RecipeConfig) -> Path:
         "base_config": config_to_dict(base),
         "total_seconds": time.perf_counter() - started,
     }
-    json_path = out_dir / "models.json"
-    json_path.write_text(json.dumps(report, indent=2, default=float))
+    json_path = write_report(report, out_dir / "models.json")
     plot_model_tradeoff(rows, out_dir / "tradeoff.png")
     print("\n" + _table(rows))
     for name, spread in seed_runs.items():

@@ -28,7 +28,6 @@ a ranking model, which sees user and item features together from the first layer
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ import pandas as pd
 import tensorflow as tf
 from scipy.stats import rankdata
 
+from twotower.benchmarks.harness import Column, output_folder, text_table, write_report
 from twotower.config import ModelConfig, PrerankConfig, RecipeConfig
 from twotower.models.dat import AugmentedVector, mimic_distances
 from twotower.models.gating import LightSE
@@ -460,31 +460,29 @@ def _chosen(names: list[str], known: tuple[str, ...], key: str) -> list[str]:
 
 
 def table(rows: dict[str, dict[str, dict]]) -> str:
+    """The paper's rows beside ours, per setup: AUC, LogLoss and the AUC's gap to the paper."""
     setups = list(rows)
-    header = f"{'model':<11}{'paper AUC':>10}{'LogLoss':>9}" + "".join(
-        f"{setup + ' AUC':>24}{'LogLoss':>9}{'vs paper':>9}" for setup in setups
-    )
-    lines = [header]
+    columns = [Column("model", 11), Column("paper AUC", 10), Column("LogLoss", 9)]
+    for setup in setups:
+        columns += [Column(f"{setup} AUC", 24), Column("LogLoss", 9), Column("vs paper", 9, "+.4f")]
+    lines = []
     for name in dict.fromkeys([*PAPER, *(m for setup in setups for m in rows[setup])]):
-        paper = PAPER.get(name)
-        line = f"{name:<11}" + (f"{paper[0]:>10.4f}{paper[1]:>9.4f}" if paper else f"{'-':>10}{'-':>9}")
+        paper = PAPER.get(name, (None, None))
+        line = [name, *paper]
         for setup in setups:
-            row = rows[setup].get(name)
-            if row is None:
-                line += f"{'-':>24}{'-':>9}{'-':>9}"
-            else:
-                gap = f"{row['auc'] - paper[0]:>+9.4f}" if paper else f"{'-':>9}"
-                line += f"{row['auc']:>24.4f}{row['logloss']:>9.4f}{gap}"
+            row = rows[setup].get(name) or {}
+            auc = row.get("auc")
+            gap = auc - paper[0] if auc is not None and paper[0] is not None else None
+            line += [auc, row.get("logloss"), gap]
         lines.append(line)
-    return "\n".join(lines)
+    return text_table(columns, lines)
 
 
 def run_prerank_benchmark(config: RecipeConfig) -> Path:
     settings = config.benchmark.prerank
     started = time.perf_counter()
     models, setups = _chosen(settings.models, MODELS, "models"), _chosen(settings.setups, SETUPS, "setups")
-    out_dir = config.output_dir / "benchmark-prerank"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = output_folder(config, "prerank")
     data = load_dataset(config.data, config.seed)
     interactions = data.interactions
     if 0 < settings.sample_rows < len(interactions):
@@ -524,8 +522,7 @@ def run_prerank_benchmark(config: RecipeConfig) -> Path:
         "seed": config.seed,
         "total_seconds": time.perf_counter() - started,
     }
-    json_path = out_dir / "prerank.json"
-    json_path.write_text(json.dumps(report, indent=2, default=float))
+    json_path = write_report(report, out_dir / "prerank.json")
     print("\n" + table(rows))
     print(f"total {report['total_seconds'] / 60:.1f} min")
     print(json_path)

@@ -8,8 +8,6 @@ path is the last line printed.
 
 from __future__ import annotations
 
-import copy
-import json
 import time
 from datetime import date
 from pathlib import Path
@@ -17,7 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from twotower import pipeline
-from twotower.config import RecipeConfig, config_to_dict, set_value
+from twotower.benchmarks.harness import Column, derived_run, output_folder, text_table, write_report
+from twotower.config import RecipeConfig, config_to_dict
 from twotower.stages.evaluate import RECALL_KS
 from twotower.store.artifacts import known_before_test, load_split
 from twotower.views.plots import plot_quality
@@ -43,11 +42,8 @@ ABLATIONS = {
 
 
 def _variant(base: RecipeConfig, name: str, overrides: dict) -> RecipeConfig:
-    config = copy.deepcopy(base)
-    config.output_dir = base.output_dir / "benchmark-quality" / name.replace(" ", "_").replace("+", "and")
-    for key, value in overrides.items():
-        set_value(config, key, value)
-    return config
+    folder = base.output_dir / "benchmark-quality" / name.replace(" ", "_").replace("+", "and")
+    return derived_run(base, folder, overrides)
 
 
 def _train_variant(config: RecipeConfig) -> dict:
@@ -94,20 +90,16 @@ def baselines(config: RecipeConfig) -> dict[str, dict]:
 
 
 def _table(results: dict[str, dict], columns: list[str]) -> str:
-    lines = [f"{'configuration':<38}" + "".join(f"{c:>12}" for c in columns) + f"{'s/epoch':>10}"]
-    for name, values in results.items():
-        per_epoch = values.get("seconds_per_epoch")
-        lines.append(
-            f"{name:<38}"
-            + "".join(f"{values[c]:>12.4f}" for c in columns)
-            + (f"{per_epoch:>10.1f}" if per_epoch else f"{'-':>10}")
-        )
-    return "\n".join(lines)
+    layout = [Column("configuration", 38), *(Column(c, 12) for c in columns), Column("s/epoch", 10, ".1f")]
+    rows = [
+        [name, *(values[c] for c in columns), values.get("seconds_per_epoch") or None]
+        for name, values in results.items()
+    ]
+    return text_table(layout, rows)
 
 
 def run_quality_benchmark(base: RecipeConfig, ablations: bool = True) -> Path:
-    out_dir = base.output_dir / "benchmark-quality"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = output_folder(base, "quality")
     started = time.perf_counter()
     tuned_config = _variant(base, "tuned", {})
     trained = {
@@ -137,8 +129,7 @@ def run_quality_benchmark(base: RecipeConfig, ablations: bool = True) -> Path:
         "ratios": ratios,
         "total_seconds": time.perf_counter() - started,
     }
-    json_path = out_dir / "quality.json"
-    json_path.write_text(json.dumps(report, indent=2, default=float))
+    json_path = write_report(report, out_dir / "quality.json")
     plot_quality({**configs, **ablation}, RECALL_KS, out_dir)
     print("\n" + _table(configs, columns))
     if ablation:

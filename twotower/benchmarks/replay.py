@@ -1,14 +1,14 @@
 """``make benchmark-replay``: incremental retrains (``twotower retrain``) against full retrains, on replayed time.
 
-The interactions are cut by time into the oldest ``benchmark.replay_start`` share and slices of
-``benchmark.replay_slice`` each (shares of the interactions, oldest first, so each slice holds as
+The interactions are cut by time into the oldest ``benchmark.replay.start`` share and slices of
+``benchmark.replay.slice`` each (shares of the interactions, oldest first, so each slice holds as
 many interactions; ML-1M's are bunched in its first year). The first model is trained with every
 stage on what is known at the first cutoff (``data.until``). Then the cutoff advances one slice
-at a time, ``benchmark.replay_steps`` times, and at each step the run is retrained:
+at a time, ``benchmark.replay.steps`` times, and at each step the run is retrained:
 
 - **incremental**: ``twotower retrain --since <previous cutoff>`` with train.new_ids=oov (warm start
   from the chain's last model, ``train.retrain_epochs`` epochs on the slice's new training
-  positives), once per ``benchmark.replay_ratios`` value of ``train.retrain_replay`` (older
+  positives), once per ``benchmark.replay.ratios`` value of ``train.retrain_replay`` (older
   positives replayed per new one), each ratio its own chain;
 - **full**: every stage from scratch on everything known at the cutoff (``twotower all``);
 - **no retrain**: the first model as it is, with the history it knew (the cost of doing nothing).
@@ -21,15 +21,14 @@ catalogue is a miss. Query vectors come from the run's saved workflow and query 
 history the run knew at its cutoff. Both retrains are timed end to end (wall seconds, export
 included) and by their training epochs alone.
 
-The runs' per-user holdouts are ``benchmark.replay_test_fraction`` and
-``benchmark.replay_validation_fraction``: small, so that both kinds of retrain train on nearly
+The runs' per-user holdouts are ``benchmark.replay.test_fraction`` and
+``benchmark.replay.validation_fraction``: small, so that both kinds of retrain train on nearly
 everything before the cutoff (validation still drives early stopping). Prints progress and a
 table, saves ``replay.png`` and writes ``replay.json``, whose path is the last line printed.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 import time
@@ -40,6 +39,7 @@ import numpy as np
 import pandas as pd
 
 from twotower import pipeline
+from twotower.benchmarks.harness import Column, derived_run, output_folder, text_table, write_report
 from twotower.config import RecipeConfig
 from twotower.stages.data import load_dataset, positive_threshold, positives
 
@@ -64,12 +64,11 @@ def slice_cutoffs(timestamps: pd.Series, start: float, width: float, steps: int)
 
 
 def _arm_config(base: RecipeConfig, out_dir: Path, name: str) -> RecipeConfig:
-    config = copy.deepcopy(base)
-    config.output_dir = out_dir / name.replace(" ", "_").replace(",", "")
-    config.export_dir = config.output_dir / "triton_models"
-    config.data.test_fraction = base.benchmark.replay_test_fraction
-    config.data.validation_fraction = base.benchmark.replay_validation_fraction
-    return config
+    holdout = {
+        "data.test_fraction": base.benchmark.replay.test_fraction,
+        "data.validation_fraction": base.benchmark.replay.validation_fraction,
+    }
+    return derived_run(base, out_dir / name.replace(" ", "_").replace(",", ""), holdout)
 
 
 def score(
@@ -110,22 +109,26 @@ def _day(timestamp: int) -> str:
 
 
 def _table(rows: list[dict]) -> str:
-    header = (
-        f"{'step':>4}  {'cutoff (UTC)':<16}  {'retrain':<22}"
-        + "".join(f"{m:>11}" for m in METRICS)
-        + f"{'wall s':>9}{'train s':>9}"
-    )
-    lines = [header]
-    for row in rows:
-        seconds = "".join(
-            f"{row[k]:>9.1f}" if row[k] is not None else f"{'-':>9}" for k in ("wall_seconds", "train_seconds")
-        )
-        lines.append(
-            f"{row['step']:>4}  {_day(row['cutoff']):<16}  {row['arm']:<22}"
-            + "".join(f"{row[m]:>11.4f}" for m in METRICS)
-            + seconds
-        )
-    return "\n".join(lines)
+    columns = [
+        Column("step", 5, "d"),
+        Column("cutoff (UTC)", 18),
+        Column("retrain", 24),
+        *(Column(m, 11) for m in METRICS),
+        Column("wall s", 9, ".1f"),
+        Column("train s", 9, ".1f"),
+    ]
+    lines = [
+        [
+            row["step"],
+            _day(row["cutoff"]),
+            row["arm"],
+            *(row[m] for m in METRICS),
+            row["wall_seconds"],
+            row["train_seconds"],
+        ]
+        for row in rows
+    ]
+    return text_table(columns, lines)
 
 
 def _summary(rows: list[dict], arms: list[str]) -> dict[str, dict]:
@@ -147,19 +150,19 @@ def run_replay_benchmark(base: RecipeConfig) -> Path:
     from twotower.views.plots import plot_replay
 
     bench = base.benchmark
-    out_dir = base.output_dir / "benchmark-replay"
+    out_dir = output_folder(base, "replay")
     started = time.perf_counter()
     dataset = load_dataset(base.data, base.seed)
     every_positive = positives(dataset.interactions, positive_threshold(base.data))
     cutoffs = slice_cutoffs(
-        dataset.interactions["timestamp"], bench.replay_start, bench.replay_slice, bench.replay_steps
+        dataset.interactions["timestamp"], bench.replay.start, bench.replay.slice, bench.replay.steps
     )
-    incremental = [incremental_arm(ratio) for ratio in bench.replay_ratios]
+    incremental = [incremental_arm(ratio) for ratio in bench.replay.ratios]
     arms = [*incremental, FULL, STALE]
     configs = {arm: _arm_config(base, out_dir, arm) for arm in arms}
     for config in configs.values():
         shutil.rmtree(config.output_dir, ignore_errors=True)
-    for arm, ratio in zip(incremental, bench.replay_ratios):
+    for arm, ratio in zip(incremental, bench.replay.ratios):
         configs[arm].train.new_ids = "oov"
         configs[arm].train.retrain_replay = ratio
 
@@ -167,7 +170,7 @@ def run_replay_benchmark(base: RecipeConfig) -> Path:
     first.data.until = cutoffs[0]
     print(
         f"[benchmark-replay] the first model: every stage on the interactions before {_day(cutoffs[0])} "
-        f"({bench.replay_start:.0%}), in {first.output_dir}",
+        f"({bench.replay.start:.0%}), in {first.output_dir}",
         flush=True,
     )
     first_seconds = _timed(lambda: pipeline.run_all(first))
@@ -196,7 +199,7 @@ def run_replay_benchmark(base: RecipeConfig) -> Path:
         }
 
     rows = [row(0, arm, first_seconds if arm == FULL else None, 0) for arm in arms]
-    for step in range(1, bench.replay_steps + 1):
+    for step in range(1, bench.replay.steps + 1):
         since, until = cutoffs[step - 1], cutoffs[step]
         new_positives = int(((every_positive["timestamp"] >= since) & (every_positive["timestamp"] < until)).sum())
         print(f"[benchmark-replay] step {step}: cutoff {_day(until)}, {new_positives:,} new positives", flush=True)
@@ -226,20 +229,19 @@ def run_replay_benchmark(base: RecipeConfig) -> Path:
         "full catalogue, earlier positives excluded, unseen users and items counted as they are",
         "cutoffs": cutoffs,
         "settings": {
-            "replay_start": bench.replay_start,
-            "replay_slice": bench.replay_slice,
-            "replay_ratios": bench.replay_ratios,
+            "replay_start": bench.replay.start,
+            "replay_slice": bench.replay.slice,
+            "replay_ratios": bench.replay.ratios,
             "retrain_epochs": base.train.retrain_epochs,
             "epochs": base.train.epochs,
-            "test_fraction": bench.replay_test_fraction,
-            "validation_fraction": bench.replay_validation_fraction,
+            "test_fraction": bench.replay.test_fraction,
+            "validation_fraction": bench.replay.validation_fraction,
         },
         "rows": rows,
         "summary": summary,
         "total_seconds": time.perf_counter() - started,
     }
-    json_path = out_dir / "replay.json"
-    json_path.write_text(json.dumps(report, indent=2, default=float))
+    json_path = write_report(report, out_dir / "replay.json")
     plot_replay(rows, out_dir / "replay.png")
     print("\n" + _table(rows))
     print("\nmean over the steps after the first model:")

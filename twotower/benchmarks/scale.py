@@ -1,7 +1,7 @@
 """``make benchmark-scale``: what the index, the served endpoint and the feature store cost as
 the catalogue and the user base grow far past ML-1M.
 
-Catalogues of ``benchmark.scale_sizes`` items are grown from the run's real ML-1M item vectors:
+Catalogues of ``benchmark.scale.sizes`` items are grown from the run's real ML-1M item vectors:
 the real items keep their ids and vectors, and each new item is a real one perturbed by noise
 on the scale of the real catalogue's nearest-neighbour distances, so the neighbourhoods an index
 must find look like the trained model's. Queries are the served query vectors of real test users.
@@ -9,16 +9,14 @@ For each size and index kind: build time, measured memory, Recall@10/100 against
 single-user latency in process and through a real Triton server at concurrency 1 and 16 (the
 recipe's whole graph: Feast lookup, query tower, index search with seen items excluded), and the
 kind ``index.kind=auto`` picks. Then Feast: materialization time and online read p50 for
-``benchmark.scale_feast_users`` users on SQLite and on an owned Redis. Prints tables, saves a
+``benchmark.scale.feast_users`` users on SQLite and on an owned Redis. Prints tables, saves a
 plot, and writes JSON whose path is the last line printed.
 """
 
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import gc
-import json
 import os
 import shutil
 import time
@@ -29,6 +27,7 @@ import faiss
 import numpy as np
 import pandas as pd
 
+from twotower.benchmarks.harness import Column, on_free_ports, output_folder, text_table, write_report
 from twotower.config import FeaturesConfig, RecipeConfig
 from twotower.stages.index import IndexReport, RecallQueries, build_measured, choose_kind, trainable_kinds
 from twotower.store.index import save_index
@@ -123,16 +122,20 @@ def served_latency(config: RecipeConfig, export_dir: Path, users: np.ndarray, wo
     from twotower.serving.triton import TritonServer
 
     bench = config.benchmark
-    in_process = in_process_latency(export_dir, users, bench.scale_requests)
+    in_process = in_process_latency(export_dir, users, bench.scale.requests)
     result = {"p50_ms_in_process": in_process["p50_ms"], "p99_ms_in_process": in_process["p99_ms"]}
-    serve = dataclasses.replace(config.serve, grpc_port=0, http_port=0, metrics_port=0)
+    serve = on_free_ports(config.serve)
     timeout = config.serve.client_timeout_s
     with TritonServer(export_dir, work_dir, serve) as server:
         drive_requests(
-            server.grpc_url, serve.model_name, user_batches(users, bench.warmup_requests, 1, config.seed), 1, timeout
+            server.grpc_url,
+            serve.model_name,
+            user_batches(users, bench.serving.warmup_requests, 1, config.seed),
+            1,
+            timeout,
         )
         for concurrency in (1, 16):
-            batches = user_batches(users, bench.scale_requests, 1, config.seed + concurrency)
+            batches = user_batches(users, bench.scale.requests, 1, config.seed + concurrency)
             summary = latency_summary(
                 *drive_requests(server.grpc_url, serve.model_name, batches, concurrency, timeout), 1
             )
@@ -195,7 +198,7 @@ def index_scaling(config: RecipeConfig, out_dir: Path) -> tuple[dict, dict]:
     users = load_split(config.splits_dir).test["user_id"].drop_duplicates().to_numpy()
     query_vectors = saved_query_vectors(config, users[: config.index.recall_queries])
     sizes, auto = {}, {}
-    for n_items in config.benchmark.scale_sizes:
+    for n_items in config.benchmark.scale.sizes:
         item_ids, vectors = grown_catalogue(real_ids, real_vectors, n_items, config.seed)
         queries = RecallQueries.from_vectors(item_ids, vectors, query_vectors, config.seed)
         sizes[str(n_items)], reports = {}, []
@@ -247,7 +250,7 @@ def feast_scaling(config: RecipeConfig, out_dir: Path) -> dict:
         }
         for store_name, features in stores.items():
             results[store_name] = {}
-            for n_users in config.benchmark.scale_feast_users:
+            for n_users in config.benchmark.scale.feast_users:
                 users, encoded = replicated_users(tables, n_users)
                 repo = out_dir / f"feast-{store_name}-{n_users}"
                 print(f"[scale] Feast {store_name}: materializing {n_users:,} users ...", flush=True)
@@ -257,7 +260,7 @@ def feast_scaling(config: RecipeConfig, out_dir: Path) -> dict:
                 # The served lookup: both views, one user per request, through one store connection.
                 query, user = OnlineReader(store, QUERY_VIEW), OnlineReader(store, USER_VIEW)
                 latencies = []
-                for user_id in rng.integers(1, n_users + 1, config.benchmark.scale_requests + 20):
+                for user_id in rng.integers(1, n_users + 1, config.benchmark.scale.requests + 20):
                     started = time.perf_counter()
                     query.read(np.array([user_id])), user.read(np.array([user_id]))
                     latencies.append((time.perf_counter() - started) * 1000)
@@ -278,25 +281,43 @@ def feast_scaling(config: RecipeConfig, out_dir: Path) -> dict:
 
 
 # --------------------------------------------------------------------- report
+INDEX_COLUMNS = {  # report key -> column
+    "items": Column("items", 10, ","),
+    "kind": Column("kind", 10),
+    "recall@10": Column("R@10", 8),
+    "recall@100": Column("R@100", 8),
+    "bytes_per_item": Column("B/item", 8, ".0f"),
+    "build_s": Column("build s", 9, ".1f"),
+    "p50_ms_in_process": Column("proc p50", 10, ".2f"),
+    "p99_ms_in_process": Column("proc p99", 10, ".2f"),
+    "p50_ms_triton": Column("Triton p50", 11, ".2f"),
+    "p99_ms_triton": Column("p99", 8, ".2f"),
+    "p50_ms_triton_c16": Column("c16 p50", 9, ".2f"),
+    "p99_ms_triton_c16": Column("c16 p99", 9, ".2f"),
+    "auto": Column("", 9),
+}
+FEAST_COLUMNS = {
+    "store": Column("store", 8),
+    "users": Column("users", 10, ","),
+    "materialize_s": Column("materialize s", 15, ".1f"),
+    "read_p50_ms": Column("read p50 ms", 13, ".3f"),
+    "read_p99_ms": Column("read p99 ms", 13, ".3f"),
+}
+
+
 def _print_tables(report: dict) -> None:
-    print(
-        f"\n{'items':>10} {'kind':<9}{'R@10':>8}{'R@100':>8}{'B/item':>8}{'build s':>9}{'proc p50':>10}{'proc p99':>10}"
-        f"{'Triton p50':>11}{'p99':>8}{'c16 p50':>9}{'c16 p99':>9}"
-    )
-    for n_items, kinds in report["sizes"].items():
-        for kind, r in kinds.items():
-            chosen = " <- auto" if report["auto"][n_items] == kind else ""
-            print(
-                f"{int(n_items):>10,} {kind:<9}{r['recall@10']:>8.4f}{r['recall@100']:>8.4f}{r['bytes_per_item']:>8.0f}{r['build_s']:>9.1f}"
-                f"{r['p50_ms_in_process']:>10.2f}{r['p99_ms_in_process']:>10.2f}{r['p50_ms_triton']:>11.2f}{r['p99_ms_triton']:>8.2f}"
-                f"{r['p50_ms_triton_c16']:>9.2f}{r['p99_ms_triton_c16']:>9.2f}{chosen}"
-            )
-    print(f"\n{'store':<8}{'users':>10}{'materialize s':>15}{'read p50 ms':>13}{'read p99 ms':>13}")
-    for store, by_users in report["feast"].items():
-        for n_users, r in by_users.items():
-            print(
-                f"{store:<8}{int(n_users):>10,}{r['materialize_s']:>15.1f}{r['read_p50_ms']:>13.3f}{r['read_p99_ms']:>13.3f}"
-            )
+    index_rows = [
+        {**r, "items": int(n_items), "kind": kind, "auto": "<- auto" if report["auto"][n_items] == kind else ""}
+        for n_items, kinds in report["sizes"].items()
+        for kind, r in kinds.items()
+    ]
+    feast_rows = [
+        {**r, "store": store, "users": int(n_users)}
+        for store, by_users in report["feast"].items()
+        for n_users, r in by_users.items()
+    ]
+    for columns, rows in ((INDEX_COLUMNS, index_rows), (FEAST_COLUMNS, feast_rows)):
+        print("\n" + text_table(list(columns.values()), [[row[key] for key in columns] for row in rows]))
 
 
 def run_scale_benchmark(config: RecipeConfig) -> Path:
@@ -312,9 +333,8 @@ def run_scale_benchmark(config: RecipeConfig) -> Path:
         )
         run_all(config)
     out_dir = config.output_dir / "benchmark-scale"
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True)
+    shutil.rmtree(out_dir, ignore_errors=True)  # the grown catalogues of an earlier run are gigabytes
+    out_dir = output_folder(config, "scale")
     started = time.perf_counter()
     sizes, auto = index_scaling(config, out_dir)
     feast = feast_scaling(config, out_dir)
@@ -330,7 +350,6 @@ def run_scale_benchmark(config: RecipeConfig) -> Path:
     }
     _print_tables(report)
     plot_scale(report, out_dir / "scale.png")
-    json_path = out_dir / "scale.json"
-    json_path.write_text(json.dumps(report, indent=2))
+    json_path = write_report(report, out_dir / "scale.json")
     print(json_path)
     return json_path

@@ -11,7 +11,6 @@ JSON file whose path is the last line printed.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import re
 import subprocess
@@ -26,6 +25,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from twotower.benchmarks.harness import Column, on_free_ports, output_folder, text_table, write_report
 from twotower.config import RecipeConfig
 from twotower.serving.client import user_id_request
 from twotower.serving.triton import TritonServer
@@ -117,13 +117,17 @@ def run_phases(config: RecipeConfig, url: str, metrics_url: str, users: np.ndarr
         Phase("c1", 1, 1),
         Phase("c4", 1, 4),
         Phase("c16", 1, 16),
-        Phase(f"batch{bench.batch_users}_c1", bench.batch_users, 1),
+        Phase(f"batch{bench.serving.batch_users}_c1", bench.serving.batch_users, 1),
     ]
     timeout_s = config.serve.client_timeout_s
-    drive_requests(url, model, user_batches(users, bench.warmup_requests, 1, config.seed), 1, timeout_s)
+    drive_requests(url, model, user_batches(users, bench.serving.warmup_requests, 1, config.seed), 1, timeout_s)
     results = {}
     for phase in phases:
-        count = bench.requests_per_phase if phase.users_per_request == 1 else max(bench.requests_per_phase // 10, 10)
+        count = (
+            bench.serving.requests_per_phase
+            if phase.users_per_request == 1
+            else max(bench.serving.requests_per_phase // 10, 10)
+        )
         batches = user_batches(users, count, phase.users_per_request, config.seed + 1)
         before = triton_model_stats(metrics_url, model)
         latencies, errors, wall = drive_requests(url, model, batches, phase.concurrency, timeout_s)
@@ -152,7 +156,7 @@ def soak(config: RecipeConfig, url: str, users: np.ndarray) -> dict:
         lambda: [user_id_request(np.arange(config.serve.max_request_users + 1, dtype=np.int64))],
         fp32_request,
     ]
-    deadline = time.monotonic() + bench.soak_seconds
+    deadline = time.monotonic() + bench.serving.soak_seconds
     timeout_s = config.serve.client_timeout_s
 
     def worker(worker_id: int) -> dict[str, int]:
@@ -176,14 +180,14 @@ def soak(config: RecipeConfig, url: str, users: np.ndarray) -> dict:
                         counts["good_errors"] += 1
         return counts
 
-    with ThreadPoolExecutor(bench.soak_concurrency) as pool:
-        results = list(pool.map(worker, range(bench.soak_concurrency)))
+    with ThreadPoolExecutor(bench.serving.soak_concurrency) as pool:
+        results = list(pool.map(worker, range(bench.serving.soak_concurrency)))
     totals = {key: sum(r[key] for r in results) for key in results[0]}
     with grpcclient.InferenceServerClient(url) as client:
         totals["ready_after"] = bool(
             client.is_server_ready(client_timeout=timeout_s) and client.is_model_ready(model, client_timeout=timeout_s)
         )
-    totals["seconds"] = bench.soak_seconds
+    totals["seconds"] = bench.serving.soak_seconds
     return totals
 
 
@@ -214,7 +218,7 @@ def perf_analyzer_phases(config: RecipeConfig, url: str, users: np.ndarray, out_
         report = out_dir / f"perf_analyzer_c{concurrency}.csv"
         run = subprocess.run(
             [
-                bench.perf_analyzer,
+                bench.serving.perf_analyzer,
                 "-m",
                 config.serve.model_name,
                 "-u",
@@ -226,7 +230,7 @@ def perf_analyzer_phases(config: RecipeConfig, url: str, users: np.ndarray, out_
                 "--concurrency-range",
                 str(concurrency),
                 "--measurement-interval",
-                str(bench.perf_analyzer_interval_ms),
+                str(bench.serving.perf_analyzer_interval_ms),
                 "-f",
                 str(report),
             ],
@@ -276,23 +280,31 @@ def export_reference(config: RecipeConfig, out_dir: Path) -> Path:
 
 
 def _print_table(phases: dict[str, dict]) -> None:
-    print(
-        f"\n{'phase':<14}{'graph':<11}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'req/s':>9}{'users/s':>9}{'errors':>8}{'triton compute ms':>19}"
-    )
-    for phase, graphs in phases.items():
-        for graph, r in graphs.items():
-            print(
-                f"{phase:<14}{graph:<11}{r['p50_ms']:>9.2f}{r['p95_ms']:>9.2f}{r['p99_ms']:>9.2f}{r['qps']:>9.1f}"
-                f"{r['users_per_s']:>9.1f}{r['errors']:>8}{r['triton']['compute_infer_ms']:>19.2f}"
-            )
+    columns = [
+        Column("phase", 14),
+        Column("graph", 11),
+        Column("p50 ms", 9, ".2f"),
+        Column("p95 ms", 9, ".2f"),
+        Column("p99 ms", 9, ".2f"),
+        Column("req/s", 9, ".1f"),
+        Column("users/s", 9, ".1f"),
+        Column("errors", 8, "d"),
+        Column("triton compute ms", 19, ".2f"),
+    ]
+    rows = [
+        [phase, f"{graph:<11}", r["p50_ms"], r["p95_ms"], r["p99_ms"], r["qps"], r["users_per_s"], r["errors"]]
+        + [r["triton"]["compute_infer_ms"]]
+        for phase, graphs in phases.items()
+        for graph, r in graphs.items()
+    ]
+    print("\n" + text_table(columns, rows))
 
 
 def run_serving_benchmark(config: RecipeConfig) -> Path:
-    out_dir = config.output_dir / "benchmark-serving"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = output_folder(config, "serving")
     users = load_recipe_data(config.data_dir).users["user_id"].to_numpy()
     # Free ports picked at start: a stale server on the usual ports can never be measured instead.
-    serve = dataclasses.replace(config.serve, grpc_port=0, http_port=0, metrics_port=0)
+    serve = on_free_ports(config.serve)
 
     graphs = {"recipe": config.export_dir, "reference": export_reference(config, out_dir)}
     by_graph, soak_result, perf_analyzer = {}, None, None
@@ -303,7 +315,7 @@ def run_serving_benchmark(config: RecipeConfig) -> Path:
             print(f"  tritonserver pid {server.process.pid} on {url}, serving {model_repository}")
             by_graph[graph] = run_phases(config, url, server.metrics_url, users)
             if graph == "recipe":
-                if config.benchmark.perf_analyzer:
+                if config.benchmark.serving.perf_analyzer:
                     perf_analyzer = perf_analyzer_phases(config, url, users, out_dir)
                 soak_result = soak(config, url, users)
                 print(f"  soak {soak_result}")
@@ -315,7 +327,7 @@ def run_serving_benchmark(config: RecipeConfig) -> Path:
         "phases": phases,
         # The same graphs without Triton: what the served ratio should be close to.
         "in_process": {
-            graph: in_process_latency(model_repository, users, min(config.benchmark.requests_per_phase, 1000))
+            graph: in_process_latency(model_repository, users, min(config.benchmark.serving.requests_per_phase, 1000))
             for graph, model_repository in graphs.items()
         },
         "soak": soak_result,
@@ -335,7 +347,6 @@ def run_serving_benchmark(config: RecipeConfig) -> Path:
         f"\nreference p50 / recipe p50 at concurrency 1: {report['p50_ratio_reference_over_recipe_c1']:.1f}x through Triton, "
         f"{report['p50_ratio_reference_over_recipe_in_process']:.1f}x in process"
     )
-    json_path = out_dir / "serving.json"
-    json_path.write_text(json.dumps(report, indent=2))
+    json_path = write_report(report, out_dir / "serving.json")
     print(json_path)
     return json_path

@@ -11,11 +11,11 @@ On the encoded training positives (ML-1M by default), in one process and one run
   batch size without Merlin, fed the same rows from NumPy arrays through the same tf.data
   batching (``train.shuffled_batches``).
 
-Each trains ``benchmark.train_epochs`` epochs; the first traces the train step and is left
+Each trains ``benchmark.train.epochs`` epochs; the first traces the train step and is left
 out, the median of the others gives examples per second. The profile times each loader
 alone for one epoch, each train step on one resident batch (no loader at all), and sums a
 tf.profiler trace of a few steps per op and per part of the recipe's model. Then one epoch of
-the recipe at each of ``benchmark.train_scale_factors`` times the users: the encoded training
+the recipe at each of ``benchmark.train.scale_factors`` times the users: the encoded training
 rows replicated in memory, each copy's users under new user ids (not re-encoded by NVTabular).
 """
 
@@ -24,7 +24,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import gc
-import json
 import os
 import tempfile
 import time
@@ -40,6 +39,7 @@ import tensorflow as tf
 from merlin.schema import Schema, Tags
 
 from twotower import pipeline
+from twotower.benchmarks.harness import Column, output_folder, text_table, write_report
 from twotower.benchmarks.support.plain_keras import Layout, PlainTwoTower, build_plain_model, padded_arrays
 from twotower.config import RecipeConfig, config_to_dict
 from twotower.models.base import RetrievalModel, share_item_table, table_name, with_domain
@@ -275,7 +275,7 @@ def scale_epochs(config: RecipeConfig, inputs: TrainingInputs, rows: int) -> dic
     its per-epoch list flattening grows with the rows too (about 20 s at 1x)."""
     users = inputs.schema.select_by_tag(Tags.USER_ID).first.int_domain.max + 1
     scale = {}
-    for copies in config.benchmark.train_scale_factors:
+    for copies in config.benchmark.train.scale_factors:
         print(
             f"[benchmark-train] {copies}x: replicating the encoded rows in memory ({copies * rows:,} interactions)",
             flush=True,
@@ -341,12 +341,10 @@ def _profile_tables(profile: dict, labels: dict[str, str]) -> str:
 
 
 def _scale_table(scale: dict) -> str:
-    lines = [f"\n{'users':<8}{'interactions':>14}{'epoch s':>10}{'examples/s':>12}"]
-    lines += [
-        f"{name:<8}{row['interactions']:>14,}{row['epoch_s']:>10.1f}{row['examples_per_s']:>12,.0f}"
-        for name, row in scale.items()
-    ]
-    return "\n".join(lines)
+    columns = [Column("users", 8), Column("interactions", 14, ","), Column("epoch s", 10, ".1f")]
+    columns.append(Column("examples/s", 12, ",.0f"))
+    rows = [[name, row["interactions"], row["epoch_s"], row["examples_per_s"]] for name, row in scale.items()]
+    return "\n" + text_table(columns, rows)
 
 
 def run_train_benchmark(config: RecipeConfig) -> Path:
@@ -365,7 +363,7 @@ def run_train_benchmark(config: RecipeConfig) -> Path:
     rows, batch_size = int(inputs.train_dataset.to_ddf().shape[0].compute()), config.train.batch_size
     print(
         f"[benchmark-train] {config.data.dataset}: {rows:,} encoded training rows, batch {batch_size}, "
-        f"{bench.train_epochs} epochs per side (the first not counted)",
+        f"{bench.train.epochs} epochs per side (the first not counted)",
         flush=True,
     )
 
@@ -384,7 +382,7 @@ def run_train_benchmark(config: RecipeConfig) -> Path:
         loader_s[side] = loader_seconds(batches[side])
         print(f"[benchmark-train] {labels[side]}: loader alone {loader_s[side]:.1f} s per epoch", flush=True)
         report[side] = timed_fit(
-            models[side], batches[side], bench.train_epochs, rows, batch_size, labels[side], warmup_epochs=1
+            models[side], batches[side], bench.train.epochs, rows, batch_size, labels[side], warmup_epochs=1
         )
         report[side]["loader"] = loaders[side]
 
@@ -394,11 +392,11 @@ def run_train_benchmark(config: RecipeConfig) -> Path:
         "plain_keras": resident_batch(batches["plain_keras"]),
     }
     resident_ms = {
-        side: resident_step_ms(models[side], resident[side], bench.train_resident_batch_steps, labels[side])
+        side: resident_step_ms(models[side], resident[side], bench.train.resident_batch_steps, labels[side])
         for side in resident
     }
     resident_ms["recipe_merlin_loader"] = resident_ms["recipe"]  # the same model and step; only the loader differs
-    op_ms = {side: traced_op_ms(models[side], resident[side], bench.train_traced_steps) for side in resident}
+    op_ms = {side: traced_op_ms(models[side], resident[side], bench.train.traced_steps) for side in resident}
     del models, batches, resident
     gc.collect()
     report["profile"] = {
@@ -407,12 +405,11 @@ def run_train_benchmark(config: RecipeConfig) -> Path:
         "op_ms_per_step": {side: sum(ms.values()) for side, ms in op_ms.items()},
         "recipe_step_parts": recipe_parts(op_ms["recipe"]),
         "top_ops": {side: top_op_types(ms) for side, ms in op_ms.items()},
-        "traced_steps": bench.train_traced_steps,
+        "traced_steps": bench.train.traced_steps,
     }
     report["scale"] = scale_epochs(config, inputs, rows)
 
-    out_dir = config.output_dir / "benchmark-train"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = output_folder(config, "train")
     report = {
         "date": date.today().isoformat(),
         "dataset": config.data.dataset,
@@ -428,8 +425,7 @@ def run_train_benchmark(config: RecipeConfig) -> Path:
         "config": config_to_dict(config),
         "total_seconds": time.perf_counter() - started,
     }
-    json_path = out_dir / "train.json"
-    json_path.write_text(json.dumps(report, indent=2))
+    json_path = write_report(report, out_dir / "train.json")
     plot_train_benchmark(report, labels, out_dir / "train.png")
     print("\n" + _epoch_table(report, labels))
     print(_profile_tables(report["profile"], labels))

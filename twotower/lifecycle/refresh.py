@@ -216,7 +216,8 @@ def roll_out(url: str, model_name: str, version: int, timeout_s: float) -> None:
         while _other_versions_loaded(client, model_name, version, timeout_s):
             if time.monotonic() > deadline:
                 raise RolloutFailed(
-                    f"{url} serves version {version}, but older versions of {model_name} were still loaded after {timeout_s:.0f} s"
+                    f"{url} serves version {version}, but older versions of {model_name} were still loaded "
+                    f"after {timeout_s:.0f} s"
                 )
             time.sleep(0.2)
 
@@ -238,11 +239,13 @@ def refresh_items(config: RecipeConfig, items_path: Path) -> RefreshReport:
 
     if head_shape(config.model):
         raise RefreshRefused(
-            f"model.name={config.model.name} indexes item heads; refresh-items adds single item vectors (retrain instead)"
+            f"model.name={config.model.name} indexes item heads; "
+            "refresh-items adds single item vectors (retrain instead)"
         )
     if config.serve.prerank_candidates:
         raise RefreshRefused(
-            f"serve.prerank_candidates={config.serve.prerank_candidates}: the pre-ranker holds vectors of the items it was trained on only, "
+            f"serve.prerank_candidates={config.serve.prerank_candidates}: "
+            "the pre-ranker holds vectors of the items it was trained on only, "
             "so it could not score new ones; they reach a cascade once they have interactions (twotower retrain with "
             "train.new_ids=refit), or serve without the stage (serve.prerank_candidates=0)"
         )
@@ -255,7 +258,8 @@ def refresh_items(config: RecipeConfig, items_path: Path) -> RefreshReport:
         refuse_catalogued(items, load_item_vectors(config.item_vectors_path)[0])
         catalogue_size = add_new_items(items, config)
         print(
-            f"[refresh] {len(items):,} new items embedded (cold start: the shared out-of-vocabulary id, their own features) "
+            f"[refresh] {len(items):,} new items embedded "
+            "(cold start: the shared out-of-vocabulary id, their own features) "
             f"and added to Feast's item view; the index holds {catalogue_size:,} items"
         )
         version, servers = roll_out_new_version(config, "refresh")

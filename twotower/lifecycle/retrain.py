@@ -134,7 +134,8 @@ def rewrite_user_rows(config: RecipeConfig, user_ids: np.ndarray) -> None:
         if len(user_ids):
             update_users(config, user_ids)
     print(
-        f"[features] rows of {len(user_ids):,} users rewritten in {config.feature_repo_dir} ({config.features.online_store})"
+        f"[features] rows of {len(user_ids):,} users rewritten in {config.feature_repo_dir} "
+        f"({config.features.online_store})"
     )
 
 
@@ -189,7 +190,8 @@ def retrain(config: RecipeConfig, since: int) -> RetrainReport:
     cascade = config.serve.prerank_candidates > 0
     if cascade and config.serve.prerank_run is not None:
         raise RetrainRefused(
-            f"serve.prerank_run={config.serve.prerank_run}: a pre-ranker trained elsewhere cannot follow this run's new data; "
+            f"serve.prerank_run={config.serve.prerank_run}: "
+            "a pre-ranker trained elsewhere cannot follow this run's new data; "
             "unset it to have retrain train the run's own pre-ranker"
         )
     with served_run_lock(config):
@@ -197,7 +199,8 @@ def retrain(config: RecipeConfig, since: int) -> RetrainReport:
         if policy == "oov":
             if not config.model_weights_path.exists():
                 raise RetrainRefused(
-                    f"no saved model weights at {config.model_weights_path} to warm-start from: run `twotower train` first"
+                    f"no saved model weights at {config.model_weights_path} to warm-start from: "
+                    "run `twotower train` first"
                 )
             check_export(config)  # the last model must be the one its workflow and data belong to
         known = load_recipe_data(config.data_dir)
@@ -205,7 +208,8 @@ def retrain(config: RecipeConfig, since: int) -> RetrainReport:
         refreshed = refreshed_items(config, list(known.items.columns))  # read before the stages below drop them
         if cascade and len(refreshed):
             raise RetrainRefused(
-                f"{len(refreshed)} items added by refresh-items are served, and a pre-ranker's catalogue holds the items it was "
+                f"{len(refreshed)} items added by refresh-items are served, "
+                "and a pre-ranker's catalogue holds the items it was "
                 "trained on only; run the pipeline again, or retrain with serve.prerank_candidates=0"
             )
         data, split = prepare_data(config)
@@ -214,12 +218,14 @@ def retrain(config: RecipeConfig, since: int) -> RetrainReport:
         trained = int((split.train["timestamp"] >= since).sum())
         if trained == 0:
             raise RetrainRefused(
-                f"no new positives at or after --since {since} in the training split ({len(fresh):,} in all): nothing to train on"
+                f"no new positives at or after --since {since} in the training split ({len(fresh):,} in all): "
+                "nothing to train on"
             )
         new_users = np.setdiff1d(data.users["user_id"].to_numpy(), known_users)
         changed_users = np.union1d(fresh["user_id"].unique(), new_users)
         print(
-            f"[retrain] {len(fresh):,} new positives ({trained:,} in the training split), {len(new_users):,} new users; train.new_ids={policy}"
+            f"[retrain] {len(fresh):,} new positives ({trained:,} in the training split), "
+            f"{len(new_users):,} new users; train.new_ids={policy}"
         )
 
         with timed_step("data"):

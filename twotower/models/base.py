@@ -122,7 +122,8 @@ class RetrievalModel:
         mismatched = len(values) != len(variables) or any(v.shape != value.shape for v, value in zip(variables, values))
         if mismatched:
             raise ValueError(
-                f"{path} holds {len(values)} weights of another model or vocabulary than this one ({len(variables)} weights); "
+                f"{path} holds {len(values)} weights of another model or vocabulary than this one "
+                f"({len(variables)} weights); "
                 "a warm start needs the same model.* and train.* settings and the same workflow"
             )
         for variable, value in zip(variables, values):

@@ -156,7 +156,8 @@ def build(schema: Schema, stats: TrainingStats, train: TrainConfig, model: Model
         category = next((c.name for c in schema.select_by_tag(Tags.ITEM).remove_by_tag(Tags.ITEM_ID) if c.is_list), "")
     if category and category not in schema.select_by_tag(Tags.ITEM).column_names:
         raise ValueError(
-            f"model.dat.category_column={category!r} is not an item feature; item features: {schema.select_by_tag(Tags.ITEM).column_names}"
+            f"model.dat.category_column={category!r} is not an item feature; "
+            f"item features: {schema.select_by_tag(Tags.ITEM).column_names}"
         )
     keras_model = DualAugmentedModel(
         query=query,

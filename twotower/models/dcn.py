@@ -155,7 +155,8 @@ def check_dcn(config: DCNConfig, train: TrainConfig, model: ModelConfig) -> None
         )
     if train.mixed_negatives:
         raise ValueError(
-            f"train.mixed_negatives={train.mixed_negatives}: dcn_v2 scores the batch's own items as negatives (model.dcn.negatives)"
+            f"train.mixed_negatives={train.mixed_negatives}: "
+            "dcn_v2 scores the batch's own items as negatives (model.dcn.negatives)"
         )
     if config.cross_depth < 1 or config.negatives < 1 or config.batch_size < 1 or config.low_rank_dim < 0:
         raise ValueError(

@@ -58,7 +58,8 @@ class HeadShape:
         width = int(vectors.shape[-1])
         if width != heads * self.head_size:
             raise ValueError(
-                f"{side} vectors of width {width}; this IntTower's are {heads} heads x {self.head_size} = {heads * self.head_size}"
+                f"{side} vectors of width {width}; "
+                f"this IntTower's are {heads} heads x {self.head_size} = {heads * self.head_size}"
             )
         return self._reshape(vectors, [-1, heads, self.head_size])
 
@@ -106,7 +107,8 @@ class HeadIndex:
         item_ids = np.asarray(item_ids, dtype=np.int64)
         if item_heads.ndim != 3 or len(item_ids) != len(item_heads) or len(np.unique(item_ids)) != len(item_ids):
             raise ValueError(
-                f"need unique item ids, one per [heads, size] block: got {len(item_ids)} ids for heads {item_heads.shape}"
+                "need unique item ids, one per [heads, size] block: "
+                f"got {len(item_ids)} ids for heads {item_heads.shape}"
             )
         index = faiss.IndexIDMap(faiss.IndexFlatIP(item_heads.shape[2]))
         index.add_with_ids(

@@ -95,7 +95,8 @@ def distinct_user_ids(values: pd.Series, source: str, text_ids: bool) -> UserLis
         bad = numbers.isna() | (numbers != numbers.round())
         if bad.any():
             raise RecommendError(
-                f"user list {source}: {values[bad].iloc[0]!r} is not an integer user id, as this run's are ({int(bad.sum())} such value(s))"
+                f"user list {source}: {values[bad].iloc[0]!r} is not an integer user id, "
+                f"as this run's are ({int(bad.sum())} such value(s))"
             )
         ids = numbers.astype(np.int64)
     distinct = ids.drop_duplicates().to_numpy()
@@ -153,7 +154,8 @@ def recommend_users(
         done += len(batch)
         if number % report_every == 0 or number == len(batches):
             print(
-                f"[recommend] {done:,}/{len(user_ids):,} users (batch {number}/{len(batches)}, {time.perf_counter() - started:.1f} s)",
+                f"[recommend] {done:,}/{len(user_ids):,} users "
+                f"(batch {number}/{len(batches)}, {time.perf_counter() - started:.1f} s)",
                 file=progress,
                 flush=True,
             )

@@ -349,7 +349,8 @@ class TritonServer:
                 if self._bound_ports():
                     if not self._owns_ports():
                         raise PortInUse(
-                            f"tritonserver (pid {self.process.pid}) reports its ports {self.ports} bound, but it does not hold them"
+                            f"tritonserver (pid {self.process.pid}) reports its ports {self.ports} bound, "
+                            "but it does not hold them"
                         )
                     try:
                         if client.is_server_ready(client_timeout=READY_PROBE_TIMEOUT_S) and client.is_model_ready(

@@ -130,7 +130,8 @@ def _ids(values: pd.Series, source: str, column: str) -> pd.Series:
         if fractional.any():
             row = _first_row(fractional)
             raise DataError(
-                f"{source}: column {column!r} holds ids, which must be whole numbers or text; row {row} has {values.iloc[row]!r}"
+                f"{source}: column {column!r} holds ids, which must be whole numbers or text; "
+                f"row {row} has {values.iloc[row]!r}"
             )
         return values.astype("int64")
     text = values.astype(str).str.strip()
@@ -196,7 +197,8 @@ def side_table(
             row = _first_row(conflicting)
             first = _first_row(ids == ids.iloc[row])
             raise DataError(
-                f"{source}: {id_column} {ids.iloc[row]!r} appears twice with different values (rows {first} and {row}); one row per id"
+                f"{source}: {id_column} {ids.iloc[row]!r} appears twice with different values "
+                f"(rows {first} and {row}); one row per id"
             )
         print(f"[data] {source}: {int(exact.sum()):,} rows repeat an earlier row exactly: kept once")
         table = table[~exact]
@@ -208,7 +210,8 @@ def _check_declaration(schema: SchemaConfig) -> None:
         for name in model_features(schema, side, (*MODEL_KINDS, "text")):
             if name in RESERVED_COLUMNS or name in (schema.user_id, schema.item_id, schema.timestamp, schema.label):
                 raise DataError(
-                    f"data.schema.{side}_features: {name!r} is a name the recipe uses for its own column; rename it in the file"
+                    f"data.schema.{side}_features: {name!r} is a name the recipe uses for its own column; "
+                    "rename it in the file"
                 )
     users, items = set(schema.user_features), set(schema.item_features)
     if users & items:
@@ -233,7 +236,10 @@ def canonical_interactions(frame: pd.DataFrame, schema: SchemaConfig, source: st
     repeated = rows.duplicated(["user_id", "item_id", "timestamp"])
     if repeated.any():
         row = _first_row(repeated)
-        where = f"{source}: {int(repeated.sum()):,} rows repeat a (user, item, timestamp) of an earlier row (first: row {row})"
+        where = (
+            f"{source}: {int(repeated.sum()):,} rows repeat a (user, item, timestamp) of an earlier row "
+            f"(first: row {row})"
+        )
         if schema.duplicates == "refuse":
             raise DataError(f"{where}; set data.schema.duplicates=drop to keep the first of each")
         print(f"[data] {where}: dropped")
@@ -246,7 +252,8 @@ def _matched(ids: pd.Series, known: pd.Series, source: str, column: str, side_fi
     if absent.any():
         row = _first_row(absent)
         raise DataError(
-            f"{source}: {int(absent.sum()):,} rows name a {column} missing from {side_file} (first: row {row}, {ids.iloc[row]!r})"
+            f"{source}: {int(absent.sum()):,} rows name a {column} missing from {side_file} "
+            f"(first: row {row}, {ids.iloc[row]!r})"
         )
 
 
@@ -299,7 +306,8 @@ def from_frames(
         if frame is None:
             if features:
                 raise DataError(
-                    f"data.schema declares {canonical.split('_')[0]} features {list(features)} but data.files has no {canonical.split('_')[0]}s file"
+                    f"data.schema declares {canonical.split('_')[0]} features {list(features)} "
+                    f"but data.files has no {canonical.split('_')[0]}s file"
                 )
             return pd.DataFrame({EXTERNAL_ID: np.sort(rows[canonical].unique())})
         table = side_table(frame, id_column, features, separator, source)
@@ -357,7 +365,8 @@ def load_movielens_1m(schema: SchemaConfig, folder: Path | None = None) -> Recip
     unknown = ~raw_inter["item_id"].isin(movie_ids.index)
     if unknown.any():
         raise DataError(
-            f"ml-1m.inter: {int(unknown.sum())} ratings name movies missing from ml-1m.item (first: row {_first_row(unknown)})"
+            f"ml-1m.inter: {int(unknown.sum())} ratings name movies missing from ml-1m.item "
+            f"(first: row {_first_row(unknown)})"
         )
     inter = raw_inter.assign(
         user_id=raw_inter["user_id"].str.removeprefix("1m_"), item_id=raw_inter["item_id"].map(movie_ids)
@@ -485,8 +494,10 @@ def check_split(split: Split, config: DataConfig) -> None:
     for name in SPLITS:
         if getattr(split, name).empty:
             raise DataError(
-                f"the {name} split is empty: users have too few positives for data.test_fraction={config.test_fraction} "
-                f"and data.validation_fraction={config.validation_fraction} (a user needs about 1 / fraction positives to give one)"
+                f"the {name} split is empty: users have too few positives "
+                f"for data.test_fraction={config.test_fraction} "
+                f"and data.validation_fraction={config.validation_fraction} "
+                "(a user needs about 1 / fraction positives to give one)"
             )
 
 

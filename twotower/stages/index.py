@@ -51,7 +51,10 @@ def untrainable_reason(kind: IndexKind, n_items: int, dim: int, config: IndexCon
         return f"{kind} needs at least {MIN_POINTS_PER_CENTROID} items per list for 2+ lists (have {n_items:,} items)"
     if kind == "ivf_pq":
         if n_items < MIN_POINTS_PER_CENTROID * PQ_CENTROIDS:
-            return f"ivf_pq needs at least {MIN_POINTS_PER_CENTROID * PQ_CENTROIDS:,} items to train its 8-bit codebooks (have {n_items:,})"
+            return (
+                f"ivf_pq needs at least {MIN_POINTS_PER_CENTROID * PQ_CENTROIDS:,} items to train its 8-bit codebooks "
+                f"(have {n_items:,})"
+            )
         if dim % pq_bytes(dim, config):
             return f"index.pq_bytes={pq_bytes(dim, config)} does not divide the vector dimension {dim}"
     return None

@@ -156,5 +156,6 @@ def check_materialized_from(store: FeatureStore, workflow_fingerprint: str) -> N
         origin = f"workflow {found[:12]}" if found else "no recorded workflow"
         raise ArtifactMismatch(
             f"the Feast online store of {store.repo_path} holds features encoded by {origin}, but this model "
-            f"was exported for workflow {workflow_fingerprint[:12]}: run `twotower export` again, it names the stages to re-run first"
+            f"was exported for workflow {workflow_fingerprint[:12]}: "
+            "run `twotower export` again, it names the stages to re-run first"
         )

@@ -279,7 +279,8 @@ def check_prerank(config: RecipeConfig) -> dict[str, str]:
         return {}
     if serve.prerank_candidates < serve.top_k:
         raise ConfigError(
-            f"serve.prerank_candidates={serve.prerank_candidates}: at least serve.top_k={serve.top_k} (0 turns the stage off)"
+            f"serve.prerank_candidates={serve.prerank_candidates}: "
+            f"at least serve.top_k={serve.top_k} (0 turns the stage off)"
         )
     ranker = prerank_config(config)
     trained = read_manifest(ranker).get("train")
@@ -291,7 +292,8 @@ def check_prerank(config: RecipeConfig) -> dict[str, str]:
     other_inputs = [name for name, value in ours.items() if trained["consumed"].get(name) != value]
     if other_inputs:
         raise ArtifactMismatch(
-            f"the pre-ranker in {ranker.output_dir} was trained on another {' and '.join(other_inputs)} than this run's; run `twotower prerank` again"
+            f"the pre-ranker in {ranker.output_dir} was trained on another {' and '.join(other_inputs)} "
+            "than this run's; run `twotower prerank` again"
         )
     settings = json.loads(ranker.metrics_path.read_text())["config"]["model"]
     if settings != config_to_dict(ranker)["model"]:
@@ -306,7 +308,8 @@ def check_prerank(config: RecipeConfig) -> dict[str, str]:
         missing = np.setdiff1d(ours["item_ids"], theirs["item_ids"])
     if len(missing):
         raise ArtifactMismatch(
-            f"{len(missing)} items of this run's catalogue (e.g. {missing[0]}) are not in the pre-ranker's in {ranker.output_dir} "
+            f"{len(missing)} items of this run's catalogue (e.g. {missing[0]}) "
+            f"are not in the pre-ranker's in {ranker.output_dir} "
             "(added by refresh-items?); run `twotower prerank` again"
         )
     paths = artifact_paths(ranker)
@@ -314,11 +317,13 @@ def check_prerank(config: RecipeConfig) -> dict[str, str]:
     absent = [name for name, value in parts.items() if value is None]
     if absent:
         raise ArtifactMismatch(
-            f"the pre-ranker in {ranker.output_dir} has no {' and no '.join(absent)} (trained before the recipe saved it); run `twotower prerank` again"
+            f"the pre-ranker in {ranker.output_dir} has no {' and no '.join(absent)} "
+            "(trained before the recipe saved it); run `twotower prerank` again"
         )
     changed = [name for name, value in parts.items() if trained["produced"].get(name) != value]
     if changed:
         raise ArtifactMismatch(
-            f"the pre-ranker's {' and '.join(changed)} in {ranker.output_dir} changed since it was trained; run `twotower prerank` again"
+            f"the pre-ranker's {' and '.join(changed)} in {ranker.output_dir} changed since it was trained; "
+            "run `twotower prerank` again"
         )
     return {f"prerank_{name}": value for name, value in parts.items()}
