@@ -7,16 +7,18 @@ CONFIG ?=
 ARGS ?=
 TWOTOWER := $(BIN)/twotower $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
 PYTEST_ARGS ?=
+# one area of the suite, e.g. TESTS=tests/serving (folders match the package's subpackages)
+TESTS ?=
 COMPOSE := docker compose -f docker/docker-compose.yml
 NB_ARGS ?=
 LAB_PORT ?= 8888
 # JupyterLab fetches a news feed and checks for updates on the internet unless told not to.
 LAB_OFFLINE := --LabApp.news_url=None --LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate
 
-.PHONY: venv run test serve query export notebooks lab clean help benchmark-quality benchmark-models benchmark-serving benchmark-faults benchmark-scale benchmark-train benchmark-cold-start benchmark-replay benchmark-prerank perf-analyzer docker-up docker-down docker-logs
+.PHONY: venv run test lint serve query export notebooks lab clean help benchmark-quality benchmark-models benchmark-serving benchmark-faults benchmark-scale benchmark-train benchmark-cold-start benchmark-replay benchmark-prerank perf-analyzer docker-up docker-down docker-logs
 
 help:
-	@echo "make run | test | serve | query USER=<id> | export | notebooks | lab | benchmark-quality | benchmark-models | benchmark-serving | benchmark-faults | benchmark-scale | benchmark-train | benchmark-cold-start | benchmark-replay | benchmark-prerank | clean | docker-up | docker-down | docker-logs"
+	@echo "make run | test [TESTS=tests/<area>] | lint | serve | query USER=<id> | export | notebooks | lab | benchmark-quality | benchmark-models | benchmark-serving | benchmark-faults | benchmark-scale | benchmark-train | benchmark-cold-start | benchmark-replay | benchmark-prerank | clean | docker-up | docker-down | docker-logs"
 
 $(STAMP): requirements/lock.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -107,7 +109,20 @@ benchmark-prerank: venv
 	$(TWOTOWER) benchmark-prerank
 
 test: venv
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(PYTEST_ARGS) $(TESTS)
+
+# ruff (style and likely bugs, formatting) and import-linter (the layers and import rules in
+# pyproject.toml), from their own venv; tests/recipe/test_layout.py checks the rest of the rules.
+LINT_VENV ?= .venv-lint
+$(LINT_VENV)/.installed: requirements/lint.txt
+	test -x $(LINT_VENV)/bin/python || $(PYTHON) -m venv $(LINT_VENV)
+	$(LINT_VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps -r requirements/lint.txt
+	touch $@
+
+lint: $(LINT_VENV)/.installed
+	$(LINT_VENV)/bin/ruff check .
+	$(LINT_VENV)/bin/ruff format --check .
+	$(LINT_VENV)/bin/lint-imports --no-cache
 
 # Executes notebooks/ in order, headless, writing their outputs into them (ML-1M by default;
 # e.g. NB_ARGS="-p CONFIG=../configs/synthetic.yaml --output-dir /tmp/nb" for a quick run into copies).

@@ -12,8 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from twotower import pipeline
-from twotower.config import ConfigError, RecipeConfig, load_config
+from twotower.config import ConfigError, RecipeConfig, load_config, parse_time
 from twotower.console import ignore_known_warnings, quiet_library_logs, timed_step
+from twotower.lifecycle.refresh import RefreshRefused, RolloutFailed, refresh_items
+from twotower.lifecycle.retrain import RetrainRefused, retrain
+from twotower.models import model_names
 from twotower.serving.batch import RecommendError, run_recommend
 from twotower.serving.client import demo_users, print_recommendations, typed_user_ids
 from twotower.serving.triton import PortInUse, triton_server
@@ -87,7 +90,6 @@ def _recommend(config: RecipeConfig, args: argparse.Namespace) -> None:
 
 
 def _refresh_items(config: RecipeConfig, args: argparse.Namespace) -> None:
-    from twotower.lifecycle.refresh import RefreshRefused, RolloutFailed, refresh_items
 
     try:
         refresh_items(config, args.items)
@@ -100,9 +102,6 @@ def _refresh_items(config: RecipeConfig, args: argparse.Namespace) -> None:
 
 
 def _retrain(config: RecipeConfig, args: argparse.Namespace) -> None:
-    from twotower.config import parse_time
-    from twotower.lifecycle.refresh import RolloutFailed
-    from twotower.lifecycle.retrain import RetrainRefused, retrain
 
     try:
         retrain(config, parse_time(args.since, "--since"))
@@ -115,7 +114,6 @@ def _retrain(config: RecipeConfig, args: argparse.Namespace) -> None:
 
 
 def _models(config: RecipeConfig, args: argparse.Namespace) -> None:
-    from twotower.models import model_names
 
     print("\n".join(model_names()))
 

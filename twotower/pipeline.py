@@ -19,6 +19,7 @@ import pandas as pd
 from twotower.config import ConfigError, RecipeConfig, prerank_config
 from twotower.console import held_back_output, timed_step
 from twotower.models import check_retriever, head_shape
+from twotower.models.multi_vector import HeadIndex, exact_top_k, overlap_at_k
 from twotower.stages.data import (
     check_split,
     data_cutoff,
@@ -29,8 +30,11 @@ from twotower.stages.data import (
     positives,
     split_by_time,
 )
-from twotower.store.artifacts import SPLITS, RecipeData, Split, load_recipe_data, load_split
+from twotower.stages.evaluate import validation_query_vectors
+from twotower.stages.index import build_index, print_choice
+from twotower.store.artifacts import SPLITS, RecipeData, Split, load_item_vectors, load_recipe_data, load_split
 from twotower.store.atomic import atomic_dir, atomic_file
+from twotower.store.index import save_index
 from twotower.store.manifest import EXPORT_RECORD, check_export, check_prerank, recorded_stage
 
 if TYPE_CHECKING:  # heavy imports stay lazy: the CLI loads TensorFlow only for stages that need it
@@ -135,10 +139,6 @@ def run_index(config: RecipeConfig) -> None:
     """Build the configured index kind (``auto``: the fastest that meets ``index.min_recall``),
     measured on validation users' query vectors; the choice and its recall go in the manifest.
     A multi-vector model's index holds every item head instead (``_index_heads``)."""
-    from twotower.stages.evaluate import validation_query_vectors
-    from twotower.stages.index import build_index, print_choice
-    from twotower.store.artifacts import load_item_vectors
-    from twotower.store.index import save_index
 
     check_retriever(config.model)
     with recorded_stage(config, "index") as details:
@@ -158,8 +158,6 @@ def _index_heads(config: RecipeConfig, item_ids, vectors, queries) -> dict:
     """Every item head of a multi-vector model in one exact inner-product index (the served
     retriever's, ``multi_vector.HeadIndex``); how much of the exact FE top 100 of the validation
     queries it finds at ``model.inttower.search_depth`` is measured and recorded."""
-    from twotower.models.multi_vector import HeadIndex, exact_top_k, overlap_at_k
-    from twotower.store.index import save_index
 
     shape, depth = head_shape(config.model), config.model.inttower.search_depth
     heads = HeadIndex.build(item_ids, shape.items(vectors))

@@ -26,8 +26,9 @@ import numpy as np
 from twotower import pipeline
 from twotower.benchmarks.harness import Column, derived_run, output_folder, text_table, write_report
 from twotower.config import RecipeConfig
-from twotower.stages.evaluate import RECALL_KS
-from twotower.store.artifacts import SPLITS, load_recipe_data, load_split
+from twotower.lifecycle.refresh import refresh_items
+from twotower.stages.evaluate import RECALL_KS, serving_side_metrics
+from twotower.store.artifacts import SPLITS, load_item_vectors, load_recipe_data, load_split
 from twotower.store.atomic import atomic_dir
 from twotower.store.manifest import recorded_stage
 
@@ -37,7 +38,6 @@ RUNS = {"trained": "trained normally", "cold_start": "cold start (refresh-items)
 def newest_items(config: RecipeConfig, share: float) -> np.ndarray:
     """The ``share`` of ``config``'s catalogue (at least one item) whose first interaction is
     latest, newest first (ties by id)."""
-    from twotower.store.artifacts import load_item_vectors
 
     catalogue, _ = load_item_vectors(config.item_vectors_path)
     interactions = load_recipe_data(config.data_dir).interactions
@@ -59,8 +59,6 @@ def hold_out_items(config: RecipeConfig, items: np.ndarray) -> None:
 
 
 def _measure(config: RecipeConfig, held_out: np.ndarray) -> dict:
-    from twotower.stages.evaluate import serving_side_metrics
-    from twotower.store.artifacts import load_item_vectors
 
     return {
         "held_out_items": serving_side_metrics(config, held_out),
@@ -92,7 +90,6 @@ def _table(rows: dict[str, dict]) -> str:
 
 
 def run_cold_start_benchmark(base: RecipeConfig) -> Path:
-    from twotower.lifecycle.refresh import refresh_items
 
     out_dir = output_folder(base, "cold-start")
     started = time.perf_counter()
@@ -128,7 +125,8 @@ def run_cold_start_benchmark(base: RecipeConfig) -> Path:
     report = {
         "date": date.today().isoformat(),
         "dataset": base.data.dataset,
-        "protocol": "per-user temporal holdout, full catalogue, earlier positives excluded, served path (query tower + FAISS)",
+        "protocol": "per-user temporal holdout, full catalogue, earlier positives excluded, "
+        "served path (query tower + FAISS)",
         "held_out": {
             "share": base.benchmark.cold_start.share,
             "items": held_out.tolist(),
@@ -140,7 +138,8 @@ def run_cold_start_benchmark(base: RecipeConfig) -> Path:
     }
     json_path = write_report(report, out_dir / "cold_start.json")
     print(
-        f"\nheld out: the {len(held_out):,} items ({base.benchmark.cold_start.share:.0%} of the catalogue) whose first interaction "
+        f"\nheld out: the {len(held_out):,} items ({base.benchmark.cold_start.share:.0%} of the catalogue) "
+        "whose first interaction "
         f"is latest; {len(held_out_test):,} test positives of {report['held_out']['test_users']:,} users"
     )
     print(_table(rows))

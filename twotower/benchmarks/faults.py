@@ -257,7 +257,8 @@ def memory_soak(
         )
         samples.append(((index + 1) * bench.faults.soak_seconds / slices, group_rss_mb(server.process.pid)))
         print(
-            f"  soak {samples[-1][0]:6.0f}/{bench.faults.soak_seconds:.0f} s  RSS {samples[-1][1]:7.1f} MB  {counts(outcomes)}",
+            f"  soak {samples[-1][0]:6.0f}/{bench.faults.soak_seconds:.0f} s  "
+            f"RSS {samples[-1][1]:7.1f} MB  {counts(outcomes)}",
             flush=True,
         )
     return {
@@ -285,7 +286,8 @@ def run_fault_benchmark(config: RecipeConfig) -> Path:
             baseline = answers(server.grpc_url, serve.model_name, np.array(users), serve.client_timeout_s)
             expected = dict(zip(users, baseline))
             print(
-                f"[faults] Redis stopped {bench.faults.gap_s:.0f} s in the middle of a soak at concurrency {bench.faults.concurrency}",
+                f"[faults] Redis stopped {bench.faults.gap_s:.0f} s in the middle of a soak "
+                f"at concurrency {bench.faults.concurrency}",
                 flush=True,
             )
             report["redis_gap"] = redis_gap(server, redis, run, expected)
@@ -321,11 +323,13 @@ def _print_report(report: dict) -> None:
         else "\nno request ran during the Redis gap"
     )
     print(
-        f"  e.g. {gap['gap_error_messages'][:1]}; first good answer {gap['first_good_after_restart_s']} s after Redis came back"
+        f"  e.g. {gap['gap_error_messages'][:1]}; "
+        f"first good answer {gap['first_good_after_restart_s']} s after Redis came back"
     )
     kill = report["triton_sigkill"]
     print(
-        f"Triton SIGKILL: restarted in {kill['restart_s']:.1f} s, same answers for {kill['users']} users: {kill['same_answers']}"
+        f"Triton SIGKILL: restarted in {kill['restart_s']:.1f} s, "
+        f"same answers for {kill['users']} users: {kill['same_answers']}"
     )
     stage = report["stage_killed"]
     print(

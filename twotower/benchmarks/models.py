@@ -30,7 +30,9 @@ from twotower import pipeline
 from twotower.benchmarks.harness import Column, derived_run, on_free_ports, output_folder, text_table, write_report
 from twotower.config import RecipeConfig, config_to_dict
 from twotower.models import RANKING_MODELS
-from twotower.stages.evaluate import RECALL_KS
+from twotower.models.multi_vector import multi_vector_top_k, overlap_at_k
+from twotower.stages.evaluate import RECALL_KS, ranking_metrics, top_k_positions
+from twotower.store.artifacts import load_split
 
 # variant -> settings tried (the first is the variant's default); each a dict of overrides
 VARIANTS: dict[str, list[dict]] = {
@@ -95,8 +97,6 @@ def _multi_vector_retrieval(config: RecipeConfig, inputs, model) -> dict[str, fl
     """An IntTower model's test split retrieved through FAISS over item heads
     (``twotower/multi_vector.py``, depth ``model.inttower.search_depth``): its Recall@10/100 and
     how much of the exact full-catalogue FE top 10/100 it finds (the row's own metrics are exact)."""
-    from twotower.models.multi_vector import multi_vector_top_k, overlap_at_k
-    from twotower.stages.evaluate import ranking_metrics, top_k_positions
     from twotower.stages.train import held_out_eval_set
 
     test_set = held_out_eval_set(inputs)
@@ -152,7 +152,6 @@ def _served(config: RecipeConfig):
 
 
 def _test_users(config: RecipeConfig) -> np.ndarray:
-    from twotower.store.artifacts import load_split
 
     return load_split(config.splits_dir).test["user_id"].unique()
 
@@ -171,7 +170,6 @@ def _served_quality(config: RecipeConfig, url: str, test_set, catalogue_ids: np.
     (requests of ``serve.max_request_users``), on the full-catalogue protocol: the same held-out
     positives and exclusions as the rows' in-process metrics."""
     from twotower.serving.client import recommend
-    from twotower.stages.evaluate import ranking_metrics
 
     positions = {item: position for position, item in enumerate(catalogue_ids)}
     size, answers = config.serve.max_request_users, []
@@ -297,7 +295,8 @@ def run_model_benchmark(base: RecipeConfig) -> Path:
     prerankers = [name for name in PRERANKERS if name in rows]
     if bench.models.cascade_candidates and "two_tower" in rows and prerankers:
         print(
-            f"\n[benchmark-models] cascade: two_tower retrieving {bench.models.cascade_candidates}, pre-ranked by {', '.join(prerankers)}",
+            f"\n[benchmark-models] cascade: two_tower retrieving {bench.models.cascade_candidates}, "
+            f"pre-ranked by {', '.join(prerankers)}",
             flush=True,
         )
         best = {

@@ -154,7 +154,8 @@ def mean_rating_sources(split: Split, setup: str) -> dict[str, pd.DataFrame]:
         return {}
     if setup == "train_mean_rating":
         return {name: split.train for name in SPLIT_NAMES}
-    # split_mean_rating, the official code's: its training part (fitted and validation rows) and its test rows each for themselves
+    # split_mean_rating, the official code's: its training part (fitted and validation rows) and its test rows
+    # each for themselves
     training = pd.concat([split.train, split.valid])
     return {"train": training, "valid": training, "test": split.test}
 
@@ -411,7 +412,8 @@ class BestValidationAUC(tf.keras.callbacks.Callback):
         if value > self.best:
             self.best, self.best_epoch, self.best_weights = value, epoch + 1, self.model.get_weights()
         print(
-            f"[prerank] {self.label} epoch {epoch + 1}/{self.epochs}: loss {logs['loss']:.1f} val AUC {value:.4f} ({seconds:.0f} s)",
+            f"[prerank] {self.label} epoch {epoch + 1}/{self.epochs}: "
+            f"loss {logs['loss']:.1f} val AUC {value:.4f} ({seconds:.0f} s)",
             flush=True,
         )
         if epoch + 1 - self.best_epoch >= self.patience:
@@ -490,7 +492,8 @@ def run_prerank_benchmark(config: RecipeConfig) -> Path:
     split = prerank_split(click_rows(interactions), settings.test_fraction, settings.validation_fraction, config.seed)
     encoding = Encoding.of(data)
     print(
-        f"[prerank] {config.data.dataset}: {len(split.train):,} train, {len(split.valid):,} validation, {len(split.test):,} test rows; "
+        f"[prerank] {config.data.dataset}: {len(split.train):,} train, {len(split.valid):,} validation, "
+        f"{len(split.test):,} test rows; "
         f"{split.test[LABEL].mean():.3f} of test rows are clicks",
         flush=True,
     )
@@ -502,13 +505,15 @@ def run_prerank_benchmark(config: RecipeConfig) -> Path:
             print(f"\n[prerank] {setup}: {name}", flush=True)
             rows[setup][name] = train_and_test(name, prepared, settings, config.model, config.seed, f"{setup}/{name}")
             print(
-                f"[prerank] {setup}/{name}: test AUC {rows[setup][name]['auc']:.4f} LogLoss {rows[setup][name]['logloss']:.4f}",
+                f"[prerank] {setup}/{name}: test AUC {rows[setup][name]['auc']:.4f} "
+                f"LogLoss {rows[setup][name]['logloss']:.4f}",
                 flush=True,
             )
     report = {
         "date": date.today().isoformat(),
         "dataset": config.data.dataset,
-        "protocol": "ratings of 3 dropped, >3 click; sorted by time, seeded random 80/20 split; last 20% of training rows validate; "
+        "protocol": "ratings of 3 dropped, >3 click; sorted by time, seeded random 80/20 split; "
+        "last 20% of training rows validate; "
         "early stopping on validation AUC; mean ratings (train_mean_rating) from the fitted training rows only",
         "rows": rows,
         "paper": {name: {"auc": values[0], "logloss": values[1]} for name, values in PAPER.items()},

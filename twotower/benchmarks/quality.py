@@ -17,8 +17,9 @@ import numpy as np
 from twotower import pipeline
 from twotower.benchmarks.harness import Column, derived_run, output_folder, text_table, write_report
 from twotower.config import RecipeConfig, config_to_dict
-from twotower.stages.evaluate import RECALL_KS
-from twotower.store.artifacts import known_before_test, load_split
+from twotower.stages.baselines import ease_weights, evaluate_ease, evaluate_popularity, tune_ease
+from twotower.stages.evaluate import RECALL_KS, build_eval_set
+from twotower.store.artifacts import known_before_test, load_item_vectors, load_split
 from twotower.views.plots import plot_quality
 
 # The public NVIDIA example: MLP [128, 64], plain in-batch softmax, default embedding sizes, one epoch.
@@ -65,9 +66,6 @@ def _train_variant(config: RecipeConfig) -> dict:
 
 def baselines(config: RecipeConfig) -> dict[str, dict]:
     """Popularity and EASE (regularisation tuned on validation) on ``config``'s split and catalogue."""
-    from twotower.stages.baselines import ease_weights, evaluate_ease, evaluate_popularity, tune_ease
-    from twotower.stages.evaluate import build_eval_set
-    from twotower.store.artifacts import load_item_vectors
 
     split = load_split(config.splits_dir)
     catalogue, _ = load_item_vectors(config.item_vectors_path)

@@ -41,7 +41,10 @@ import pandas as pd
 from twotower import pipeline
 from twotower.benchmarks.harness import Column, derived_run, output_folder, text_table, write_report
 from twotower.config import RecipeConfig
+from twotower.lifecycle.retrain import retrain
 from twotower.stages.data import load_dataset, positive_threshold, positives
+from twotower.stages.evaluate import build_eval_set, evaluate_embeddings, query_vectors_of
+from twotower.store.artifacts import load_item_vectors
 
 FULL = "full retrain"
 STALE = "no retrain"
@@ -76,8 +79,6 @@ def score(
 ) -> dict:
     """Metrics of ``config``'s saved model on the positives in [cutoff, end), every earlier positive
     excluded, user history as the run knew it (positives before ``known_until``)."""
-    from twotower.stages.evaluate import build_eval_set, evaluate_embeddings, query_vectors_of
-    from twotower.store.artifacts import load_item_vectors
 
     timestamps = every_positive["timestamp"]
     held_out = every_positive[(timestamps >= cutoff) & (timestamps < end)]
@@ -146,7 +147,6 @@ def _summary(rows: list[dict], arms: list[str]) -> dict[str, dict]:
 
 
 def run_replay_benchmark(base: RecipeConfig) -> Path:
-    from twotower.lifecycle.retrain import retrain
     from twotower.views.plots import plot_replay
 
     bench = base.benchmark
@@ -183,8 +183,8 @@ def run_replay_benchmark(base: RecipeConfig) -> Path:
         metrics = score(config, dataset.users, every_positive, config.data.until, cutoffs[step], cutoffs[step + 1])
         trained = wall_seconds is not None
         print(
-            f"[benchmark-replay] step {step}, {arm}: recall@10 {metrics['recall@10']:.4f}, recall@100 {metrics['recall@100']:.4f}"
-            + (f", {wall_seconds:.1f} s" if trained else ""),
+            f"[benchmark-replay] step {step}, {arm}: recall@10 {metrics['recall@10']:.4f}, "
+            f"recall@100 {metrics['recall@100']:.4f}" + (f", {wall_seconds:.1f} s" if trained else ""),
             flush=True,
         )
         return {
@@ -206,7 +206,7 @@ def run_replay_benchmark(base: RecipeConfig) -> Path:
         for arm in incremental:
             configs[arm].data.until = until
             reports = []
-            wall = _timed(lambda: reports.append(retrain(configs[arm], since)))
+            wall = _timed(lambda reports=reports, arm=arm, since=since: reports.append(retrain(configs[arm], since)))
             rows.append(
                 row(
                     step,
@@ -225,7 +225,8 @@ def run_replay_benchmark(base: RecipeConfig) -> Path:
     report = {
         "date": date.today().isoformat(),
         "dataset": base.data.dataset,
-        "protocol": "global time cutoffs at shares of the interactions; each retrain scored on the next slice's positives, "
+        "protocol": "global time cutoffs at shares of the interactions; "
+        "each retrain scored on the next slice's positives, "
         "full catalogue, earlier positives excluded, unseen users and items counted as they are",
         "cutoffs": cutoffs,
         "settings": {

@@ -30,7 +30,9 @@ import pandas as pd
 from twotower.benchmarks.harness import Column, on_free_ports, output_folder, text_table, write_report
 from twotower.config import FeaturesConfig, RecipeConfig
 from twotower.stages.index import IndexReport, RecallQueries, build_measured, choose_kind, trainable_kinds
+from twotower.store.artifacts import load_item_vectors, load_split
 from twotower.store.index import save_index
+from twotower.store.manifest import ArtifactMismatch, check_export, fingerprint
 
 
 class _MallInfo2(ctypes.Structure):
@@ -99,7 +101,6 @@ def export_with_index(config: RecipeConfig, index_path: Path, export_dir: Path) 
     """The run's serving graph over another index, exported as ``twotower export`` does."""
     from twotower.serving.export import apply_serving_settings, export_ensemble
     from twotower.serving.graph import build_ensemble, popular_items
-    from twotower.store.manifest import fingerprint
 
     ensemble = build_ensemble(
         config.feature_repo_dir,
@@ -192,7 +193,6 @@ def measure_kind(
 
 def index_scaling(config: RecipeConfig, out_dir: Path) -> tuple[dict, dict]:
     from twotower.stages.evaluate import saved_query_vectors
-    from twotower.store.artifacts import load_item_vectors, load_split
 
     real_ids, real_vectors = load_item_vectors(config.item_vectors_path)
     users = load_split(config.splits_dir).test["user_id"].drop_duplicates().to_numpy()
@@ -211,8 +211,10 @@ def index_scaling(config: RecipeConfig, out_dir: Path) -> tuple[dict, dict]:
             sizes[str(n_items)][kind] = row
             reports.append(report)
             print(
-                f"        R@100 {row['recall@100']:.4f}  {row['bytes_per_item']:.0f} B/item  build {row['build_s']:.1f} s  "
-                f"in process p50 {row['p50_ms_in_process']:.2f} ms  Triton p50 {row['p50_ms_triton']:.2f} / p99 {row['p99_ms_triton']:.2f} ms  "
+                f"        R@100 {row['recall@100']:.4f}  {row['bytes_per_item']:.0f} B/item  "
+                f"build {row['build_s']:.1f} s  "
+                f"in process p50 {row['p50_ms_in_process']:.2f} ms  "
+                f"Triton p50 {row['p50_ms_triton']:.2f} / p99 {row['p99_ms_triton']:.2f} ms  "
                 f"c16 p50 {row['p50_ms_triton_c16']:.2f} ms",
                 flush=True,
             )
@@ -271,7 +273,8 @@ def feast_scaling(config: RecipeConfig, out_dir: Path) -> dict:
                     "read_p99_ms": float(p99),
                 }
                 print(
-                    f"        materialized in {materialize_s:.1f} s; online read (both views) p50 {p50:.3f} ms, p99 {p99:.3f} ms",
+                    f"        materialized in {materialize_s:.1f} s; "
+                    f"online read (both views) p50 {p50:.3f} ms, p99 {p99:.3f} ms",
                     flush=True,
                 )
                 shutil.rmtree(repo)
@@ -322,14 +325,14 @@ def _print_tables(report: dict) -> None:
 
 def run_scale_benchmark(config: RecipeConfig) -> Path:
     from twotower.pipeline import run_all
-    from twotower.store.manifest import ArtifactMismatch, check_export
     from twotower.views.plots import plot_scale
 
     try:
         check_export(config)
     except ArtifactMismatch as reason:  # no finished run yet (a fresh clone): make one first
         print(
-            f"[scale] no finished run under {config.output_dir} ({str(reason).splitlines()[0]}); running the pipeline first"
+            f"[scale] no finished run under {config.output_dir} ({str(reason).splitlines()[0]}); "
+            "running the pipeline first"
         )
         run_all(config)
     out_dir = config.output_dir / "benchmark-scale"

@@ -29,7 +29,7 @@ from twotower.benchmarks.harness import Column, on_free_ports, output_folder, te
 from twotower.config import RecipeConfig
 from twotower.serving.client import user_id_request
 from twotower.serving.triton import TritonServer
-from twotower.store.artifacts import load_recipe_data
+from twotower.store.artifacts import load_item_vectors, load_recipe_data
 
 
 @dataclass(frozen=True)
@@ -136,7 +136,8 @@ def run_phases(config: RecipeConfig, url: str, metrics_url: str, users: np.ndarr
             "triton": _per_request_ms(before, triton_model_stats(metrics_url, model)),
         }
         print(
-            f"  {phase.name:<12} p50 {results[phase.name]['p50_ms']:7.2f} ms  p99 {results[phase.name]['p99_ms']:7.2f} ms  "
+            f"  {phase.name:<12} p50 {results[phase.name]['p50_ms']:7.2f} ms  "
+            f"p99 {results[phase.name]['p99_ms']:7.2f} ms  "
             f"{results[phase.name]['qps']:7.1f} req/s  errors {errors}"
         )
     return results
@@ -263,7 +264,6 @@ def export_reference(config: RecipeConfig, out_dir: Path) -> Path:
     from twotower.benchmarks.support.reference_graph import build_reference_ensemble
     from twotower.serving.export import export_ensemble
     from twotower.stages.index import build_reference_index
-    from twotower.store.artifacts import load_item_vectors
     from twotower.store.index import save_index
 
     index_path = out_dir / "reference_ivf32.faiss"
@@ -340,11 +340,13 @@ def run_serving_benchmark(config: RecipeConfig) -> Path:
     _print_table(phases)
     for graph, result in report["in_process"].items():
         print(
-            f"\nin-process DAG (no Triton), {graph}, single user: p50 {result['p50_ms']:.2f} ms, p99 {result['p99_ms']:.2f} ms",
+            f"\nin-process DAG (no Triton), {graph}, single user: "
+            f"p50 {result['p50_ms']:.2f} ms, p99 {result['p99_ms']:.2f} ms",
             end="",
         )
     print(
-        f"\nreference p50 / recipe p50 at concurrency 1: {report['p50_ratio_reference_over_recipe_c1']:.1f}x through Triton, "
+        "\nreference p50 / recipe p50 at concurrency 1: "
+        f"{report['p50_ratio_reference_over_recipe_c1']:.1f}x through Triton, "
         f"{report['p50_ratio_reference_over_recipe_in_process']:.1f}x in process"
     )
     json_path = write_report(report, out_dir / "serving.json")

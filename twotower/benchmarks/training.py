@@ -330,7 +330,8 @@ def _epoch_table(report: dict, labels: dict[str, str]) -> str:
 
 def _profile_tables(profile: dict, labels: dict[str, str]) -> str:
     lines = [
-        f"\nrecipe train step by part (tf.profiler, op ms per step summed over threads)\n{'part':<48}{'forward':>9}{'backward':>10}{'share':>8}"
+        f"\nrecipe train step by part (tf.profiler, op ms per step summed over threads)\n"
+        f"{'part':<48}{'forward':>9}{'backward':>10}{'share':>8}"
     ]
     for part, times in profile["recipe_step_parts"].items():
         lines.append(f"{part:<48}{times['forward_ms']:>9.1f}{times['backward_ms']:>10.1f}{times['share']:>8.0%}")
@@ -355,7 +356,8 @@ def run_train_benchmark(config: RecipeConfig) -> Path:
     started = time.perf_counter()
     if not config.train_encoded_dir.exists():  # a fresh clone: the recipe's first two stages
         print(
-            f"[benchmark-train] no encoded training data under {config.output_dir}; running the data and workflow stages"
+            f"[benchmark-train] no encoded training data under {config.output_dir}; "
+            "running the data and workflow stages"
         )
         pipeline.run_data(config)
         pipeline.run_workflow(config)

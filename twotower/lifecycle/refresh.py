@@ -52,7 +52,16 @@ import pyarrow
 
 from twotower.config import RecipeConfig
 from twotower.stages.data import as_numbers, side_table
-from twotower.store.artifacts import EXTERNAL_ID, DataError, has_text_ids, load_recipe_data
+from twotower.store.artifacts import (
+    EXTERNAL_ID,
+    DataError,
+    call_signature,
+    has_text_ids,
+    load_item_vectors,
+    load_recipe_data,
+    load_serving_signature,
+    save_item_vectors,
+)
 from twotower.store.atomic import atomic_file, exclusive_lock
 from twotower.store.manifest import (
     REFRESH,
@@ -143,7 +152,6 @@ def embed_items(items: pd.DataFrame, config: RecipeConfig) -> np.ndarray:
     """Item-tower vectors of ``items``, in order: features encoded by the saved item workflow (no
     refit; unseen values get the out-of-vocabulary code), then the saved item tower."""
     from twotower.stages.workflow import ITEM_SUBGRAPH, load_workflow, transform_frame
-    from twotower.store.artifacts import call_signature, load_serving_signature
 
     encoded = transform_frame(load_workflow(config.workflow_dir, ITEM_SUBGRAPH), items)
     return call_signature(load_serving_signature(config.candidate_tower_dir), encoded)
@@ -155,7 +163,6 @@ def add_to_catalogue(items: pd.DataFrame, vectors: np.ndarray, config: RecipeCon
     Feast goes first: an online store that cannot be reached fails the refresh before the vectors
     and the index change. Each file is replaced whole (written aside, then renamed)."""
     from twotower.stages.features import add_rows
-    from twotower.store.artifacts import load_item_vectors, save_item_vectors
     from twotower.store.features import ITEM_VIEW
     from twotower.store.index import add_items, load_index, save_index
 
@@ -235,7 +242,6 @@ def refresh_items(config: RecipeConfig, items_path: Path) -> RefreshReport:
     """refresh-items (module docstring): RefreshRefused or ArtifactMismatch before anything changes,
     RolloutFailed if a server did not load the new version."""
     from twotower.models import head_shape
-    from twotower.store.artifacts import load_item_vectors
 
     if head_shape(config.model):
         raise RefreshRefused(

@@ -47,8 +47,9 @@ import pandas as pd
 
 from twotower.config import RecipeConfig
 from twotower.console import timed_step
+from twotower.lifecycle.refresh import add_new_items, refreshed_items, roll_out_new_version, served_run_lock
 from twotower.stages.data import data_cutoff
-from twotower.store.artifacts import load_recipe_data
+from twotower.store.artifacts import load_item_vectors, load_recipe_data
 from twotower.store.manifest import check_export, fingerprint, fingerprints, read_manifest, recorded_stage
 
 if TYPE_CHECKING:  # TensorFlow loads only when retrain runs
@@ -144,8 +145,6 @@ def carry_refreshed_items(config: RecipeConfig, items: pd.DataFrame) -> None:
     catalogue, embedded by the retrained item tower, as refresh-items adds them; those that are in
     the catalogue now (a refit's vocabulary holds the items that have training positives since)
     have trained vectors and are left as they are."""
-    from twotower.lifecycle.refresh import add_new_items
-    from twotower.store.artifacts import load_item_vectors
 
     items = items[~items["item_id"].isin(load_item_vectors(config.item_vectors_path)[0])]
     if len(items):
@@ -182,7 +181,6 @@ def _check_window(config: RecipeConfig, since: int, until: int | None) -> None:
 def retrain(config: RecipeConfig, since: int) -> RetrainReport:
     """``twotower retrain`` (module docstring). RetrainRefused or ArtifactMismatch before anything
     changes; ``refresh.RolloutFailed`` if a server did not load the new version."""
-    from twotower.lifecycle.refresh import refreshed_items, roll_out_new_version, served_run_lock
     from twotower.pipeline import prepare_data, run_prerank, run_stage, run_workflow, write_data
     from twotower.serving.export import model_versions
 

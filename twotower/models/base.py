@@ -22,6 +22,7 @@ from merlin.schema import ColumnSchema, Schema, Tags
 from twotower.config import ModelConfig, TrainConfig
 from twotower.models.gating import field_gate
 from twotower.models.losses import loss_for
+from twotower.store.artifacts import load_serving_signature
 
 HISTORY = "history"  # the query feature that shares the item id's table
 
@@ -132,7 +133,6 @@ class RetrievalModel:
     @staticmethod
     def load_query_tower(path: Path):
         """A saved query tower's serving signature (plain TensorFlow, as the server runs it)."""
-        from twotower.store.artifacts import load_serving_signature
 
         return load_serving_signature(path)
 

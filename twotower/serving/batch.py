@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, TextIO
 import numpy as np
 import pandas as pd
 
+from twotower.store.artifacts import EXTERNAL_ID, has_text_ids, load_recipe_data
 from twotower.store.atomic import atomic_file
 
 if TYPE_CHECKING:
@@ -53,7 +54,6 @@ class UserList:
 
 def run_user_ids(data_dir: Path) -> pd.Series:
     """The run's users, ids as the data files spell them (what the server takes)."""
-    from twotower.store.artifacts import EXTERNAL_ID, load_recipe_data
 
     try:
         return load_recipe_data(data_dir).users[EXTERNAL_ID]
@@ -170,7 +170,6 @@ def write_recommendations(frame: pd.DataFrame, out: Path) -> None:
 
 def run_recommend(config: RecipeConfig, users: str, out: Path) -> pd.DataFrame:
     """The ``recommend`` command: read the list, answer it from the export, write ``out``."""
-    from twotower.store.artifacts import has_text_ids
 
     listed = None if users == ALL_USERS else read_user_file(Path(users))  # a bad file is refused before anything loads
     served = run_user_ids(config.data_dir)

@@ -8,6 +8,8 @@ import numpy as np
 import pandas as pd
 import tritonclient.grpc as grpcclient
 
+from twotower.store.artifacts import EXTERNAL_ID, DataError, display_column, has_text_ids, load_recipe_data, load_split
+
 if TYPE_CHECKING:
     from twotower.config import RecipeConfig
 
@@ -54,7 +56,6 @@ def recommend(
 def print_recommendations(config: RecipeConfig, user_ids: list, url: str | None = None) -> None:
     """Ask the server at ``url`` (default: the configured gRPC address) and print the items
     with their display column (the first text item feature, such as the title)."""
-    from twotower.store.artifacts import EXTERNAL_ID, display_column, load_recipe_data
 
     items = load_recipe_data(config.data_dir).items
     column = display_column(config.data.schema)
@@ -72,7 +73,6 @@ def print_recommendations(config: RecipeConfig, user_ids: list, url: str | None 
 
 def typed_user_ids(config: RecipeConfig, user_ids: list[str]) -> list:
     """Command-line user ids as the run's data types them: ints, or text where the files' ids are text."""
-    from twotower.store.artifacts import EXTERNAL_ID, DataError, has_text_ids, load_recipe_data
 
     if has_text_ids(load_recipe_data(config.data_dir).users[EXTERNAL_ID]):
         return list(user_ids)
@@ -85,7 +85,6 @@ def typed_user_ids(config: RecipeConfig, user_ids: list[str]) -> list:
 def demo_users(config: RecipeConfig, count: int = 3) -> list:
     """The first ``count`` test users, as the data files spell their ids: known to the service,
     with held-out positives."""
-    from twotower.store.artifacts import EXTERNAL_ID, load_recipe_data, load_split
 
     test_users = load_split(config.splits_dir).test["user_id"].drop_duplicates().head(count)
     external = load_recipe_data(config.data_dir).users.set_index("user_id")[EXTERNAL_ID]

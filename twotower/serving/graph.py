@@ -31,12 +31,22 @@ import numpy as np
 from merlin.schema import ColumnSchema, Schema
 from merlin.systems.dag import Ensemble
 
+from twotower.config import prerank_config
+from twotower.models import check_retriever, head_shape
 from twotower.models.multi_vector import HeadShape
 from twotower.serving.ops.features import OnlineQueryFeatures
 from twotower.serving.ops.prerank import PrerankCandidates
 from twotower.serving.ops.query_tower import PredictQueryTower
 from twotower.serving.ops.retrieval import RetrieveByHeads, RetrieveTopK
-from twotower.store.artifacts import RAGGED_SEPARATOR
+from twotower.store.artifacts import (
+    EXTERNAL_ID,
+    RAGGED_SEPARATOR,
+    has_text_ids,
+    load_item_vectors,
+    load_recipe_data,
+    load_split,
+)
+from twotower.store.manifest import fingerprint
 
 if TYPE_CHECKING:
     from twotower.config import RecipeConfig
@@ -120,7 +130,6 @@ class ExternalIds(NamedTuple):
 
 def load_external_ids(config: RecipeConfig) -> ExternalIds:
     """The run's text ids, from the tables the data stage wrote."""
-    from twotower.store.artifacts import EXTERNAL_ID, has_text_ids, load_recipe_data
 
     data = load_recipe_data(config.data_dir)
     user_codes = None
@@ -148,7 +157,6 @@ def _signature_schema(tower: PredictQueryTower) -> Schema:
 def popular_items(config: RecipeConfig, count: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Cold-start answer: the ``count`` (default ``serve.top_k``) catalogue items with most training
     positives, scores as a share of the top item's."""
-    from twotower.store.artifacts import load_item_vectors, load_split
 
     catalogue, _ = load_item_vectors(config.item_vectors_path)
     counts = load_split(config.splits_dir).train["item_id"].value_counts()
@@ -160,9 +168,6 @@ def recipe_ensemble(config: RecipeConfig, feature_repo: Path | None = None) -> E
     """The serving graph over this run's artifacts (``feature_repo`` defaults to the run's): the
     retriever's own (multi-vector for a model with heads), then the pre-ranker of
     ``serve.prerank_run`` when ``serve.prerank_candidates`` is set."""
-    from twotower.config import prerank_config
-    from twotower.models import check_retriever, head_shape
-    from twotower.store.manifest import fingerprint
 
     check_retriever(config.model)
     shape = head_shape(config.model)

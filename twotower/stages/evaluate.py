@@ -16,6 +16,14 @@ import pandas as pd
 import scipy.sparse as sp
 
 from twotower.config import RecipeConfig
+from twotower.store.artifacts import (
+    call_signature,
+    known_before_test,
+    load_item_vectors,
+    load_recipe_data,
+    load_serving_signature,
+    load_split,
+)
 
 RECALL_KS = (10, 20, 50, 100)
 
@@ -114,7 +122,6 @@ def saved_query_vectors(config: RecipeConfig, user_ids) -> np.ndarray:
     """Query vectors for dataset user ids from what is on disk, as the server computes them:
     features (history: everything before the test period) encoded by the saved user workflow,
     embedded by the query tower's serving signature."""
-    from twotower.store.artifacts import known_before_test, load_recipe_data, load_split
 
     data, split = load_recipe_data(config.data_dir), load_split(config.splits_dir)
     return query_vectors_of(config, data.users, known_before_test(split), user_ids)
@@ -124,7 +131,6 @@ def query_vectors_of(config: RecipeConfig, users: pd.DataFrame, history_rows: pd
     """Query vectors of ``user_ids`` (rows of the side table ``users``, history from the positives
     ``history_rows``) through the run's saved user workflow and query tower, as the server computes them."""
     from twotower.stages.workflow import encoded_users, load_saved_workflows
-    from twotower.store.artifacts import call_signature, load_serving_signature
 
     encoded = encoded_users(load_saved_workflows(config.workflow_dir), users, history_rows, config.train.history_length)
     return call_signature(load_serving_signature(config.query_tower_dir), encoded.loc[np.asarray(user_ids)])
@@ -133,7 +139,6 @@ def query_vectors_of(config: RecipeConfig, users: pd.DataFrame, history_rows: pd
 def validation_query_vectors(config: RecipeConfig) -> np.ndarray:
     """Served query vectors of up to ``index.recall_queries`` validation users (seeded sample):
     real queries for measuring an index's recall, none of them test users' held-out period."""
-    from twotower.store.artifacts import load_split
 
     users = load_split(config.splits_dir).valid["user_id"].drop_duplicates().to_numpy()
     sample = np.random.default_rng(config.seed).permutation(users)[: config.index.recall_queries]
@@ -144,7 +149,6 @@ def serving_side_metrics(config: RecipeConfig, items: np.ndarray | None = None) 
     """Test metrics through the saved query tower and the FAISS index (the served path). With
     ``items``, only test positives of those items count, over the users who have one; the
     ranking is still over the whole catalogue."""
-    from twotower.store.artifacts import known_before_test, load_item_vectors, load_split
     from twotower.store.index import load_index
 
     split = load_split(config.splits_dir)

@@ -25,7 +25,8 @@ import yaml
 from feast import FeatureStore
 
 from twotower.config import PROJECT_ROOT, FeaturesConfig, RecipeConfig
-from twotower.store.artifacts import RecipeData
+from twotower.stages.data import latest_history, users_with_history
+from twotower.store.artifacts import RecipeData, known_before_test, load_recipe_data, load_split
 from twotower.store.atomic import atomic_dir, atomic_file
 from twotower.store.features import (
     COLUMNS_FILE,
@@ -138,9 +139,7 @@ class FeatureTables(NamedTuple):
 
 def feature_tables(config: RecipeConfig, user_ids: np.ndarray | None = None) -> FeatureTables:
     """What Feast serves, from what is known before the test period; for ``user_ids`` only, if given."""
-    from twotower.stages.data import latest_history, users_with_history
     from twotower.stages.workflow import encode_users, load_saved_workflows
-    from twotower.store.artifacts import known_before_test, load_recipe_data, load_split
 
     workflow_fingerprint = fingerprint(config.workflow_dir)
     data, split = load_recipe_data(config.data_dir), load_split(config.splits_dir)

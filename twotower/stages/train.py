@@ -26,6 +26,7 @@ from twotower.config import RecipeConfig, config_to_dict
 from twotower.models import builder
 from twotower.models.base import RetrievalModel, TrainingStats
 from twotower.models.losses import feature_tensors
+from twotower.stages.baselines import evaluate_popularity
 from twotower.stages.evaluate import EvalSet, build_eval_set, evaluate_scores
 from twotower.stages.workflow import Catalogue, category_table, encoded_catalogue, encoded_users, load_saved_workflows
 from twotower.store.artifacts import Split, known_before_test, load_recipe_data, load_split, save_item_vectors
@@ -242,7 +243,6 @@ def evaluate_on_test(
 ) -> dict[str, dict[str, float]]:
     """Test metrics of the model (under its name) and of popularity, full catalogue, earlier
     positives excluded."""
-    from twotower.stages.baselines import evaluate_popularity
 
     test_set = held_out_eval_set(inputs)
     return {

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-from merlin.table import TensorTable
 
 from twotower.config import SchemaConfig
+
+if TYPE_CHECKING:
+    from merlin.table import TensorTable
 
 EXTERNAL_ID = "external_id"  # the id as the input files spell it
 
@@ -124,6 +127,7 @@ def call_signature(signature, features: TensorTable | pd.DataFrame) -> np.ndarra
     """Run a serving signature on encoded feature columns, feeding only its inputs
     (calling it with extra columns fails to match a concrete function)."""
     import tensorflow as tf
+    from merlin.table import TensorTable
 
     table = features if isinstance(features, TensorTable) else TensorTable.from_df(features.reset_index(drop=True))
     _, specs = signature.structured_input_signature

@@ -69,7 +69,7 @@ class RedisServer:
                     self.stop()
                     raise RuntimeError(
                         f"redis-server did not start:\n{(self.work_dir / 'redis.log').read_text()[-2000:]}"
-                    )
+                    ) from None
                 time.sleep(0.05)
 
     def stop(self) -> None:

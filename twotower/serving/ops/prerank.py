@@ -16,7 +16,7 @@ from merlin.schema import ColumnSchema, Schema
 from merlin.table import TensorTable
 
 from twotower.serving.ops.base import ArtifactOperator
-from twotower.store.artifacts import call_signature, load_serving_signature
+from twotower.store.artifacts import call_signature, load_item_vectors, load_serving_signature
 
 if TYPE_CHECKING:
     pass
@@ -44,7 +44,6 @@ class PrerankCandidates(ArtifactOperator):
         self.top_k, self.item_names = top_k, item_names
 
     def _load(self, path: Path):
-        from twotower.store.artifacts import load_item_vectors
 
         item_ids, vectors = load_item_vectors(path / "item_vectors.npz")
         return (
