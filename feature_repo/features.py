@@ -11,7 +11,7 @@ the deployed copy of this folder; the online store holds the latest row per id.
   NVTabular user workflow, so a request needs no per-request transform.
 - ``item_features``: the item's external id and declared side features (titles too).
 - ``recipe_run``: one row, the fingerprint of the NVTabular workflow whose codes the store
-  holds; the serving graph compares it with its own at load (twotower/manifest.py).
+  holds; the serving graph compares it with its own at load (twotower/store/manifest.py).
 """
 
 from datetime import timedelta
@@ -26,7 +26,7 @@ from feast.value_type import ValueType
 DATA_DIR = Path(__file__).resolve().parent / "data"
 STATIC = timedelta(0)  # profile features never expire
 # Each view's columns follow the data set's declared schema; the pipeline writes them beside this
-# file when it deploys the repository (twotower/feature_store.py, write_sources). While this file
+# file when it deploys the repository (twotower/stages/features.py, write_sources). While this file
 # runs "as if" in its final folder, the pipeline names the folder it really is in.
 DEFINITIONS_DIR = globals().get("TWOTOWER_DEFINITIONS_DIR") or Path(__file__).resolve().parent
 COLUMNS = yaml.safe_load((DEFINITIONS_DIR / "columns.yaml").read_text())

@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--users",
         dest="user_list",
         metavar="FILE|all",
-        help="for 'recommend': 'all', or a file of user ids (twotower/batch.py)",
+        help="for 'recommend': 'all', or a file of user ids (twotower/serving/batch.py)",
     )
     parser.add_argument("--out", type=Path, metavar="FILE", help="for 'recommend': the parquet file to write")
     parser.add_argument(

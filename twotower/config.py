@@ -23,7 +23,7 @@ import yaml
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
-# How a declared feature column is encoded (twotower/data.py reads it, twotower/workflow.py encodes it):
+# How a declared feature column is encoded (twotower/stages/data.py reads it, twotower/stages/workflow.py encodes it):
 # categorical: one code per value; multi_categorical: a list of codes (a list column, or text split
 # on schema.list_separator); continuous: a number, missing values filled and then normalised;
 # text: kept for display (titles) and left out of the model.
@@ -108,7 +108,7 @@ class TrainConfig:
     mixed_negatives: int = 0
     l2_normalize: bool = True
     early_stopping_patience: int = 2
-    # A key of twotower.evaluate.ranking_metrics where higher is better.
+    # A key of twotower.stages.evaluate.ranking_metrics where higher is better.
     early_stopping_metric: Literal["recall@10", "recall@20", "recall@50", "recall@100", "ndcg@10", "mrr@100"] = (
         "recall@100"
     )
@@ -117,7 +117,7 @@ class TrainConfig:
     # list columns (history, genres) in Python every epoch: 21 of the 42 s of an ML-1M epoch
     # (make benchmark-train measures both).
     loader: Literal["cached", "merlin"] = "cached"
-    # `twotower retrain` (twotower/retrain.py). Ids the saved workflow has not seen: oov keeps the
+    # `twotower retrain` (twotower/lifecycle/retrain.py). Ids the saved workflow has not seen: oov keeps the
     # workflow, so they get Categorify's out-of-vocabulary code, the embedding tables keep their
     # shapes and the last model's weights are the warm start; refit fits the workflow again on the
     # new data, which changes the tables, so it is a full retrain from scratch (train.epochs).
@@ -180,7 +180,7 @@ class IntTowerConfig:
     # fe_layers entry's heads, flattened: needs user_heads == item_heads), in-batch negatives
     cir_weight: float = 1.0  # 0 turns it off
     cir_temperature: float = 0.07
-    # The multi-vector retriever (twotower/multi_vector.py): item head vectors each user head
+    # The multi-vector retriever (twotower/models/multi_vector.py): item head vectors each user head
     # vector fetches from FAISS; the union of their items is re-scored exactly by the FE score
     # (doubled for a user until k unseen items are among the candidates)
     search_depth: int = 100
@@ -236,7 +236,7 @@ IndexKind = Literal["flat", "hnsw", "ivf_flat", "ivf_pq"]
 
 @dataclass
 class IndexConfig:
-    """The FAISS index over item vectors (twotower/index.py); each kind is a FAISS factory string."""
+    """The FAISS index over item vectors (twotower/stages/index.py); each kind is a FAISS factory string."""
 
     # auto: every kind the catalogue can train is built and measured, and the one with the lowest
     # single-query latency that reaches min_recall wins; the choice and its recall go in the manifest.
@@ -269,14 +269,14 @@ class ServeConfig:
     exclude_seen: bool = True  # drop items the user already had as positives
     max_request_users: int = 1024  # larger batches are refused with a clear error
     startup_timeout_s: float = 120.0
-    # Written into the exported executor_model/config.pbtxt (twotower/triton_config.py).
+    # Written into the exported executor_model/config.pbtxt (twotower/serving/export.py).
     instance_count: int = 1  # copies of the executor model Triton runs side by side
     # Off by default: it changes the input contract to user_id [-1, 1] and Merlin's
     # executor runs queued requests one by one, so it adds delay without batching work.
     dynamic_batching: bool = False
     max_batch_size: int = 256  # largest batch one request may carry when dynamic_batching is on
     max_queue_delay_us: int = 100  # how long Triton may hold a request to group it with others
-    # The cascade's pre-ranking stage (twotower/ensemble.py PrerankCandidates): retrieval fetches
+    # The cascade's pre-ranking stage (twotower/serving/ops/prerank.py PrerankCandidates): retrieval fetches
     # this many candidates and the pre-ranker returns the best top_k of them; 0: no such stage.
     prerank_candidates: int = 0
     # the model `twotower prerank` trains as the pre-ranker: one of the family or the ranking model dcn_v2
@@ -490,7 +490,7 @@ class RecipeConfig:
 
     @property
     def manifest_path(self) -> Path:
-        return self.output_dir / "manifest.json"  # twotower/manifest.py
+        return self.output_dir / "manifest.json"  # twotower/store/manifest.py
 
 
 # Benchmark settings that moved into a section per benchmark (2026-12-06): the old key names the new one.

@@ -15,14 +15,10 @@ def test_fault_benchmark_smoke_run(exported, tmp_path):
         pytest.skip("redis-server is not installed (Debian package redis-server)")
     config = dataclasses.replace(exported, output_dir=tmp_path / "artifacts", export_dir=tmp_path / "triton_models")
     shutil.copytree(exported.output_dir, config.output_dir)
-    config.benchmark = dataclasses.replace(
-        exported.benchmark,
-        fault_gap_s=3.0,
-        fault_soak_seconds=4.0,
-        fault_sample_users=10,
-        fault_concurrency=4,
-        fault_stage_kill_after_s=3.0,
+    faults = dataclasses.replace(
+        exported.benchmark.faults, gap_s=3.0, soak_seconds=4.0, sample_users=10, concurrency=4, stage_kill_after_s=3.0
     )
+    config.benchmark = dataclasses.replace(exported.benchmark, faults=faults)
     report = json.loads(run_fault_benchmark(config).read_text())
     gap = report["redis_gap"]
     for phase in ("before", "during", "after"):

@@ -58,8 +58,11 @@ def test_replicated_users_repeat_rows_under_new_unique_ids():
 def test_scale_benchmark_smoke_run_writes_the_issue_schema(exported, capsys):
     config = dataclasses.replace(exported)
     config.index = dataclasses.replace(exported.index, recall_queries=60)
+    bench = exported.benchmark
     config.benchmark = dataclasses.replace(
-        exported.benchmark, scale_sizes=[2000], scale_feast_users=[500], scale_requests=15, warmup_requests=3
+        bench,
+        scale=dataclasses.replace(bench.scale, sizes=[2000], feast_users=[500], requests=15),
+        serving=dataclasses.replace(bench.serving, warmup_requests=3),
     )
     path = run_scale_benchmark(config)
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(path)

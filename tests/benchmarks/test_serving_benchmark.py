@@ -11,9 +11,10 @@ pytestmark = [pytest.mark.smoke, pytest.mark.timeout(900)]
 def test_serving_benchmark_smoke_run_writes_its_report(exported):
     config = dataclasses.replace(exported)
     config.serve = dataclasses.replace(exported.serve, grpc_port=0, http_port=0, metrics_port=0)
-    config.benchmark = dataclasses.replace(
-        exported.benchmark, requests_per_phase=20, warmup_requests=5, soak_seconds=2.0, soak_concurrency=4
+    serving = dataclasses.replace(
+        exported.benchmark.serving, requests_per_phase=20, warmup_requests=5, soak_seconds=2.0, soak_concurrency=4
     )
+    config.benchmark = dataclasses.replace(exported.benchmark, serving=serving)
     report = json.loads(run_serving_benchmark(config).read_text())
     for phase in ("c1", "c4", "c16", "batch64_c1"):
         for graph in ("recipe", "reference"):

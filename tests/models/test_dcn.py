@@ -2,7 +2,7 @@
 output against NumPy, its whole-catalogue score against its own pair scorer, the saved pair
 scorer, and the refusals to index or serve it as a retriever.
 
-Its served cascade is in tests/test_cascade.py.
+Its served cascade is in tests/serving/test_cascade.py.
 """
 
 from __future__ import annotations

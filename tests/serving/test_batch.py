@@ -36,7 +36,7 @@ def server(exported):
 
 def _server_rows(user_ids: list[int], url: str) -> pd.DataFrame:
     """The server's answer for ``user_ids`` in one request, as rows (user, rank), built here
-    independently of twotower.batch."""
+    independently of twotower.serving.batch."""
     answer = recommend(user_ids, url)
     rows = [
         (user_id, rank, item_id, score, fallback)

@@ -6,7 +6,7 @@ Two runs of the recipe on the same data:
 - **cold start**: the newest items, the ``benchmark.cold_start.share`` of the trained run's
   catalogue whose first interaction (any rating) is latest, lose every training and validation
   positive, so the workflow, the model, the index and Feast never see them. They are then added
-  with refresh-items, from their features alone (twotower/refresh.py: the item tower sees the
+  with refresh-items, from their features alone (twotower/lifecycle/refresh.py: the item tower sees the
   shared out-of-vocabulary id embedding plus their year and genres).
 
 Both are measured on the test split through the served path (saved query tower, FAISS index,

@@ -95,7 +95,7 @@ def _train(config: RecipeConfig) -> dict:
 
 def _multi_vector_retrieval(config: RecipeConfig, inputs, model) -> dict[str, float]:
     """An IntTower model's test split retrieved through FAISS over item heads
-    (``twotower/multi_vector.py``, depth ``model.inttower.search_depth``): its Recall@10/100 and
+    (``twotower/models/multi_vector.py``, depth ``model.inttower.search_depth``): its Recall@10/100 and
     how much of the exact full-catalogue FE top 10/100 it finds (the row's own metrics are exact)."""
     from twotower.stages.train import held_out_eval_set
 

@@ -14,7 +14,7 @@ at a time, ``benchmark.replay.steps`` times, and at each step the run is retrain
 - **no retrain**: the first model as it is, with the history it knew (the cost of doing nothing).
 
 Each is scored on the same held-out interactions: the positives of the slice after the cutoff,
-full catalogue, every earlier positive excluded, as twotower/evaluate.py scores (Recall@10,
+full catalogue, every earlier positive excluded, as twotower/stages/evaluate.py scores (Recall@10,
 Recall@100, NDCG@10). Users and items the model has not seen count as they are: a new user gets
 the out-of-vocabulary id and their own features, a positive on an item outside the model's
 catalogue is a miss. Query vectors come from the run's saved workflow and query tower, with the

@@ -1,5 +1,5 @@
 """Errors the serving graph raises on purpose, each mapped to its own gRPC status by the
-executor model (``twotower/triton_executor_model.py``): the client's mistake is
+executor model (``twotower/serving/executor_model.py``): the client's mistake is
 INVALID_ARGUMENT, a dependency that is down is UNAVAILABLE, anything else INTERNAL."""
 
 

@@ -121,7 +121,7 @@ def build_ensemble(
 
 
 class ExternalIds(NamedTuple):
-    """Text ids of the data files (twotower/data.py gives the recipe int ids for them); None
+    """Text ids of the data files (twotower/stages/data.py gives the recipe int ids for them); None
     where the files' ids are integers and the recipe uses them as they are."""
 
     user_codes: dict[str, int] | None = None  # text user id -> int id

@@ -10,11 +10,11 @@ a content fingerprint of each input it read and each output it wrote::
 ``check_export`` compares them: a stage that used another run's inputs, or whose outputs
 on disk are no longer what it wrote, must run again, and so must every stage after it.
 
-``retrain`` (twotower/retrain.py) is no entry of its own: it runs the stages again, each recorded
+``retrain`` (twotower/lifecycle/retrain.py) is no entry of its own: it runs the stages again, each recorded
 as above (with train.new_ids=oov the workflow stage keeps its fitted vocabularies and says so in
 its details, and the train stage records the weights it warm-started from).
 
-``refresh-items`` (twotower/refresh.py) adds items to the outputs of three stages in place: the
+``refresh-items`` (twotower/lifecycle/refresh.py) adds items to the outputs of three stages in place: the
 item vectors (train), the index and the Feast repository (features). Its entry, ``refresh``,
 records the fingerprints it started from and those it left; the export accepts the refreshed
 artifacts while every one of those three stages is still the run the refreshes started from.

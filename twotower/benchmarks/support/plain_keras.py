@@ -13,7 +13,7 @@ loss, logQ correction, L2-normalised outputs, no mixed negatives), layer for lay
   that is the row's own item scored out, logits over the temperature minus log q.
 
 Features are NumPy arrays of codes, one per row, or per row a list padded with ``PAD``.
-``tests/test_train_benchmark.py`` checks that, given the recipe model's weights, this model
+``tests/benchmarks/test_train_benchmark.py`` checks that, given the recipe model's weights, this model
 computes the recipe's loss and takes the same training steps.
 """
 

@@ -1,10 +1,10 @@
 """The reference serving graph, as the public NVIDIA example builds it, which only the
-serving benchmark uses (``twotower/serving_benchmark.py``) to measure the recipe's against:
+serving benchmark uses (``twotower/benchmarks/serving.py``) to measure the recipe's against:
 
     user_id -> UserFeatureLookup (Feast SDK, raw features) -> EncodeUserFeatures
                (NVTabular per request) -> PredictQueryTower -> RetrieveTopK (IVF32)
 
-It shares the query tower and retrieval operators with the recipe's graph (``ensemble.py``).
+It shares the query tower and retrieval operators with the recipe's graph (``twotower/serving/ops/``).
 """
 
 from __future__ import annotations
