@@ -7,9 +7,11 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -17,8 +19,10 @@ import pytest
 
 from twotower.config import PROJECT_ROOT, ServeConfig
 from twotower.serving.triton import (
+    EXECUTOR_MODEL_SOURCE,
     PortInUse,
     TritonServer,
+    check_exported_code,
     check_ports_free,
     child_processes,
     free_ports,
@@ -148,3 +152,22 @@ def test_free_ports_are_distinct_and_free():
     ports = free_ports("127.0.0.1")
     assert len(set(ports.items())) == 3
     check_ports_free("127.0.0.1", ports)
+
+
+def test_an_export_by_another_version_of_the_package_is_refused_in_one_line(tmp_path):
+    """An export keeps the executor model.py of the code that wrote it, and its pickled graph names
+    that code's modules: 'serve' refuses one whose model.py is not this package's (an export made
+    before the package was split into subpackages, say) and says what to run."""
+    model_dir = tmp_path / "triton_models" / "executor_model"
+    (model_dir / "1").mkdir(parents=True)
+    (model_dir / "1" / "model.py").write_text("from twotower.errors import RequestError\n")  # the old layout's
+    command = [sys.executable, "-m", "twotower", "--set", f"export_dir={tmp_path / 'triton_models'}"]
+    command += ["--set", f"output_dir={tmp_path / 'artifacts'}", "serve"]
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2, refused.stderr
+    (line,) = refused.stderr.strip().splitlines()
+    assert line.endswith("(version 1) was exported by another version of twotower: run `twotower export` again"), line
+    assert not (tmp_path / "artifacts" / "triton").exists()  # no server was started
+
+    shutil.copy2(EXECUTOR_MODEL_SOURCE, model_dir / "1" / "model.py")  # what this package's export writes
+    check_exported_code(model_dir)

@@ -24,6 +24,7 @@ from merlin.table import TensorTable
 from tritonclient.grpc import model_config_pb2
 
 from twotower.config import ServeConfig
+from twotower.serving.triton import EXECUTOR_MODEL_SOURCE, check_exported_code
 from twotower.store.atomic import atomic_dir, staging_dir
 
 MODEL_NAME = "executor_model"
@@ -94,7 +95,9 @@ def _name_model(model_dir: Path, name: str) -> None:
 
 
 def load_exported_ensemble(export_dir: Path, model_name: str = MODEL_NAME) -> Ensemble:
-    """The exported graph loaded as the Triton executor loads it (its newest version), to run in process."""
+    """The exported graph loaded as the Triton executor loads it (its newest version), to run in process;
+    an export written by another version of the package is refused (``check_exported_code``)."""
+    check_exported_code(export_dir / model_name)
     artifact_dir = export_dir / model_name / str(model_versions(export_dir / model_name)[-1]) / "ensemble"
     ensemble = Ensemble.load(str(artifact_dir))
     for node in postorder_iter_nodes(ensemble.graph.output_node, flatten_subgraphs=True):
@@ -109,9 +112,6 @@ def recommend_in_process(ensemble: Ensemble, user_ids: np.ndarray) -> dict[str, 
     ids = ids.astype(np.int64) if ids.dtype.kind in "iu" else ids.astype(object)  # text ids as Triton hands them in
     output = ensemble.transform(TensorTable({"user_id": ids}), runtime=TritonExecutorRuntime())
     return {name: np.asarray(output[name].values) for name in ("item_ids", "scores", "is_fallback")}
-
-
-EXECUTOR_MODEL_SOURCE = Path(__file__).with_name("executor_model.py")
 
 
 def _enable_dynamic_batching(config: model_config_pb2.ModelConfig, serve: ServeConfig) -> None:

@@ -29,6 +29,7 @@ from tritonclient.utils import InferenceServerException
 
 from twotower.config import RecipeConfig, ServeConfig
 from twotower.offline import TELEMETRY_OFF
+from twotower.store.manifest import ArtifactMismatch
 
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 TCP_LISTEN = "0A"  # socket state in /proc/net/tcp
@@ -414,8 +415,27 @@ def recipe_servers(model_repository: Path) -> list[str]:
     return addresses
 
 
+# The executor model.py every export installs; Triton runs each version's copy.
+EXECUTOR_MODEL_SOURCE = Path(__file__).with_name("executor_model.py")
+
+
+def check_exported_code(model_dir: Path) -> None:
+    """Refuse an exported model whose versions hold another executor ``model.py`` than this package's:
+    they were exported by another version of the recipe (an earlier layout of the package, say),
+    whose pickled graph names modules that may no longer exist."""
+    current = EXECUTOR_MODEL_SOURCE.read_bytes()
+    stale = sorted(path.parent.name for path in Path(model_dir).glob("*/model.py") if path.read_bytes() != current)
+    if stale:
+        raise ArtifactMismatch(
+            f"{model_dir} (version {stale[-1]}) was exported by another version of twotower: "
+            "run `twotower export` again"
+        )
+
+
 def triton_server(config: RecipeConfig) -> TritonServer:
-    """A server (not started) for this run's exported model repository, logging under the run."""
+    """A server (not started) for this run's exported model repository, logging under the run; an
+    export written by another version of the package is refused first."""
+    check_exported_code(config.export_dir / config.serve.model_name)
     return TritonServer(config.export_dir, config.output_dir / "triton", config.serve)
 
 
