@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from twotower import pipeline
+from twotower.benchmarks.harness import BenchmarkRefused
 from twotower.config import ConfigError, RecipeConfig, load_config, parse_time
 from twotower.console import ignore_known_warnings, quiet_library_logs, timed_step
 from twotower.lifecycle.refresh import RefreshRefused, RolloutFailed, refresh_items
@@ -20,7 +21,7 @@ from twotower.models import model_names
 from twotower.serving.batch import RecommendError, run_recommend
 from twotower.serving.client import demo_users, print_recommendations, typed_user_ids
 from twotower.serving.triton import PortInUse, triton_server
-from twotower.store.artifacts import DataError
+from twotower.store.artifacts import DataError, MissingArtifact
 from twotower.store.manifest import ArtifactMismatch
 
 Handler = Callable[[RecipeConfig, argparse.Namespace], None]
@@ -246,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         command.run(config, args)
     except (
         ArtifactMismatch,
+        MissingArtifact,
+        BenchmarkRefused,
         ConfigError,
         PortInUse,
         DataError,

@@ -3,7 +3,10 @@ import json
 
 import numpy as np
 import pytest
+from conftest import small_config
 
+from twotower.benchmarks.faults import run_fault_benchmark
+from twotower.benchmarks.harness import BenchmarkRefused
 from twotower.benchmarks.scale import grown_catalogue, replicated_users, run_scale_benchmark
 
 KIND_KEYS = (
@@ -79,3 +82,13 @@ def test_scale_benchmark_smoke_run_writes_the_issue_schema(exported, capsys):
     for store in ("sqlite", "redis"):
         assert set(report["feast"][store]["500"]) >= {"materialize_s", "read_p50_ms"}
     assert (path.parent / "scale.png").stat().st_size > 0
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("benchmark", [run_scale_benchmark, run_fault_benchmark])
+def test_a_benchmark_that_needs_redis_refuses_before_any_work_without_it(tmp_path, monkeypatch, benchmark):
+    monkeypatch.setenv("PATH", str(tmp_path / "no-tools"))  # no redis-server on it
+    config = small_config(tmp_path)
+    with pytest.raises(BenchmarkRefused, match=r"^redis-server is not installed"):
+        benchmark(config)
+    assert not any(tmp_path.iterdir()), "the refused benchmark wrote something"

@@ -108,3 +108,15 @@ def test_only_the_known_warnings_are_filtered():
         (RuntimeWarning, "Initializing an NVTabular Dataset in CPU mode"),
         (DeprecationWarning, "some other deprecation"),
     ]
+
+
+@pytest.mark.parametrize(("stage", "first"), [("train", "data"), ("index", "train")])
+def test_a_stage_run_before_its_inputs_exist_names_the_stage_to_run_first(tmp_path, stage, first):
+    run = ["--set", f"output_dir={tmp_path / 'artifacts'}", "--set", f"export_dir={tmp_path / 'triton_models'}"]
+    refused = subprocess.run(
+        [sys.executable, "-m", "twotower", *run, stage], capture_output=True, text=True, timeout=120
+    )
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    (line,) = refused.stderr.strip().splitlines()
+    assert line.startswith("twotower: no ") and line.endswith(f": run the '{first}' stage first"), line
+    assert not any(tmp_path.iterdir()), "a refused stage wrote something"

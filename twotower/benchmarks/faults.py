@@ -38,7 +38,7 @@ from tritonclient.utils import InferenceServerException
 
 from twotower import pipeline
 from twotower.benchmarks.harness import on_free_ports, output_folder, write_report
-from twotower.benchmarks.support.redis_server import RedisServer
+from twotower.benchmarks.support.redis_server import RedisServer, require_redis_server
 from twotower.config import RecipeConfig
 from twotower.serving.client import demo_users, user_id_request
 from twotower.serving.triton import TritonServer, process_group
@@ -270,6 +270,7 @@ def memory_soak(
 
 
 def run_fault_benchmark(config: RecipeConfig) -> Path:
+    require_redis_server()
     out_dir = output_folder(config, "faults")
     bench, serve = config.benchmark, config.serve
     users = demo_users(config, bench.faults.sample_users)

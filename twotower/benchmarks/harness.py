@@ -14,6 +14,11 @@ from twotower.config import RecipeConfig, ServeConfig, set_value
 from twotower.store.atomic import atomic_file
 
 
+class BenchmarkRefused(RuntimeError):
+    """A benchmark cannot run on this machine (a tool it needs is missing); raised before any long
+    work, and printed by the command line as one line."""
+
+
 def output_folder(config: RecipeConfig, benchmark: str) -> Path:
     """``<output_dir>/benchmark-<benchmark>``, created: everything the benchmark writes goes there."""
     folder = config.output_dir / f"benchmark-{benchmark}"

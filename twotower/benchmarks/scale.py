@@ -324,9 +324,11 @@ def _print_tables(report: dict) -> None:
 
 
 def run_scale_benchmark(config: RecipeConfig) -> Path:
+    from twotower.benchmarks.support.redis_server import require_redis_server
     from twotower.pipeline import run_all
     from twotower.views.plots import plot_scale
 
+    require_redis_server()  # Feast on Redis is measured last: refuse before the index kinds' 20 minutes
     try:
         check_export(config)
     except ArtifactMismatch as reason:  # no finished run yet (a fresh clone): make one first

@@ -25,7 +25,7 @@ from merlin.dag.ops.subgraph import Subgraph
 
 from twotower.config import SchemaConfig, WorkflowConfig
 from twotower.stages.data import users_with_history
-from twotower.store.artifacts import model_features
+from twotower.store.artifacts import MissingArtifact, model_features
 
 USER_SUBGRAPH = "user"
 ITEM_SUBGRAPH = "item"
@@ -156,7 +156,7 @@ def save_workflows(workflow: nvt.Workflow, workflow_dir: Path) -> None:
 def load_workflow(workflow_dir: Path, name: str) -> nvt.Workflow:
     path = workflow_dir / name
     if not (path / "workflow.pkl").exists():
-        raise FileNotFoundError(f"no saved workflow at {path}; run the 'workflow' stage first")
+        raise MissingArtifact(f"no saved workflow at {path}; run the 'workflow' stage first")
     return nvt.Workflow.load(str(path))
 
 

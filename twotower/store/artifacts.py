@@ -27,6 +27,11 @@ EXTERNAL_ID = "external_id"  # the id as the input files spell it
 MODEL_KINDS = ("categorical", "multi_categorical", "continuous")  # the kinds the towers see; text is not
 
 
+class MissingArtifact(FileNotFoundError):
+    """An input that the stage which writes it has not written yet; the message names that stage
+    (the command line prints it as one line and exits 2)."""
+
+
 class DataError(ValueError):
     """Input data the recipe refuses; the message names the file, the column and a row."""
 
@@ -89,7 +94,7 @@ def load_recipe_data(data_dir: Path) -> RecipeData:
     try:
         return RecipeData(*(pd.read_parquet(data_dir / f"{name}.parquet") for name in TABLES))
     except FileNotFoundError as error:
-        raise FileNotFoundError(f"{error.filename} missing: run the 'data' stage first") from error
+        raise MissingArtifact(f"{error.filename} missing: run the 'data' stage first") from error
 
 
 def load_split(splits_dir: Path) -> Split:

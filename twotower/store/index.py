@@ -14,6 +14,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from twotower.store.artifacts import MissingArtifact
 from twotower.store.atomic import atomic_file
 
 NO_ITEMS = np.empty(0, dtype=np.int64)
@@ -151,5 +152,5 @@ def save_index(index: faiss.Index, path: Path) -> None:
 
 def load_index(path: Path) -> faiss.Index:
     if not Path(path).exists():
-        raise FileNotFoundError(f"no FAISS index at {path}; run the 'index' stage first")
+        raise MissingArtifact(f"no FAISS index at {path}; run the 'index' stage first")
     return faiss.read_index(str(path))

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from twotower.config import ConfigError, RecipeConfig, config_to_dict, prerank_config
+from twotower.store.artifacts import MissingArtifact
 from twotower.store.atomic import atomic_file, exclusive_lock
 
 CHUNK_BYTES = 1 << 20
@@ -136,7 +137,12 @@ def _fingerprint_or_none(path: Path) -> str | None:
 
 
 def fingerprints(config: RecipeConfig, names: tuple[str, ...]) -> dict[str, str]:
+    """The fingerprints of the run's artifacts ``names``; one that does not exist yet is a
+    MissingArtifact naming the stage that writes it."""
     paths = artifact_paths(config)
+    for name in names:
+        if not paths[name].exists():
+            raise MissingArtifact(f"no {name} at {paths[name]}: run the '{PRODUCER[name]}' stage first")
     return {name: fingerprint(paths[name]) for name in names}
 
 

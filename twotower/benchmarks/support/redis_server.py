@@ -10,9 +10,18 @@ import subprocess
 import time
 from pathlib import Path
 
+from twotower.benchmarks.harness import BenchmarkRefused
 from twotower.serving.triton import check_port_free, free_port_numbers, set_parent_death_signal
 
 START_TIMEOUT_S = 10.0
+
+
+def require_redis_server() -> str:
+    """The ``redis-server`` binary; a benchmark that needs one calls this before its long work."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise BenchmarkRefused("redis-server is not installed (Debian package redis-server)")
+    return binary
 
 
 class RedisServer:
@@ -20,9 +29,7 @@ class RedisServer:
     (append-only file in ``work_dir``); without, it is memory only."""
 
     def __init__(self, work_dir: Path, persistent: bool = False, port: int = 0):
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise FileNotFoundError("redis-server is not installed (Debian package redis-server)")
+        binary = require_redis_server()
         self.binary = binary
         self.work_dir = Path(work_dir)
         self.persistent = persistent
