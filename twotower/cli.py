@@ -159,6 +159,10 @@ COMMANDS: dict[str, Command] = {
     "benchmark-prerank": Command(
         "IntTower's ML-1M Table 2 as click-through: LR to DCN-v2", _benchmark("prerank", "run_prerank_benchmark")
     ),
+    "benchmark-sequential": Command(
+        "next-item towers on generative-recommenders' ML-1M protocol",
+        _benchmark("sequential", "run_sequential_benchmark"),
+    ),
     "benchmark-train": Command(
         "training throughput against plain tf.keras; a profile", _benchmark("training", "run_train_benchmark")
     ),

@@ -129,7 +129,8 @@ class TrainConfig:
 
 
 # The registered models (twotower/models/__init__.py keeps the builders; a test checks both agree).
-ModelName = Literal["two_tower", "dat", "seq_attention", "seq_gru", "inttower", "dcn_v2"]
+LossName = Literal["softmax", "bpr", "bce"]
+ModelName = Literal["two_tower", "dat", "seq_attention", "seq_gru", "seq_hstu", "inttower", "dcn_v2"]
 
 
 @dataclass
@@ -146,10 +147,11 @@ class DATConfig:
 
 @dataclass
 class SequenceConfig:
-    """The query tower's history encoder for seq_attention (a causal transformer block) and seq_gru."""
+    """The query tower's history encoder for seq_attention (causal transformer blocks), seq_gru and
+    seq_hstu (HSTU blocks)."""
 
-    heads: int = 2  # attention heads (seq_attention)
-    blocks: int = 1  # transformer blocks (seq_attention)
+    heads: int = 2  # attention heads (seq_attention, seq_hstu)
+    blocks: int = 1  # transformer or HSTU blocks (seq_attention, seq_hstu)
     dropout: float = 0.1
 
 
@@ -221,7 +223,7 @@ class ModelConfig:
     name: ModelName = "two_tower"  # `twotower models` lists them
     # Learning approach, with any model: softmax (contrastive over in-batch, optionally
     # mixed, negatives with logQ), bpr (pairwise) or bce (pointwise) against the same negatives.
-    loss: Literal["softmax", "bpr", "bce"] = "softmax"
+    loss: LossName = "softmax"
     # Field gating on each tower's field embeddings before its MLP: SENet or IntTower's Light-SE.
     gating: Literal["none", "senet", "light_se"] = "none"
     senet_reduction: int = 2  # SENet's squeeze ratio: fields -> fields // ratio -> fields
@@ -404,6 +406,29 @@ class ReplayBenchmarkConfig:
 
 
 @dataclass
+class SequentialBenchmarkConfig:
+    """make benchmark-sequential (twotower/benchmarks/sequential.py): next-item retrieval on the
+    leave-last-out protocol of generative-recommenders' ML-1M table. The defaults are that table's
+    settings (configs/ml-1m there); validation (each user's second-to-last item) picks the epoch."""
+
+    models: list[str] = field(default_factory=list)  # names from benchmarks.sequential.ROWS; empty: all
+    max_length: int = 200  # latest items of a history the towers read
+    embedding_dim: int = 50
+    blocks: int = 2  # transformer or HSTU blocks
+    heads: int = 1
+    dropout: float = 0.2
+    negatives: Literal["uniform", "in_batch", "both"] = "uniform"
+    uniform_negatives: int = 128  # drawn per sequence, shared by its positions
+    loss: LossName = "softmax"
+    temperature: float = 0.05
+    learning_rate: float = 1e-3
+    batch_size: int = 128  # sequences per step
+    max_epochs: int = 100
+    eval_every: int = 5  # epochs between validation passes
+    patience: int = 2  # validation passes without a better NDCG@10 before stopping
+
+
+@dataclass
 class BenchmarkConfig:
     """Each benchmark's settings, a section per ``make benchmark-<name>``."""
 
@@ -415,6 +440,7 @@ class BenchmarkConfig:
     cold_start: ColdStartBenchmarkConfig = field(default_factory=ColdStartBenchmarkConfig)
     replay: ReplayBenchmarkConfig = field(default_factory=ReplayBenchmarkConfig)
     prerank: PrerankConfig = field(default_factory=PrerankConfig)
+    sequential: SequentialBenchmarkConfig = field(default_factory=SequentialBenchmarkConfig)
 
 
 @dataclass

@@ -22,6 +22,7 @@ from twotower.models import REGISTRY, builder, model_names
 from twotower.models.base import HISTORY
 from twotower.models.dat import AugmentedVector, category_alignment_loss, mimic_loss
 from twotower.models.gating import FieldGate, LightSE, SENet
+from twotower.models.hstu import HSTUEncoder
 from twotower.models.losses import BCELoss, BPRLoss, SoftmaxLoss
 from twotower.models.sequence import CausalSelfAttention, GRUEncoder
 from twotower.stages.train import load_training_inputs
@@ -215,8 +216,12 @@ def test_dat_losses_run_over_the_batch_positive_pairs(prepared, inputs):
 
 @pytest.mark.parametrize(
     "encoder",
-    [CausalSelfAttention(max_length=6, heads=2, dropout=0.0), GRUEncoder(dropout=0.0)],
-    ids=["attention", "gru"],
+    [
+        CausalSelfAttention(max_length=6, heads=2, dropout=0.0),
+        GRUEncoder(dropout=0.0),
+        HSTUEncoder(max_length=6, heads=2, dropout=0.0),
+    ],
+    ids=["attention", "gru", "hstu"],
 )
 def test_sequence_encoders_are_causal(encoder):
     rng = np.random.default_rng(2)
@@ -234,7 +239,7 @@ def _with_reversed_history(users: pd.DataFrame) -> pd.DataFrame:
     return users.assign(**{HISTORY: users[HISTORY].map(lambda items: list(items)[::-1])})
 
 
-@pytest.mark.parametrize("name", ["seq_attention", "seq_gru"])
+@pytest.mark.parametrize("name", ["seq_attention", "seq_gru", "seq_hstu"])
 def test_history_order_matters_to_sequence_towers_but_not_to_mean_pooling(prepared, inputs, name):
     users = inputs.valid_users[inputs.valid_users[HISTORY].map(lambda items: len(set(items)) >= 3)].head(20)
     assert len(users) > 5

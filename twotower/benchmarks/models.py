@@ -46,6 +46,7 @@ VARIANTS: dict[str, list[dict]] = {
     ],
     "seq_attention": [{"model.name": "seq_attention"}, {"model.name": "seq_attention", "model.sequence.dropout": 0.3}],
     "seq_gru": [{"model.name": "seq_gru"}],
+    "seq_hstu": [{"model.name": "seq_hstu"}],
     "inttower": [{"model.name": "inttower"}],
     "dcn_v2": [{"model.name": "dcn_v2"}],  # the ranking model: ranked exactly, served as a pre-ranker only
     "two_tower/bpr": [{"model.loss": "bpr"}],

@@ -21,6 +21,7 @@ REGISTRY: dict[str, str] = {
     "dat": "twotower.models.dat",
     "seq_attention": "twotower.models.sequence",
     "seq_gru": "twotower.models.sequence",
+    "seq_hstu": "twotower.models.sequence",
     "inttower": "twotower.models.inttower",
     "dcn_v2": "twotower.models.dcn",
 }

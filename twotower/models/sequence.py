@@ -1,14 +1,17 @@
-"""Sequence query towers, ``seq_attention`` and ``seq_gru`` (the SASRec / GRU4Rec line).
+"""Sequence query towers, ``seq_attention``, ``seq_gru`` and ``seq_hstu`` (the SASRec, GRU4Rec and HSTU line).
 
 The user's ordered history (oldest first, as Feast serves it) is embedded through the
 item table the candidate tower uses, then encoded by a small causal transformer
 (``seq_attention``: positional embeddings by recency, each position attending only to
-itself and earlier ones) or by a GRU (``seq_gru``), instead of being mean-pooled. The
+itself and earlier ones), by a GRU (``seq_gru``) or by HSTU blocks (``seq_hstu``,
+``twotower.models.hstu``), instead of being mean-pooled. The
 encoding at the latest position joins the user's other features before the tower's MLP.
 The candidate tower is ``two_tower``'s.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import merlin.models.tf as mm
 import tensorflow as tf
@@ -27,7 +30,10 @@ from twotower.models.base import (
     tables_for,
     tower,
 )
+from twotower.models.hstu import HSTUEncoder
 from twotower.models.losses import contrastive_output
+
+SEQUENCE_MODELS = ("seq_attention", "seq_gru", "seq_hstu")
 
 
 def padded(sequences: tf.RaggedTensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -48,16 +54,30 @@ def last_valid(outputs: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
 
 @tf.keras.utils.register_keras_serializable(package="twotower")
 class CausalSelfAttention(tf.keras.layers.Layer):
-    """Transformer blocks over a history: recency position embeddings, causal and padding
-    masks, multi-head attention and a feed-forward layer, each with residual and layer norm."""
+    """Transformer blocks over a history: position embeddings, causal and padding masks,
+    multi-head attention and a feed-forward layer, each with residual and layer norm.
 
-    def __init__(self, max_length: int, heads: int = 2, blocks: int = 1, dropout: float = 0.1, **kwargs):
+    ``positions``: "recency" counts back from each history's latest item (0 = latest), for a
+    query encoded at its latest position only; "from_start" counts from the first item, so the
+    output at position i depends on items 0..i alone and one pass over a whole sequence gives
+    every position the query its own prefix would (next-item training)."""
+
+    def __init__(
+        self,
+        max_length: int,
+        heads: int = 2,
+        blocks: int = 1,
+        dropout: float = 0.1,
+        positions: Literal["recency", "from_start"] = "recency",
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.max_length, self.heads, self.blocks, self.dropout = max_length, heads, blocks, dropout
+        self.position_kind = positions
 
     def build(self, input_shape):
         dim = int(input_shape[-1])
-        self.positions = tf.keras.layers.Embedding(self.max_length, dim, name="recency")
+        self.positions = tf.keras.layers.Embedding(self.max_length, dim, name=self.position_kind)
         self.attention = [
             tf.keras.layers.MultiHeadAttention(
                 self.heads, max(1, dim // self.heads), dropout=self.dropout, name=f"attention_{i}"
@@ -80,9 +100,13 @@ class CausalSelfAttention(tf.keras.layers.Layer):
         """[batch, length, dim] -> [batch, length, dim]; position i sees positions <= i only."""
         length = tf.shape(sequence)[1]
         lengths = tf.reduce_sum(tf.cast(mask, tf.int32), axis=1)
-        # Recency: 0 for the latest item, so a position means the same for short and long histories.
-        recency = tf.clip_by_value(lengths[:, None] - 1 - tf.range(length)[None, :], 0, self.max_length - 1)
-        hidden = self.drop(sequence + self.positions(recency), training=training)
+        if self.position_kind == "recency":
+            # 0 for the latest item, so a position means the same for short and long histories.
+            position = lengths[:, None] - 1 - tf.range(length)[None, :]
+        else:
+            position = tf.range(length)[None, :]
+        position = tf.clip_by_value(position, 0, self.max_length - 1)
+        hidden = self.drop(sequence + self.positions(position), training=training)
         causal = tf.linalg.band_part(tf.ones([length, length], dtype=tf.bool), -1, 0)  # [i, j]: j <= i
         attend = tf.logical_and(causal[None], mask[:, None, :])
         for attention, feed_forward, (norm_attention, norm_output) in zip(
@@ -100,6 +124,7 @@ class CausalSelfAttention(tf.keras.layers.Layer):
             "heads": self.heads,
             "blocks": self.blocks,
             "dropout": self.dropout,
+            "positions": self.position_kind,
         }
 
 
@@ -164,10 +189,19 @@ class SequenceQueryInputs(tf.keras.layers.Layer):
         return fields
 
 
-def history_encoder(name: str, train: TrainConfig, sequence: SequenceConfig) -> tf.keras.layers.Layer:
+def history_encoder(
+    name: str, max_length: int, sequence: SequenceConfig, whole_sequence: bool = False
+) -> tf.keras.layers.Layer:
+    """The causal encoder of sequence model ``name`` for histories of up to ``max_length`` items;
+    ``whole_sequence``: its output at each position is read (next-item training), not only the latest."""
     if name == "seq_attention":
-        return CausalSelfAttention(train.history_length, sequence.heads, sequence.blocks, sequence.dropout)
-    return GRUEncoder(sequence.dropout)
+        positions = "from_start" if whole_sequence else "recency"
+        return CausalSelfAttention(max_length, sequence.heads, sequence.blocks, sequence.dropout, positions)
+    if name == "seq_hstu":
+        return HSTUEncoder(max_length, sequence.heads, sequence.blocks, sequence.dropout)
+    if name == "seq_gru":
+        return GRUEncoder(sequence.dropout)
+    raise ValueError(f"{name} is not a sequence model ({', '.join(SEQUENCE_MODELS)})")
 
 
 def build(schema: Schema, stats: TrainingStats, train: TrainConfig, model: ModelConfig) -> RetrievalModel:
@@ -186,7 +220,7 @@ def build(schema: Schema, stats: TrainingStats, train: TrainConfig, model: Model
         user_schema,
         others,
         item_table,
-        history_encoder(model.name, train, model.sequence),
+        history_encoder(model.name, train.history_length, model.sequence),
         concatenate=model.gating == "none",
     )
     query = tower(inputs, train, model)

@@ -216,3 +216,27 @@ def plot_replay(rows: list[dict], path: Path | None = None) -> Figure:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize=7)
     return _save(fig, path)
+
+
+def plot_sequential(report: dict, path: Path | None = None) -> Figure:
+    """Validation HR@10 against training time for each trained model of benchmark-sequential, its
+    test HR@10 as a point at the end, and the published test rows as dashed lines."""
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
+    for name, row in report["rows"].items():
+        if row.get("curve"):
+            seconds = [point["train_seconds"] / 60 for point in row["curve"]]
+            (line,) = ax.plot(seconds, [point["hr@10"] for point in row["curve"]], marker=".", label=f"{name} (valid)")
+            ax.scatter([seconds[-1]], [row["hr@10"]], color=line.get_color(), marker="*", s=80)
+        else:
+            ax.axhline(row["hr@10"], color="grey", linestyle=":", label=f"{name} (test)")
+    for name, row in report["published"].items():
+        ax.axhline(row["hr@10"], linestyle="--", linewidth=0.8, color="black", alpha=0.5)
+        ax.annotate(name, (0, row["hr@10"]), fontsize=7, xytext=(2, 2), textcoords="offset points")
+    ax.set(
+        title=f"{report['dataset']}: HR@10 against training time (star: test)",
+        xlabel="training minutes (2 CPU cores)",
+        ylabel="HR@10",
+    )
+    ax.legend(fontsize=7)
+    return _save(fig, path)

@@ -1,0 +1,173 @@
+"""Next-item training over whole sequences (the SASRec objective).
+
+A user's ordered history is encoded once per step by a causal encoder of the family
+(``twotower.models.sequence.history_encoder``), and the output at every position is trained
+to score the item that came next above a set of negatives. One pass over a history of n
+items yields n training positions, so the cost of an epoch grows linearly with the history
+length, where encoding each training row's prefix again grows with its square.
+
+Queries and items are L2-normalised and compared by dot product over a temperature (cosine
+similarity, as generative-recommenders trains SASRec and HSTU). Negatives are uniform draws
+from the catalogue (a set per sequence, shared by its positions), the batch's own targets
+(one per sequence, with the logQ correction for their popularity), or both; a negative equal
+to the position's target is masked. The recipe's losses (softmax, BPR, BCE) take the logits.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import numpy as np
+import tensorflow as tf
+
+from twotower.models.losses import loss_for
+
+Negatives = Literal["uniform", "in_batch", "both"]
+MASKED = -1e9  # a logit no softmax weighs: a negative that is the target itself
+
+
+@tf.keras.utils.register_keras_serializable(package="twotower")
+class CausalMeanPool(tf.keras.layers.Layer):
+    """Position i: the mean of positions <= i (``two_tower``'s mean-pooled history, at every step)."""
+
+    def call(self, sequence: tf.Tensor, mask: tf.Tensor, training=False) -> tf.Tensor:
+        valid = tf.cast(mask, sequence.dtype)[..., None]
+        counts = tf.maximum(tf.cumsum(valid, axis=1), 1.0)
+        return tf.cumsum(sequence * valid, axis=1) / counts * valid
+
+
+class NextItemModel(tf.keras.Model):
+    """Item ids (code 0 pads, 1..items are the catalogue) -> a normalised query per position.
+
+    The item table embeds both the history and the candidates, as in SASRec; ``head`` (an MLP,
+    for the mean-pooled tower) runs after the encoder."""
+
+    def __init__(
+        self,
+        items: int,
+        dim: int,
+        encoder: tf.keras.layers.Layer,
+        head: tf.keras.layers.Layer | None = None,
+        dropout: float = 0.2,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.items, self.dim = items, dim
+        self.item_table = tf.keras.layers.Embedding(
+            items + 1, dim, embeddings_initializer=tf.keras.initializers.TruncatedNormal(stddev=0.02), name="items"
+        )
+        self.encoder, self.head = encoder, head
+        self.drop = tf.keras.layers.Dropout(dropout)
+
+    def call(self, history: tf.Tensor, timestamps: tf.Tensor | None = None, training=False) -> tf.Tensor:
+        """[batch, length] item codes (0 after each history's end) -> [batch, length, dim] queries."""
+        mask = history > 0
+        embedded = self.drop(self.item_table(history) * math.sqrt(self.dim), training=training)
+        if getattr(self.encoder, "uses_time", False) and timestamps is not None:
+            hidden = self.encoder(embedded, mask, training=training, timestamps=timestamps)
+        else:
+            hidden = self.encoder(embedded, mask, training=training)
+        if self.head is not None:
+            hidden = self.head(hidden, training=training)
+        return tf.math.l2_normalize(hidden, axis=-1)
+
+    def item_vectors(self, codes: tf.Tensor | None = None) -> tf.Tensor:
+        """Normalised vectors of item ``codes`` (every catalogue item, codes 1..items, by default)."""
+        table = self.item_table.embeddings
+        vectors = table[1:] if codes is None else tf.gather(table, codes)
+        return tf.math.l2_normalize(vectors, axis=-1)
+
+
+def next_item_logits(
+    queries: tf.Tensor,
+    targets: tf.Tensor,
+    item_vectors: tf.Tensor,
+    sequence_negatives: tf.Tensor | None,
+    shared_negatives: tf.Tensor | None,
+    shared_log_q: tf.Tensor | None,
+    temperature: float,
+) -> tf.Tensor:
+    """Logits [batch, length, 1 + negatives]: the target first, then each negative.
+
+    ``queries`` [batch, length, dim]; ``targets`` [batch, length] codes; ``item_vectors`` the
+    normalised table (row = code); ``sequence_negatives`` [batch, n] codes shared by a sequence's
+    positions; ``shared_negatives`` [m] codes shared by the batch, whose logits lose
+    ``shared_log_q`` [m] (log of each one's chance of being drawn)."""
+    positive = tf.reduce_sum(queries * tf.gather(item_vectors, targets), axis=-1, keepdims=True)
+    parts = [positive]
+    if sequence_negatives is not None:
+        scores = tf.einsum("bld,bnd->bln", queries, tf.gather(item_vectors, sequence_negatives))
+        hit = tf.equal(sequence_negatives[:, None, :], targets[..., None])
+        parts.append(tf.where(hit, MASKED * temperature, scores))
+    if shared_negatives is not None:
+        scores = tf.einsum("bld,md->blm", queries, tf.gather(item_vectors, shared_negatives))
+        scores -= temperature * shared_log_q  # logQ, in logit units once divided by the temperature
+        hit = tf.equal(shared_negatives[None, None, :], targets[..., None])
+        parts.append(tf.where(hit, MASKED * temperature, scores))
+    return tf.concat(parts, axis=-1) / temperature
+
+
+class NextItemTrainer:
+    """Fits a ``NextItemModel`` on padded histories: every valid position predicts its next item."""
+
+    def __init__(
+        self,
+        model: NextItemModel,
+        item_counts: np.ndarray,
+        loss: str = "softmax",
+        negatives: Negatives = "uniform",
+        uniform_negatives: int = 128,
+        temperature: float = 0.05,
+        learning_rate: float = 1e-3,
+    ):
+        """``item_counts`` [items + 1]: training targets per code (for the logQ correction)."""
+        self.model, self.negatives, self.uniform_negatives = model, negatives, uniform_negatives
+        self.temperature = temperature
+        self.loss = loss_for(loss)
+        self.optimizer = tf.keras.optimizers.Adam(learning_rate)
+        probabilities = np.maximum(item_counts.astype(np.float64), 1.0) / max(float(item_counts.sum()), 1.0)
+        self.log_q = tf.constant(np.log(probabilities), tf.float32)
+        self.step = tf.function(
+            self._step,
+            input_signature=[
+                tf.TensorSpec([None, None], tf.int32, "sequences"),
+                tf.TensorSpec([None, None], tf.int64, "timestamps"),
+            ],
+        )
+
+    def _negatives(self, targets: tf.Tensor, valid: tf.Tensor):
+        batch = tf.shape(targets)[0]
+        sequence_negatives = shared = log_q = None
+        if self.negatives in ("uniform", "both"):
+            shape = [batch, self.uniform_negatives]
+            sequence_negatives = tf.random.uniform(shape, 1, self.model.items + 1, dtype=tf.int32)
+        if self.negatives in ("in_batch", "both"):
+            # One target per sequence, at a random valid position: the batch's own positives.
+            lengths = tf.reduce_sum(tf.cast(valid, tf.int32), axis=1)
+            picked = tf.cast(tf.random.uniform([batch]) * tf.cast(lengths, tf.float32), tf.int32)
+            shared = tf.gather(targets, tf.minimum(picked, tf.maximum(lengths - 1, 0)), batch_dims=1)
+            log_q = tf.gather(self.log_q, shared)
+        return sequence_negatives, shared, log_q
+
+    def logits_and_labels(self, sequences: tf.Tensor, timestamps: tf.Tensor, training: bool):
+        """Logits [positions, 1 + negatives] of the valid positions of ``sequences`` [batch, length + 1]
+        (codes, 0 after the end), and their one-hot labels."""
+        history, targets = sequences[:, :-1], sequences[:, 1:]
+        valid = targets > 0
+        queries = self.model(history, timestamps[:, :-1], training=training)
+        negatives = self._negatives(targets, valid)
+        logits = next_item_logits(
+            queries, targets, self.model.item_vectors(tf.range(self.model.items + 1)), *negatives, self.temperature
+        )
+        logits = tf.boolean_mask(logits, valid)
+        labels = tf.one_hot(tf.zeros(tf.shape(logits)[0], tf.int32), tf.shape(logits)[1])
+        return logits, labels
+
+    def _step(self, sequences: tf.Tensor, timestamps: tf.Tensor) -> tf.Tensor:
+        with tf.GradientTape() as tape:
+            logits, labels = self.logits_and_labels(sequences, timestamps, training=True)
+            loss = tf.reduce_mean(self.loss(labels, logits))
+        variables = self.model.trainable_variables
+        self.optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
+        return loss
