@@ -153,6 +153,12 @@ class SequenceConfig:
     heads: int = 2  # attention heads (seq_attention, seq_hstu)
     blocks: int = 1  # transformer or HSTU blocks (seq_attention, seq_hstu)
     dropout: float = 0.1
+    # per_row: each training positive is a row whose own history prefix is encoded (merlin-models'
+    # fit; work grows with the square of train.history_length). whole_sequence: each user's latest
+    # train.history_length + 1 training positives are encoded once per step and every position is
+    # trained on the item that came next (the SASRec objective, twotower/models/next_item.py).
+    training: Literal["per_row", "whole_sequence"] = "per_row"
+    batch_users: int = 128  # users per whole_sequence step
 
 
 # What IntTower's FE-Block projects for each user layer taking part: the layer's output (the
@@ -417,8 +423,8 @@ class SequentialBenchmarkConfig:
     blocks: int = 2  # transformer or HSTU blocks
     heads: int = 1
     dropout: float = 0.2
-    negatives: Literal["uniform", "in_batch", "both"] = "uniform"
-    uniform_negatives: int = 128  # drawn per sequence, shared by its positions
+    uniform_negatives: int = 128  # drawn per sequence, shared by its positions; 0: none
+    in_batch_negatives: bool = False  # also one target of each sequence of the batch, with logQ
     loss: LossName = "softmax"
     temperature: float = 0.05
     learning_rate: float = 1e-3

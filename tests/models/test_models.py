@@ -254,11 +254,35 @@ def test_history_order_matters_to_sequence_towers_but_not_to_mean_pooling(prepar
     assert np.isfinite(sequence.query_vectors(one_empty)).all()
 
 
+@pytest.mark.parametrize("name", ["seq_attention", "seq_hstu"])
+def test_whole_sequence_training_reads_each_position_as_the_served_tower_reads_that_prefix(prepared, inputs, name):
+    from twotower.models.losses import feature_tensors
+
+    model = _build(prepared, inputs, model__name=name, model__sequence__training="whole_sequence")
+    users = inputs.valid_users[inputs.valid_users[HISTORY].map(len) >= 3].head(4)
+    model.query_vectors(users)  # creates the towers' variables
+    config = copy.deepcopy(prepared)
+    trainer = model.next_item_trainer(inputs.catalogue.features, inputs.item_counts, config.train, "softmax")
+    features = feature_tensors(users, model.query_schema)
+    queries, targets, valid = trainer.encode((features, features[HISTORY]), False)
+    lengths = users[HISTORY].map(len).to_numpy()
+    np.testing.assert_array_equal(valid.numpy().sum(axis=1), lengths)
+    for row, (_, user) in enumerate(users.iterrows()):
+        history = list(user[HISTORY])
+        prefixes = pd.DataFrame([user] * len(history)).assign(
+            **{HISTORY: [history[: p + 1] for p in range(len(history))]}
+        )
+        np.testing.assert_allclose(queries.numpy()[row, : len(history)], model.query_vectors(prefixes), atol=1e-5)
+    loss = trainer.step((features, features[HISTORY]))
+    assert np.isfinite(float(loss))
+
+
 # ------------------------------------------------------------- each one served
 SERVED = {
     "dat+senet/bce": {"model.name": "dat", "model.gating": "senet", "model.loss": "bce"},
     "seq_attention+light_se/bpr": {"model.name": "seq_attention", "model.gating": "light_se", "model.loss": "bpr"},
     "seq_gru": {"model.name": "seq_gru"},
+    "seq_hstu/whole_sequence": {"model.name": "seq_hstu", "model.sequence.training": "whole_sequence"},
 }
 
 

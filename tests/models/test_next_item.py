@@ -169,9 +169,9 @@ def test_next_item_logits_by_hand():
 
 def test_trainer_scores_every_valid_position_once():
     model = NextItemModel(items=10, dim=4, encoder=CausalMeanPool(), dropout=0.0)
-    trainer = NextItemTrainer(model, np.ones(11), negatives="both", uniform_negatives=5)
+    trainer = NextItemTrainer.for_model(model, np.ones(11), uniform_negatives=5, in_batch=True)
     sequences = tf.constant([[1, 2, 3, 4, 5], [6, 7, 0, 0, 0]], tf.int32)
-    logits, labels = trainer.logits_and_labels(sequences, tf.zeros_like(sequences, tf.int64), training=False)
+    logits, labels = trainer.logits_and_labels((sequences, tf.zeros_like(sequences, tf.int64)), training=False)
     assert logits.shape == (4 + 1, 1 + 5 + 2)  # positions with a next item; target, 5 uniform, 2 in-batch
     np.testing.assert_array_equal(labels.numpy()[:, 0], 1.0)
 
@@ -198,8 +198,10 @@ def test_next_item_training_learns_an_order_mean_pooling_cannot(encoder):
     accuracy = {}
     for name, encoder_layer in (("sequence", layer), ("mean", CausalMeanPool())):
         model = NextItemModel(items=12, dim=16, encoder=encoder_layer, dropout=0.0)
-        trainer = NextItemTrainer(model, np.ones(13), uniform_negatives=8, temperature=0.1, learning_rate=1e-2)
+        trainer = NextItemTrainer.for_model(
+            model, np.ones(13), uniform_negatives=8, temperature=0.1, learning_rate=1e-2
+        )
         for _ in range(60):
-            trainer.step(tf.constant(sequences), tf.constant(times))
+            trainer.step((tf.constant(sequences), tf.constant(times)))
         accuracy[name] = next_item_accuracy(model)
     assert accuracy["sequence"] > 0.9 and accuracy["mean"] < 0.5, accuracy

@@ -27,8 +27,9 @@ import tensorflow as tf
 
 from twotower.benchmarks.harness import Column, output_folder, text_table, write_report
 from twotower.config import ConfigError, RecipeConfig, SequenceConfig, SequentialBenchmarkConfig
+from twotower.models import SEQUENCE_MODELS
 from twotower.models.next_item import CausalMeanPool, NextItemModel, NextItemTrainer
-from twotower.models.sequence import SEQUENCE_MODELS, history_encoder
+from twotower.models.sequence import history_encoder
 from twotower.stages.data import load_dataset
 from twotower.stages.train import set_seeds
 from twotower.views.plots import plot_sequential
@@ -176,14 +177,14 @@ def train_row(name: str, sequences: Sequences, settings: SequentialBenchmarkConf
     train = sequences.cut(2)
     model = build_row_model(name, settings, sequences.catalogue)
     targets = np.concatenate([items[1:] for items in train.items])
-    trainer = NextItemTrainer(
+    trainer = NextItemTrainer.for_model(
         model,
         np.bincount(targets, minlength=sequences.catalogue + 1),
-        settings.loss,
-        settings.negatives,
-        settings.uniform_negatives,
-        settings.temperature,
-        settings.learning_rate,
+        loss=settings.loss,
+        uniform_negatives=settings.uniform_negatives,
+        in_batch=settings.in_batch_negatives,
+        temperature=settings.temperature,
+        learning_rate=settings.learning_rate,
     )
     curve, epoch_seconds, trained_seconds = [], [], 0.0
     best = {"ndcg@10": -1.0}
@@ -191,7 +192,7 @@ def train_row(name: str, sequences: Sequences, settings: SequentialBenchmarkConf
     for epoch in range(1, settings.max_epochs + 1):
         started = time.perf_counter()
         losses = [
-            float(trainer.step(tf.constant(items), tf.constant(times)))
+            float(trainer.step((tf.constant(items), tf.constant(times))))
             for items, times in training_batches(train, settings.max_length, settings.batch_size, rng)
         ]
         epoch_seconds.append(time.perf_counter() - started)

@@ -25,6 +25,7 @@ REGISTRY: dict[str, str] = {
     "inttower": "twotower.models.inttower",
     "dcn_v2": "twotower.models.dcn",
 }
+SEQUENCE_MODELS = ("seq_attention", "seq_gru", "seq_hstu")  # query towers that encode the ordered history
 # Models whose score runs a network on each (user, item) pair: no vector index retrieves by it,
 # so they serve only as the cascade's pre-ranker (serve.prerank_model)
 RANKING_MODELS = ("dcn_v2",)

@@ -16,14 +16,13 @@ to the position's target is masked. The recipe's losses (softmax, BPR, BCE) take
 from __future__ import annotations
 
 import math
-from typing import Literal
+from collections.abc import Callable
 
 import numpy as np
 import tensorflow as tf
 
 from twotower.models.losses import loss_for
 
-Negatives = Literal["uniform", "in_batch", "both"]
 MASKED = -1e9  # a logit no softmax weighs: a negative that is the target itself
 
 
@@ -108,66 +107,96 @@ def next_item_logits(
     return tf.concat(parts, axis=-1) / temperature
 
 
+# A batch as a trainer's ``encode`` gives it: queries [batch, length, dim], the item code each
+# position must predict [batch, length], and which positions are real [batch, length].
+EncodedBatch = tuple[tf.Tensor, tf.Tensor, tf.Tensor]
+
+
 class NextItemTrainer:
-    """Fits a ``NextItemModel`` on padded histories: every valid position predicts its next item."""
+    """Fits towers on whole histories: every valid position of a batch predicts its next item.
+
+    ``encode(batch, training)`` runs the query side over a batch of histories; ``item_vectors(training)``
+    gives the normalised vector of every item code (rows of codes no one retrieves are never read);
+    ``variables`` are what is trained. Negatives: ``uniform_negatives`` codes drawn per sequence from
+    ``candidate_codes`` (shared by its positions), and with ``in_batch`` one target per sequence of
+    the batch, shared by every position, with the logQ correction (``item_counts``: training
+    targets per code) when ``logq_correction``."""
 
     def __init__(
         self,
-        model: NextItemModel,
+        encode: Callable[..., EncodedBatch],
+        item_vectors: Callable[[bool], tf.Tensor],
+        variables: Callable[[], list[tf.Variable]],
+        candidate_codes: np.ndarray,
         item_counts: np.ndarray,
         loss: str = "softmax",
-        negatives: Negatives = "uniform",
         uniform_negatives: int = 128,
+        in_batch: bool = False,
+        logq_correction: bool = True,
         temperature: float = 0.05,
         learning_rate: float = 1e-3,
     ):
-        """``item_counts`` [items + 1]: training targets per code (for the logQ correction)."""
-        self.model, self.negatives, self.uniform_negatives = model, negatives, uniform_negatives
-        self.temperature = temperature
+        if uniform_negatives <= 0 and not in_batch:
+            raise ValueError("next-item training needs negatives: uniform draws, in-batch targets or both")
+        self.encode, self.item_vectors, self.variables = encode, item_vectors, variables
+        self.candidate_codes = tf.constant(candidate_codes, tf.int32)
+        self.uniform_negatives, self.in_batch, self.temperature = uniform_negatives, in_batch, temperature
         self.loss = loss_for(loss)
         self.optimizer = tf.keras.optimizers.Adam(learning_rate)
         probabilities = np.maximum(item_counts.astype(np.float64), 1.0) / max(float(item_counts.sum()), 1.0)
-        self.log_q = tf.constant(np.log(probabilities), tf.float32)
-        self.step = tf.function(
-            self._step,
-            input_signature=[
-                tf.TensorSpec([None, None], tf.int32, "sequences"),
-                tf.TensorSpec([None, None], tf.int64, "timestamps"),
-            ],
+        log_q = np.log(probabilities) if logq_correction else np.zeros_like(probabilities)
+        self.log_q = tf.constant(log_q, tf.float32)
+        self.step = tf.function(self._step, reduce_retracing=True)
+
+    @classmethod
+    def for_model(cls, model: NextItemModel, item_counts: np.ndarray, **settings) -> NextItemTrainer:
+        """A trainer of ``model`` on batches of (codes, timestamps) [batch, length + 1], 0 after the end."""
+
+        def encode(batch, training):
+            sequences, timestamps = batch
+            queries = model(sequences[:, :-1], timestamps[:, :-1], training=training)
+            targets = sequences[:, 1:]
+            return queries, targets, targets > 0
+
+        return cls(
+            encode,
+            lambda training: model.item_vectors(tf.range(model.items + 1)),
+            lambda: model.trainable_variables,
+            np.arange(1, model.items + 1),
+            item_counts,
+            **settings,
         )
 
     def _negatives(self, targets: tf.Tensor, valid: tf.Tensor):
         batch = tf.shape(targets)[0]
         sequence_negatives = shared = log_q = None
-        if self.negatives in ("uniform", "both"):
-            shape = [batch, self.uniform_negatives]
-            sequence_negatives = tf.random.uniform(shape, 1, self.model.items + 1, dtype=tf.int32)
-        if self.negatives in ("in_batch", "both"):
+        if self.uniform_negatives > 0:
+            drawn = tf.random.uniform([batch, self.uniform_negatives], 0, tf.size(self.candidate_codes), tf.int32)
+            sequence_negatives = tf.gather(self.candidate_codes, drawn)
+        if self.in_batch:
             # One target per sequence, at a random valid position: the batch's own positives.
             lengths = tf.reduce_sum(tf.cast(valid, tf.int32), axis=1)
             picked = tf.cast(tf.random.uniform([batch]) * tf.cast(lengths, tf.float32), tf.int32)
             shared = tf.gather(targets, tf.minimum(picked, tf.maximum(lengths - 1, 0)), batch_dims=1)
+            shared = tf.boolean_mask(shared, lengths > 0)
             log_q = tf.gather(self.log_q, shared)
         return sequence_negatives, shared, log_q
 
-    def logits_and_labels(self, sequences: tf.Tensor, timestamps: tf.Tensor, training: bool):
-        """Logits [positions, 1 + negatives] of the valid positions of ``sequences`` [batch, length + 1]
-        (codes, 0 after the end), and their one-hot labels."""
-        history, targets = sequences[:, :-1], sequences[:, 1:]
-        valid = targets > 0
-        queries = self.model(history, timestamps[:, :-1], training=training)
-        negatives = self._negatives(targets, valid)
+    def logits_and_labels(self, batch, training: bool) -> tuple[tf.Tensor, tf.Tensor]:
+        """Logits [positions, 1 + negatives] of the batch's valid positions, and their one-hot labels."""
+        queries, targets, valid = self.encode(batch, training)
         logits = next_item_logits(
-            queries, targets, self.model.item_vectors(tf.range(self.model.items + 1)), *negatives, self.temperature
+            queries, targets, self.item_vectors(training), *self._negatives(targets, valid), self.temperature
         )
         logits = tf.boolean_mask(logits, valid)
         labels = tf.one_hot(tf.zeros(tf.shape(logits)[0], tf.int32), tf.shape(logits)[1])
         return logits, labels
 
-    def _step(self, sequences: tf.Tensor, timestamps: tf.Tensor) -> tf.Tensor:
+    def _step(self, batch) -> tf.Tensor:
         with tf.GradientTape() as tape:
-            logits, labels = self.logits_and_labels(sequences, timestamps, training=True)
+            logits, labels = self.logits_and_labels(batch, training=True)
             loss = tf.reduce_mean(self.loss(labels, logits))
-        variables = self.model.trainable_variables
-        self.optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
+        variables = self.variables()
+        gradients = tape.gradient(loss, variables)
+        self.optimizer.apply_gradients((g, v) for g, v in zip(gradients, variables) if g is not None)
         return loss

@@ -14,10 +14,13 @@ from __future__ import annotations
 from typing import Literal
 
 import merlin.models.tf as mm
+import numpy as np
+import pandas as pd
 import tensorflow as tf
 from merlin.schema import Schema, Tags
 
 from twotower.config import ModelConfig, SequenceConfig, TrainConfig
+from twotower.models import SEQUENCE_MODELS
 from twotower.models.base import (
     HISTORY,
     RetrievalModel,
@@ -31,9 +34,8 @@ from twotower.models.base import (
     tower,
 )
 from twotower.models.hstu import HSTUEncoder
-from twotower.models.losses import contrastive_output
-
-SEQUENCE_MODELS = ("seq_attention", "seq_gru", "seq_hstu")
+from twotower.models.losses import contrastive_output, feature_tensors
+from twotower.models.next_item import NextItemTrainer
 
 
 def padded(sequences: tf.RaggedTensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -152,7 +154,10 @@ class SequenceQueryInputs(tf.keras.layers.Layer):
     history through the shared item table and ``encoder``, taken at its latest position.
 
     Returns a dict of field embeddings (``history`` among them) for gating, or their
-    concatenation."""
+    concatenation: one row per user, or, while ``every_position`` is set (whole-sequence
+    training), one row per position of every history, the user's other fields repeated."""
+
+    every_position = False  # read when a call is traced: set only around training's encode
 
     def __init__(
         self, schema: Schema, others: mm.Block, item_table, encoder: tf.keras.layers.Layer, concatenate: bool, **kwargs
@@ -183,10 +188,77 @@ class SequenceQueryInputs(tf.keras.layers.Layer):
     def call(self, inputs, training=False):
         fields = self.others(inputs)
         fields = dict(fields) if isinstance(fields, dict) else {"others": fields}
-        fields[HISTORY] = last_valid(*self.history_outputs(inputs[HISTORY], training=training))
+        outputs, mask = self.history_outputs(inputs[HISTORY], training=training)
+        if self.every_position:
+            positions = tf.reduce_sum(tf.cast(mask, tf.int32), axis=1)
+            fields = {name: tf.repeat(values, positions, axis=0) for name, values in fields.items()}
+            fields[HISTORY] = tf.boolean_mask(outputs, mask)  # row-major: user 0's positions first
+        else:
+            fields[HISTORY] = last_valid(outputs, mask)
         if self.concatenate:
             return tf.concat([fields[name] for name in sorted(fields)], axis=-1)
         return fields
+
+
+class SequenceRetrievalModel(RetrievalModel):
+    """A sequence tower's model, also trainable over whole histories (``next_item_trainer``)."""
+
+    def __init__(self, keras_model: mm.RetrievalModelV2, schema: Schema, query_inputs: SequenceQueryInputs):
+        super().__init__(keras_model, schema)
+        self.query_inputs = query_inputs
+
+    def next_item_trainer(
+        self, catalogue_features: pd.DataFrame, item_counts: np.ndarray, train: TrainConfig, loss: str
+    ) -> NextItemTrainer:
+        """A trainer of both towers on batches of (user features with ``history``, next items), both
+        ragged per user: every history position predicts its next item. The candidate tower runs over
+        the whole catalogue each step; negatives are the batch's targets (one per user, logQ-corrected
+        when ``train.logq_correction``) plus ``train.mixed_negatives`` uniform catalogue draws."""
+        item_id = self.schema.select_by_tag(Tags.ITEM_ID).first.name
+        catalogue = feature_tensors(catalogue_features, self.item_schema)
+        codes = catalogue_features[item_id].to_numpy()
+        rows = len(item_counts)
+
+        def encode(batch, training):
+            features, targets = batch
+            self.query_inputs.every_position = True
+            try:
+                flat = self.keras.query_encoder(features, training=training)
+            finally:
+                self.query_inputs.every_position = False
+            lengths = targets.row_lengths()
+            queries = tf.RaggedTensor.from_row_lengths(flat, lengths).to_tensor()
+            dense_targets = tf.cast(targets.to_tensor(), tf.int32)
+            return queries, dense_targets, tf.sequence_mask(lengths, tf.shape(dense_targets)[1])
+
+        def item_vectors(training):
+            # No static row count, as in a real batch (see losses.UniformCatalogueSampler.sample)
+            features = {
+                name: values
+                if isinstance(values, tf.RaggedTensor)
+                else tf.compat.v1.placeholder_with_default(values, [None, *values.shape[1:]])
+                for name, values in catalogue.items()
+            }
+            vectors = self.keras.candidate_encoder(features, training=training)
+            return tf.scatter_nd(codes[:, None], vectors, [rows, tf.shape(vectors)[1]])
+
+        def variables():
+            towers = self.keras.query_encoder.trainable_variables + self.keras.candidate_encoder.trainable_variables
+            return list({id(v): v for v in towers}.values())  # the shared item table once
+
+        return NextItemTrainer(
+            encode,
+            item_vectors,
+            variables,
+            codes,
+            item_counts,
+            loss=loss,
+            uniform_negatives=train.mixed_negatives,
+            in_batch=True,
+            logq_correction=train.logq_correction and loss == "softmax",
+            temperature=train.temperature,
+            learning_rate=train.learning_rate,
+        )
 
 
 def history_encoder(
@@ -220,11 +292,16 @@ def build(schema: Schema, stats: TrainingStats, train: TrainConfig, model: Model
         user_schema,
         others,
         item_table,
-        history_encoder(model.name, train.history_length, model.sequence),
+        history_encoder(
+            model.name, train.history_length, model.sequence, whole_sequence=model.sequence.training == "whole_sequence"
+        ),
         concatenate=model.gating == "none",
     )
     query = tower(inputs, train, model)
     item_schema = schema.select_by_tag(Tags.ITEM)
     candidate = tower(field_inputs(item_schema, tables_for(item_schema, embeddings), model), train, model)
     output = contrastive_output(schema, stats.item_counts, stats.catalogue_features, candidate, train, model)
-    return compile_model(mm.TwoTowerModelV2(query, candidate, outputs=output), schema, train, model)
+    keras_model = mm.TwoTowerModelV2(query, candidate, outputs=output)
+    return compile_model(
+        keras_model, schema, train, model, kind=lambda keras, schema: SequenceRetrievalModel(keras, schema, inputs)
+    )

@@ -23,15 +23,18 @@ import tensorflow as tf
 from merlin.schema import Schema, Tags
 
 from twotower.config import RecipeConfig, config_to_dict
-from twotower.models import builder
-from twotower.models.base import RetrievalModel, TrainingStats
+from twotower.models import SEQUENCE_MODELS, builder
+from twotower.models.base import HISTORY, RetrievalModel, TrainingStats
 from twotower.models.losses import feature_tensors
+from twotower.models.sequence import SequenceRetrievalModel
 from twotower.stages.baselines import evaluate_popularity
 from twotower.stages.evaluate import EvalSet, build_eval_set, evaluate_scores
 from twotower.stages.workflow import Catalogue, category_table, encoded_catalogue, encoded_users, load_saved_workflows
 from twotower.store.artifacts import Split, known_before_test, load_recipe_data, load_split, save_item_vectors
 from twotower.store.atomic import atomic_dir, atomic_file
 from twotower.store.manifest import STAGES, fingerprints, record_stage
+
+NEXT_ITEMS = "__next_items"  # whole-sequence batches: each history position's next item
 
 
 def set_seeds(seed: int) -> None:
@@ -61,6 +64,8 @@ class TrainingInputs:
     test_users: pd.DataFrame  # encoded, history from everything before the test period
     item_vocabulary: pd.DataFrame  # Categorify's item ids: row index is the code
     item_counts: np.ndarray  # training positives per encoded item id (for the logQ correction)
+    # whole-sequence training only: encoded users, history = their latest history_length + 1 training positives
+    sequence_users: pd.DataFrame | None = None
 
     @property
     def schema(self) -> Schema:
@@ -87,7 +92,16 @@ def load_training_inputs(config: RecipeConfig) -> TrainingInputs:
         test_users=encoded_users(workflows, data.users, known_before_test(split), history_length),
         item_vocabulary=item_vocabulary,
         item_counts=item_frequencies(train_dataset.schema, item_vocabulary, split.train["item_id"]),
+        sequence_users=(
+            encoded_users(workflows, data.users, split.train, history_length + 1)
+            if trains_whole_sequences(config)
+            else None
+        ),
     )
+
+
+def trains_whole_sequences(config: RecipeConfig) -> bool:
+    return config.model.name in SEQUENCE_MODELS and config.model.sequence.training == "whole_sequence"
 
 
 def evaluate_model(
@@ -199,6 +213,42 @@ def training_batches(
     return cached_batches(dataset, batch_size, config.seed)
 
 
+def whole_sequence_batches(config: RecipeConfig, inputs: TrainingInputs) -> tf.data.Dataset:
+    """(query features, next items) per user, ``model.sequence.batch_users`` users a step: ``history``
+    is the user's latest ``train.history_length`` training positives before their last, and each of
+    them is followed by the next item (both ragged); users with a single positive have no position."""
+    users = inputs.sequence_users
+    users = users[users[HISTORY].map(len) >= 2]
+    histories = users[HISTORY].map(list)
+    query_schema = inputs.schema.select_by_tag(Tags.USER)
+    tensors = feature_tensors(users.assign(**{HISTORY: histories.map(lambda items: items[:-1])}), query_schema)
+    next_items = feature_tensors(
+        pd.DataFrame({HISTORY: histories.map(lambda items: items[1:])}), query_schema[[HISTORY]]
+    )
+    batches = shuffled_batches(
+        {**tensors, NEXT_ITEMS: next_items[HISTORY]}, config.model.sequence.batch_users, config.seed
+    )
+    return batches.map(lambda batch: ({k: v for k, v in batch.items() if k != NEXT_ITEMS}, batch[NEXT_ITEMS]))
+
+
+def fit_whole_sequences(
+    model: SequenceRetrievalModel, config: RecipeConfig, inputs: TrainingInputs, epochs: int, stopper
+) -> None:
+    """Next-item training of a sequence model's towers, ``epochs`` at most, ``stopper`` after each."""
+    trainer = model.next_item_trainer(inputs.catalogue.features, inputs.item_counts, config.train, config.model.loss)
+    batches = whole_sequence_batches(config, inputs)
+    stopper.set_model(model.keras)
+    stopper.set_params({"epochs": epochs})
+    model.keras.stop_training = False
+    for epoch in range(epochs):
+        stopper.on_epoch_begin(epoch)
+        losses = [float(trainer.step(batch)) for batch in batches]
+        stopper.on_epoch_end(epoch, {"loss": float(np.mean(losses))})
+        if model.keras.stop_training:
+            break
+    stopper.on_train_end()
+
+
 def fit_model(
     config: RecipeConfig,
     inputs: TrainingInputs,
@@ -212,12 +262,16 @@ def fit_model(
     model (best epoch's weights) and the callback, whose ``history`` and ``best_epoch`` describe the run."""
     set_seeds(config.seed)
     model = build_model(config, inputs)
+    whole_sequences = trains_whole_sequences(config)
     batches = training_batches(config, inputs.train_dataset, model.batch_size)
-    if warm_start is not None:
+    if warm_start is not None or whole_sequences:
+        # merlin-models creates a model's variables on its first call: from one training batch
         first = next(iter(batches))
-        model.load_weights(
-            warm_start, first[0] if isinstance(first, tuple) else first
-        )  # mm.Loader gives (features, targets)
+        first = first[0] if isinstance(first, tuple) else first  # mm.Loader gives (features, targets)
+        if warm_start is not None:
+            model.load_weights(warm_start, first)
+        else:
+            model.keras(first, training=False)
     split = inputs.split
     stopper = FullCatalogueEarlyStopping(
         model,
@@ -227,9 +281,11 @@ def fit_model(
         config.train.early_stopping_metric,
         config.train.early_stopping_patience,
     )
-    model.keras.fit(
-        batches, epochs=config.train.epochs if epochs is None else epochs, callbacks=[stopper], verbose=verbose
-    )
+    epochs = config.train.epochs if epochs is None else epochs
+    if whole_sequences:
+        fit_whole_sequences(model, config, inputs, epochs, stopper)
+    else:
+        model.keras.fit(batches, epochs=epochs, callbacks=[stopper], verbose=verbose)
     return model, stopper
 
 
