@@ -154,11 +154,13 @@ class SequenceConfig:
     blocks: int = 1  # transformer or HSTU blocks (seq_attention, seq_hstu)
     dropout: float = 0.1
     # per_row: each training positive is a row whose own history prefix is encoded (merlin-models'
-    # fit; work grows with the square of train.history_length). whole_sequence: each user's latest
-    # train.history_length + 1 training positives are encoded once per step and every position is
-    # trained on the item that came next (the SASRec objective, twotower/models/next_item.py).
+    # fit; work grows with the square of train.history_length). whole_sequence: each user's training
+    # positives, cut into windows of train.history_length + 1 (the latest window full), are encoded
+    # once per step and every position is trained on the item that came next (the SASRec objective,
+    # twotower/models/next_item.py), so every training positive is a target once.
     training: Literal["per_row", "whole_sequence"] = "per_row"
-    batch_users: int = 128  # users per whole_sequence step
+    batch_windows: int = 128  # windows per whole_sequence step
+    in_batch_negatives: int = 2048  # whole_sequence: targets of the batch drawn as shared negatives (logQ)
 
 
 # What IntTower's FE-Block projects for each user layer taking part: the layer's output (the
@@ -424,7 +426,7 @@ class SequentialBenchmarkConfig:
     heads: int = 1
     dropout: float = 0.2
     uniform_negatives: int = 128  # drawn per sequence, shared by its positions; 0: none
-    in_batch_negatives: bool = False  # also one target of each sequence of the batch, with logQ
+    in_batch_negatives: int = 0  # targets of the batch drawn as negatives shared by all positions (logQ)
     loss: LossName = "softmax"
     temperature: float = 0.05
     learning_rate: float = 1e-3

@@ -254,6 +254,14 @@ def test_history_order_matters_to_sequence_towers_but_not_to_mean_pooling(prepar
     assert np.isfinite(sequence.query_vectors(one_empty)).all()
 
 
+def test_whole_sequence_windows_make_every_positive_but_the_first_a_target_once():
+    from twotower.stages.train import windows
+
+    assert windows(list(range(1, 11)), 3) == [[1, 2, 3, 4], [4, 5, 6, 7], [7, 8, 9, 10]]
+    assert windows([1, 2, 3, 4, 5], 3) == [[1, 2], [2, 3, 4, 5]]  # the latest window full, as served
+    assert windows([1, 2], 3) == [[1, 2]] and windows([1], 3) == []
+
+
 @pytest.mark.parametrize("name", ["seq_attention", "seq_hstu"])
 def test_whole_sequence_training_reads_each_position_as_the_served_tower_reads_that_prefix(prepared, inputs, name):
     from twotower.models.losses import feature_tensors
@@ -262,7 +270,7 @@ def test_whole_sequence_training_reads_each_position_as_the_served_tower_reads_t
     users = inputs.valid_users[inputs.valid_users[HISTORY].map(len) >= 3].head(4)
     model.query_vectors(users)  # creates the towers' variables
     config = copy.deepcopy(prepared)
-    trainer = model.next_item_trainer(inputs.catalogue.features, inputs.item_counts, config.train, "softmax")
+    trainer = model.next_item_trainer(inputs.catalogue.features, inputs.item_counts, config.train, "softmax", 64)
     features = feature_tensors(users, model.query_schema)
     queries, targets, valid = trainer.encode((features, features[HISTORY]), False)
     lengths = users[HISTORY].map(len).to_numpy()

@@ -143,7 +143,8 @@ def test_next_item_logits_by_hand():
     queries = rng.normal(size=(1, 2, 3)).astype(np.float32)
     targets = np.array([[2, 5]], np.int32)
     sequence_negatives = np.array([[5, 1]], np.int32)  # 5 is position 1's own target: masked there
-    shared, log_q = np.array([2, 3], np.int32), np.log(np.array([0.5, 0.25], np.float32))
+    shared = np.array([2, 3], np.int32)  # 2 is position 0's target: masked there
+    log_q = np.log(np.array([1.0, 0.5, 0.25, 0.125, 2.0, 4.0], np.float32))  # per code
     temperature = 0.5
     logits = next_item_logits(
         tf.constant(queries),
@@ -151,28 +152,29 @@ def test_next_item_logits_by_hand():
         tf.constant(items),
         tf.constant(sequence_negatives),
         tf.constant(shared),
-        tf.constant(log_q),
         temperature,
+        tf.constant(log_q),
     ).numpy()
-    for position in range(2):
-        q = queries[0, position]
-        expected = [q @ items[targets[0, position]], q @ items[5], q @ items[1]]
-        expected += [q @ items[2] - temperature * log_q[0], q @ items[3] - temperature * log_q[1]]
-        expected = np.array(expected) / temperature
-        if position == 0:
-            np.testing.assert_allclose(logits[0, 0, [0, 1, 2, 4]], expected[[0, 1, 2, 4]], rtol=1e-5)
-            assert logits[0, 0, 3] < -1e8  # shared negative 2 is position 0's target
-        else:
-            np.testing.assert_allclose(logits[0, 1, [0, 2, 3, 4]], expected[[0, 2, 3, 4]], rtol=1e-5)
-            assert logits[0, 1, 1] < -1e8
+    for position, masked in ((0, 3), (1, 1)):
+        columns = [targets[0, position], 5, 1, 2, 3]
+        expected = np.array([queries[0, position] @ items[c] / temperature - log_q[c] for c in columns])
+        kept = [c for c in range(5) if c != masked]
+        np.testing.assert_allclose(logits[0, position, kept], expected[kept], rtol=1e-5)
+        assert logits[0, position, masked] < -1e8
+    uncorrected = next_item_logits(
+        tf.constant(queries), tf.constant(targets), tf.constant(items), None, tf.constant(shared), temperature
+    ).numpy()
+    np.testing.assert_allclose(
+        uncorrected[0, 1], [queries[0, 1] @ items[c] / temperature for c in (5, 2, 3)], rtol=1e-5
+    )
 
 
 def test_trainer_scores_every_valid_position_once():
     model = NextItemModel(items=10, dim=4, encoder=CausalMeanPool(), dropout=0.0)
-    trainer = NextItemTrainer.for_model(model, np.ones(11), uniform_negatives=5, in_batch=True)
+    trainer = NextItemTrainer.for_model(model, np.ones(11), uniform_negatives=5, in_batch_negatives=3)
     sequences = tf.constant([[1, 2, 3, 4, 5], [6, 7, 0, 0, 0]], tf.int32)
     logits, labels = trainer.logits_and_labels((sequences, tf.zeros_like(sequences, tf.int64)), training=False)
-    assert logits.shape == (4 + 1, 1 + 5 + 2)  # positions with a next item; target, 5 uniform, 2 in-batch
+    assert logits.shape == (4 + 1, 1 + 5 + 3)  # positions with a next item; target, 5 uniform, 3 in-batch
     np.testing.assert_array_equal(labels.numpy()[:, 0], 1.0)
 
 

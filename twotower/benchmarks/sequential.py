@@ -182,7 +182,7 @@ def train_row(name: str, sequences: Sequences, settings: SequentialBenchmarkConf
         np.bincount(targets, minlength=sequences.catalogue + 1),
         loss=settings.loss,
         uniform_negatives=settings.uniform_negatives,
-        in_batch=settings.in_batch_negatives,
+        in_batch_negatives=settings.in_batch_negatives,
         temperature=settings.temperature,
         learning_rate=settings.learning_rate,
     )

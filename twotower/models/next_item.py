@@ -84,24 +84,30 @@ def next_item_logits(
     item_vectors: tf.Tensor,
     sequence_negatives: tf.Tensor | None,
     shared_negatives: tf.Tensor | None,
-    shared_log_q: tf.Tensor | None,
     temperature: float,
+    log_q: tf.Tensor | None = None,
 ) -> tf.Tensor:
     """Logits [batch, length, 1 + negatives]: the target first, then each negative.
 
     ``queries`` [batch, length, dim]; ``targets`` [batch, length] codes; ``item_vectors`` the
     normalised table (row = code); ``sequence_negatives`` [batch, n] codes shared by a sequence's
-    positions; ``shared_negatives`` [m] codes shared by the batch, whose logits lose
-    ``shared_log_q`` [m] (log of each one's chance of being drawn)."""
-    positive = tf.reduce_sum(queries * tf.gather(item_vectors, targets), axis=-1, keepdims=True)
-    parts = [positive]
+    positions; ``shared_negatives`` [m] codes shared by the batch. ``log_q`` (per code: the log of
+    its expected count among the negatives) is subtracted from every logit, the target's too, as the
+    sampled softmax's correction asks (Yi et al., RecSys 2019)."""
+
+    def corrected(scores, codes):
+        return scores if log_q is None else scores - temperature * tf.gather(log_q, codes)
+
+    positive = tf.reduce_sum(queries * tf.gather(item_vectors, targets), axis=-1)
+    parts = [corrected(positive, targets)[..., None]]
     if sequence_negatives is not None:
         scores = tf.einsum("bld,bnd->bln", queries, tf.gather(item_vectors, sequence_negatives))
+        scores = corrected(scores, sequence_negatives[:, None, :])
         hit = tf.equal(sequence_negatives[:, None, :], targets[..., None])
         parts.append(tf.where(hit, MASKED * temperature, scores))
     if shared_negatives is not None:
         scores = tf.einsum("bld,md->blm", queries, tf.gather(item_vectors, shared_negatives))
-        scores -= temperature * shared_log_q  # logQ, in logit units once divided by the temperature
+        scores = corrected(scores, shared_negatives[None, None, :])
         hit = tf.equal(shared_negatives[None, None, :], targets[..., None])
         parts.append(tf.where(hit, MASKED * temperature, scores))
     return tf.concat(parts, axis=-1) / temperature
@@ -118,9 +124,9 @@ class NextItemTrainer:
     ``encode(batch, training)`` runs the query side over a batch of histories; ``item_vectors(training)``
     gives the normalised vector of every item code (rows of codes no one retrieves are never read);
     ``variables`` are what is trained. Negatives: ``uniform_negatives`` codes drawn per sequence from
-    ``candidate_codes`` (shared by its positions), and with ``in_batch`` one target per sequence of
-    the batch, shared by every position, with the logQ correction (``item_counts``: training
-    targets per code) when ``logq_correction``."""
+    ``candidate_codes`` (shared by its positions), and ``in_batch_negatives`` targets drawn from the
+    batch's own (so in proportion to popularity), shared by every position, with the logQ correction
+    (``item_counts``: training targets per code) when ``logq_correction``."""
 
     def __init__(
         self,
@@ -131,21 +137,27 @@ class NextItemTrainer:
         item_counts: np.ndarray,
         loss: str = "softmax",
         uniform_negatives: int = 128,
-        in_batch: bool = False,
+        in_batch_negatives: int = 0,
         logq_correction: bool = True,
         temperature: float = 0.05,
         learning_rate: float = 1e-3,
     ):
-        if uniform_negatives <= 0 and not in_batch:
+        if uniform_negatives <= 0 and in_batch_negatives <= 0:
             raise ValueError("next-item training needs negatives: uniform draws, in-batch targets or both")
         self.encode, self.item_vectors, self.variables = encode, item_vectors, variables
         self.candidate_codes = tf.constant(candidate_codes, tf.int32)
-        self.uniform_negatives, self.in_batch, self.temperature = uniform_negatives, in_batch, temperature
+        self.uniform_negatives, self.in_batch_negatives = uniform_negatives, in_batch_negatives
+        self.temperature = temperature
         self.loss = loss_for(loss)
         self.optimizer = tf.keras.optimizers.Adam(learning_rate)
-        probabilities = np.maximum(item_counts.astype(np.float64), 1.0) / max(float(item_counts.sum()), 1.0)
-        log_q = np.log(probabilities) if logq_correction else np.zeros_like(probabilities)
-        self.log_q = tf.constant(log_q, tf.float32)
+        self.log_q = None
+        if logq_correction:
+            # Expected count of each code among a step's negatives: in-batch draws follow the targets'
+            # popularity, uniform draws are spread over the candidates.
+            popularity = np.maximum(item_counts.astype(np.float64), 1.0) / max(float(item_counts.sum()), 1.0)
+            uniform = np.zeros_like(popularity)
+            uniform[candidate_codes] = uniform_negatives / len(candidate_codes)
+            self.log_q = tf.constant(np.log(in_batch_negatives * popularity + uniform + 1e-12), tf.float32)
         self.step = tf.function(self._step, reduce_retracing=True)
 
     @classmethod
@@ -169,24 +181,26 @@ class NextItemTrainer:
 
     def _negatives(self, targets: tf.Tensor, valid: tf.Tensor):
         batch = tf.shape(targets)[0]
-        sequence_negatives = shared = log_q = None
+        sequence_negatives = shared = None
         if self.uniform_negatives > 0:
             drawn = tf.random.uniform([batch, self.uniform_negatives], 0, tf.size(self.candidate_codes), tf.int32)
             sequence_negatives = tf.gather(self.candidate_codes, drawn)
-        if self.in_batch:
-            # One target per sequence, at a random valid position: the batch's own positives.
-            lengths = tf.reduce_sum(tf.cast(valid, tf.int32), axis=1)
-            picked = tf.cast(tf.random.uniform([batch]) * tf.cast(lengths, tf.float32), tf.int32)
-            shared = tf.gather(targets, tf.minimum(picked, tf.maximum(lengths - 1, 0)), batch_dims=1)
-            shared = tf.boolean_mask(shared, lengths > 0)
-            log_q = tf.gather(self.log_q, shared)
-        return sequence_negatives, shared, log_q
+        if self.in_batch_negatives > 0:
+            positives = tf.boolean_mask(targets, valid)
+            drawn = tf.random.uniform([self.in_batch_negatives], 0, tf.maximum(tf.size(positives), 1), tf.int32)
+            shared = tf.gather(positives, tf.minimum(drawn, tf.size(positives) - 1))
+        return sequence_negatives, shared
 
     def logits_and_labels(self, batch, training: bool) -> tuple[tf.Tensor, tf.Tensor]:
         """Logits [positions, 1 + negatives] of the batch's valid positions, and their one-hot labels."""
         queries, targets, valid = self.encode(batch, training)
         logits = next_item_logits(
-            queries, targets, self.item_vectors(training), *self._negatives(targets, valid), self.temperature
+            queries,
+            targets,
+            self.item_vectors(training),
+            *self._negatives(targets, valid),
+            self.temperature,
+            self.log_q,
         )
         logits = tf.boolean_mask(logits, valid)
         labels = tf.one_hot(tf.zeros(tf.shape(logits)[0], tf.int32), tf.shape(logits)[1])

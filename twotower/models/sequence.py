@@ -208,12 +208,17 @@ class SequenceRetrievalModel(RetrievalModel):
         self.query_inputs = query_inputs
 
     def next_item_trainer(
-        self, catalogue_features: pd.DataFrame, item_counts: np.ndarray, train: TrainConfig, loss: str
+        self,
+        catalogue_features: pd.DataFrame,
+        item_counts: np.ndarray,
+        train: TrainConfig,
+        loss: str,
+        in_batch_negatives: int,
     ) -> NextItemTrainer:
         """A trainer of both towers on batches of (user features with ``history``, next items), both
         ragged per user: every history position predicts its next item. The candidate tower runs over
-        the whole catalogue each step; negatives are the batch's targets (one per user, logQ-corrected
-        when ``train.logq_correction``) plus ``train.mixed_negatives`` uniform catalogue draws."""
+        the whole catalogue each step; negatives are ``in_batch_negatives`` of the batch's targets
+        (logQ-corrected when ``train.logq_correction``) plus ``train.mixed_negatives`` uniform draws."""
         item_id = self.schema.select_by_tag(Tags.ITEM_ID).first.name
         catalogue = feature_tensors(catalogue_features, self.item_schema)
         codes = catalogue_features[item_id].to_numpy()
@@ -254,7 +259,7 @@ class SequenceRetrievalModel(RetrievalModel):
             item_counts,
             loss=loss,
             uniform_negatives=train.mixed_negatives,
-            in_batch=True,
+            in_batch_negatives=in_batch_negatives,
             logq_correction=train.logq_correction and loss == "softmax",
             temperature=train.temperature,
             learning_rate=train.learning_rate,

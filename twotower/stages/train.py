@@ -64,7 +64,7 @@ class TrainingInputs:
     test_users: pd.DataFrame  # encoded, history from everything before the test period
     item_vocabulary: pd.DataFrame  # Categorify's item ids: row index is the code
     item_counts: np.ndarray  # training positives per encoded item id (for the logQ correction)
-    # whole-sequence training only: encoded users, history = their latest history_length + 1 training positives
+    # whole-sequence training only: encoded users, history = all their training positives
     sequence_users: pd.DataFrame | None = None
 
     @property
@@ -213,21 +213,26 @@ def training_batches(
     return cached_batches(dataset, batch_size, config.seed)
 
 
+def windows(items: list, length: int) -> list[list]:
+    """``items`` cut into windows of ``length`` + 1 that share their boundary item, the latest one full
+    (as a served history is the latest ``length``): every item but the first is a target once."""
+    ends = range(len(items), 1, -length)
+    return [items[max(0, end - length - 1) : end] for end in reversed(ends)]
+
+
 def whole_sequence_batches(config: RecipeConfig, inputs: TrainingInputs) -> tf.data.Dataset:
-    """(query features, next items) per user, ``model.sequence.batch_users`` users a step: ``history``
-    is the user's latest ``train.history_length`` training positives before their last, and each of
-    them is followed by the next item (both ragged); users with a single positive have no position."""
+    """(query features, next items), ``model.sequence.batch_windows`` windows a step: each window of a
+    user's training positives (``windows``) is a row with the user's features, ``history`` all its
+    items but the last and the next item of each of them (both ragged)."""
     users = inputs.sequence_users
-    users = users[users[HISTORY].map(len) >= 2]
-    histories = users[HISTORY].map(list)
+    cut = users[HISTORY].map(lambda items: windows(list(items), config.train.history_length))
+    rows = users.loc[users.index.repeat(cut.map(len))].assign(**{HISTORY: [w for ws in cut for w in ws]})
     query_schema = inputs.schema.select_by_tag(Tags.USER)
-    tensors = feature_tensors(users.assign(**{HISTORY: histories.map(lambda items: items[:-1])}), query_schema)
+    tensors = feature_tensors(rows.assign(**{HISTORY: rows[HISTORY].map(lambda items: items[:-1])}), query_schema)
     next_items = feature_tensors(
-        pd.DataFrame({HISTORY: histories.map(lambda items: items[1:])}), query_schema[[HISTORY]]
-    )
-    batches = shuffled_batches(
-        {**tensors, NEXT_ITEMS: next_items[HISTORY]}, config.model.sequence.batch_users, config.seed
-    )
+        pd.DataFrame({HISTORY: rows[HISTORY].map(lambda items: items[1:])}), query_schema[[HISTORY]]
+    )[HISTORY]
+    batches = shuffled_batches({**tensors, NEXT_ITEMS: next_items}, config.model.sequence.batch_windows, config.seed)
     return batches.map(lambda batch: ({k: v for k, v in batch.items() if k != NEXT_ITEMS}, batch[NEXT_ITEMS]))
 
 
@@ -235,7 +240,13 @@ def fit_whole_sequences(
     model: SequenceRetrievalModel, config: RecipeConfig, inputs: TrainingInputs, epochs: int, stopper
 ) -> None:
     """Next-item training of a sequence model's towers, ``epochs`` at most, ``stopper`` after each."""
-    trainer = model.next_item_trainer(inputs.catalogue.features, inputs.item_counts, config.train, config.model.loss)
+    trainer = model.next_item_trainer(
+        inputs.catalogue.features,
+        inputs.item_counts,
+        config.train,
+        config.model.loss,
+        config.model.sequence.in_batch_negatives,
+    )
     batches = whole_sequence_batches(config, inputs)
     stopper.set_model(model.keras)
     stopper.set_params({"epochs": epochs})
