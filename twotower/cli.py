@@ -160,7 +160,7 @@ COMMANDS: dict[str, Command] = {
         "IntTower's ML-1M Table 2 as click-through: LR to DCN-v2", _benchmark("prerank", "run_prerank_benchmark")
     ),
     "benchmark-sequential": Command(
-        "next-item towers on generative-recommenders' ML-1M protocol",
+        "sequence towers on the public ML-1M next-item table",
         _benchmark("sequential", "run_sequential_benchmark"),
     ),
     "benchmark-train": Command(
