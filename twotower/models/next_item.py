@@ -8,9 +8,9 @@ length, where encoding each training row's prefix again grows with its square.
 
 Queries and items are L2-normalised and compared by dot product over a temperature (cosine
 similarity, as generative-recommenders trains SASRec and HSTU). Negatives are uniform draws
-from the catalogue (a set per sequence, shared by its positions), the batch's own targets
-(one per sequence, with the logQ correction for their popularity), or both; a negative equal
-to the position's target is masked. The recipe's losses (softmax, BPR, BCE) take the logits.
+from the catalogue (a set per sequence, shared by its positions), draws from the batch's own
+targets (shared by every position), or both, with the logQ correction on every logit; a negative
+equal to the position's target is masked. The recipe's losses (softmax, BPR, BCE) take the logits.
 """
 
 from __future__ import annotations

@@ -93,7 +93,7 @@ def load_training_inputs(config: RecipeConfig) -> TrainingInputs:
         item_vocabulary=item_vocabulary,
         item_counts=item_frequencies(train_dataset.schema, item_vocabulary, split.train["item_id"]),
         sequence_users=(
-            encoded_users(workflows, data.users, split.train, history_length + 1)
+            encoded_users(workflows, data.users, split.train, len(split.train))  # every positive: at most all rows
             if trains_whole_sequences(config)
             else None
         ),
