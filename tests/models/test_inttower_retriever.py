@@ -8,8 +8,6 @@ hand-made head vectors.
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -211,48 +209,3 @@ def test_multi_vector_refuses_bad_inputs():
         layout.query(np.zeros((2, 40), np.float32))
     with pytest.raises(ValueError, match="item vectors of width 48; this IntTower's are 3 heads x 8 = 24"):
         layout.items(np.zeros((2, 48), np.float32))
-
-
-# ------------------------------------------------------------------ make benchmark-models
-@pytest.mark.timeout(900)
-def test_benchmark_models_serves_inttower_and_measures_the_cascade_with_both_prerankers(tmp_path, capsys):
-    from conftest import small_config
-
-    from twotower.benchmarks.models import run_model_benchmark
-
-    config = small_config(
-        tmp_path,
-        "train.epochs=1",
-        "benchmark.models.variants=[two_tower, inttower, dcn_v2]",
-        "benchmark.models.seed_rows=0",
-        "benchmark.models.serving_requests=20",
-        "benchmark.serving.warmup_requests=5",
-        "benchmark.models.cascade_candidates=20",
-        "serve.top_k=10",  # the served top 10 is what the rows' recall@10 and ndcg@10 rank
-        "model.inttower.search_depth=100000",  # covers every item head: the retriever must equal exact scoring
-    )
-    path = run_model_benchmark(config)
-    out = capsys.readouterr().out
-    report = json.loads(path.read_text())
-    row = report["models"]["inttower"]
-    assert row["serving_p50_ms"] > 0  # served through Triton by its multi-vector graph
-    found = row["multi_vector"]
-    assert found["overlap@10"] == 1.0 and found["overlap@100"] == 1.0
-    assert found["recall@10"] == pytest.approx(row["recall@10"]) and found["recall@100"] == pytest.approx(
-        row["recall@100"]
-    )
-    assert found["ms_per_user"] > 0
-
-    assert report["models"]["dcn_v2"]["serving_p50_ms"] is None  # the ranking model is not served as a retriever
-
-    cascade = report["cascade"]
-    assert set(cascade) == {"retrieval_only", "with_prerank", "with_prerank_dcn_v2"}
-    for stage in cascade.values():
-        assert set(stage) >= {"recall@10", "ndcg@10", "p50_ms", "latency"}
-        assert stage["p50_ms"] > 0 and stage["latency"]["c16"]["errors"] == 0
-    # the served two-tower graph over the whole test split scores what the row's in-process metrics do
-    for metric in ("recall@10", "ndcg@10"):
-        assert cascade["retrieval_only"][metric] == pytest.approx(report["models"]["two_tower"][metric], abs=1e-6)
-    assert cascade["with_prerank"]["candidates"] == 20 and cascade["with_prerank"]["prerank_model"] == "inttower"
-    assert cascade["with_prerank_dcn_v2"]["prerank_model"] == "dcn_v2"
-    assert "cascade (served, every test user" in out

@@ -289,7 +289,7 @@ def test_whole_sequence_training_reads_each_position_as_the_served_tower_reads_t
 SERVED = {
     "dat+senet/bce": {"model.name": "dat", "model.gating": "senet", "model.loss": "bce"},
     "seq_attention+light_se/bpr": {"model.name": "seq_attention", "model.gating": "light_se", "model.loss": "bpr"},
-    "seq_gru": {"model.name": "seq_gru"},
+    "seq_gru/whole_sequence": {"model.name": "seq_gru", "model.sequence.training": "whole_sequence"},
     "seq_hstu/whole_sequence": {"model.name": "seq_hstu", "model.sequence.training": "whole_sequence"},
 }
 

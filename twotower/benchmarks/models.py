@@ -47,6 +47,10 @@ VARIANTS: dict[str, list[dict]] = {
     "seq_attention": [{"model.name": "seq_attention"}, {"model.name": "seq_attention", "model.sequence.dropout": 0.3}],
     "seq_gru": [{"model.name": "seq_gru"}],
     "seq_hstu": [{"model.name": "seq_hstu"}],
+    # the same towers trained over whole sequences (model.sequence.training; twotower/models/next_item.py)
+    "seq_attention/whole_sequence": [{"model.name": "seq_attention", "model.sequence.training": "whole_sequence"}],
+    "seq_gru/whole_sequence": [{"model.name": "seq_gru", "model.sequence.training": "whole_sequence"}],
+    "seq_hstu/whole_sequence": [{"model.name": "seq_hstu", "model.sequence.training": "whole_sequence"}],
     "inttower": [{"model.name": "inttower"}],
     "dcn_v2": [{"model.name": "dcn_v2"}],  # the ranking model: ranked exactly, served as a pre-ranker only
     "two_tower/bpr": [{"model.loss": "bpr"}],
