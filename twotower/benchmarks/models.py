@@ -29,7 +29,7 @@ import numpy as np
 from twotower import pipeline
 from twotower.benchmarks.harness import Column, derived_run, on_free_ports, output_folder, text_table, write_report
 from twotower.config import RecipeConfig, config_to_dict
-from twotower.models import RANKING_MODELS
+from twotower.models import RANKING_MODELS, SEQUENCE_MODELS
 from twotower.models.multi_vector import multi_vector_top_k, overlap_at_k
 from twotower.stages.evaluate import RECALL_KS, ranking_metrics, top_k_positions
 from twotower.store.artifacts import load_split
@@ -48,9 +48,10 @@ VARIANTS: dict[str, list[dict]] = {
     "seq_gru": [{"model.name": "seq_gru"}],
     "seq_hstu": [{"model.name": "seq_hstu"}],
     # the same towers trained over whole sequences (model.sequence.training; twotower/models/next_item.py)
-    "seq_attention/whole_sequence": [{"model.name": "seq_attention", "model.sequence.training": "whole_sequence"}],
-    "seq_gru/whole_sequence": [{"model.name": "seq_gru", "model.sequence.training": "whole_sequence"}],
-    "seq_hstu/whole_sequence": [{"model.name": "seq_hstu", "model.sequence.training": "whole_sequence"}],
+    **{
+        f"{name}/whole_sequence": [{"model.name": name, "model.sequence.training": "whole_sequence"}]
+        for name in SEQUENCE_MODELS
+    },
     "inttower": [{"model.name": "inttower"}],
     "dcn_v2": [{"model.name": "dcn_v2"}],  # the ranking model: ranked exactly, served as a pre-ranker only
     "two_tower/bpr": [{"model.loss": "bpr"}],
