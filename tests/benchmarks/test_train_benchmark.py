@@ -58,8 +58,10 @@ def test_plain_keras_model_is_the_recipe_model_given_its_weights(prepared, input
     # the batch holds the cases where a plain rewrite could differ: an empty history, an accidental hit
     assert (frame["history"].map(len) == 0).any() and frame["item_id"].duplicated().any()
 
+    two_tower = copy.deepcopy(prepared)
+    two_tower.model.name = "two_tower"  # what the plain model implements
     set_seeds(prepared.seed)
-    recipe = build_model(prepared, inputs)
+    recipe = build_model(two_tower, inputs)
     recipe.keras(recipe_batch)
     plain = build_plain_model(plain_layout(inputs.schema), prepared.train, item_log_q(inputs.item_counts))
     plain(plain_batch)

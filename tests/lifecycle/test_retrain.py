@@ -132,6 +132,22 @@ def test_a_warm_start_of_no_epochs_keeps_the_last_vectors_and_one_epoch_moves_th
     assert started_from["since"] == cutoff and started_from["new_positives"] > 0
 
 
+def test_a_whole_sequence_warm_start_trains_on_the_new_and_replayed_positives_only(retrained, cutoff):
+    from twotower.lifecycle.retrain import new_training_rows
+    from twotower.stages.data import latest_history
+    from twotower.stages.train import load_training_inputs
+
+    inputs = load_training_inputs(retrained)
+    assert inputs.sequence_users is not None  # the default model trains over whole sequences
+    times = latest_history(inputs.split.train, inputs.sequence_users.index.to_numpy(), None, column="timestamp")
+    narrowed, new, replayed = new_training_rows(inputs, cutoff, 0.0, retrained.seed)
+    assert narrowed.sequence_targets.tolist() == times.map(lambda ts: [t >= cutoff for t in ts]).tolist()
+    assert new > 0 and replayed == 0
+    narrowed, new, replayed = new_training_rows(inputs, cutoff, 0.5, retrained.seed)
+    flags = narrowed.sequence_targets.explode().dropna().astype(bool)
+    assert replayed > 0 and flags.sum() == new + replayed == narrowed.train_dataset.num_rows
+
+
 def test_new_interactions_reach_the_served_rows_and_new_users_get_rows(known_run, retrained, cutoff):
     split = load_split(retrained.splits_dir)
     known = known_before_test(split)

@@ -134,7 +134,7 @@ def _layers(keras_object, kind):
 
 @pytest.mark.parametrize("gating", ["senet", "light_se"])
 def test_gating_runs_in_both_towers_and_changes_their_output(prepared, inputs, gating):
-    model = _build(prepared, inputs, model__gating=gating)
+    model = _build(prepared, inputs, model__name="two_tower", model__gating=gating)
     _fit_one_epoch(model, inputs)
     kind = SENet if gating == "senet" else LightSE
     query_gates, item_gates = _layers(model.keras.query_encoder, kind), _layers(model.keras.candidate_encoder, kind)
@@ -243,7 +243,7 @@ def _with_reversed_history(users: pd.DataFrame) -> pd.DataFrame:
 def test_history_order_matters_to_sequence_towers_but_not_to_mean_pooling(prepared, inputs, name):
     users = inputs.valid_users[inputs.valid_users[HISTORY].map(lambda items: len(set(items)) >= 3)].head(20)
     assert len(users) > 5
-    sequence, pooled = _build(prepared, inputs, model__name=name), _build(prepared, inputs)
+    sequence, pooled = _build(prepared, inputs, model__name=name), _build(prepared, inputs, model__name="two_tower")
     _fit_one_epoch(sequence, inputs)
     _fit_one_epoch(pooled, inputs)
     reordered = _with_reversed_history(users)
@@ -260,6 +260,32 @@ def test_whole_sequence_windows_make_every_positive_but_the_first_a_target_once(
     assert windows(list(range(1, 11)), 3) == [[1, 2, 3, 4], [4, 5, 6, 7], [7, 8, 9, 10]]
     assert windows([1, 2, 3, 4, 5], 3) == [[1, 2], [2, 3, 4, 5]]  # the latest window full, as served
     assert windows([1, 2], 3) == [[1, 2]] and windows([1], 3) == []
+
+
+def test_whole_sequence_batches_train_only_the_positions_a_warm_start_keeps(prepared, inputs):
+    """Retrain's new positives: every history is read whole, but only the kept positions are
+    targets (the others predict the padding code, which the trainer skips), and windows without a
+    kept position are left out."""
+    import dataclasses
+
+    from twotower.stages.train import whole_sequence_batches
+
+    config = copy.deepcopy(prepared)
+    config.model.sequence.batch_windows = 10_000  # one batch
+    users = inputs.sequence_users
+    latest_only = users[HISTORY].map(lambda items: [False] * (len(items) - 1) + [True] if len(items) else [])
+    narrowed = dataclasses.replace(inputs, sequence_targets=latest_only)
+    ((features, next_items),) = list(whole_sequence_batches(config, narrowed))
+    trained = users[users[HISTORY].map(len) >= 2]
+    assert next_items.shape[0] == len(trained)  # one window each: the latest
+    targets = next_items.to_list()
+    assert all(row[:-1] == [0] * (len(row) - 1) for row in targets)
+    assert sorted(row[-1] for row in targets) == sorted(trained[HISTORY].map(lambda items: items[-1]))
+    model = _build(prepared, inputs, model__name="seq_attention")
+    model.query_vectors(users.head(2))
+    trainer = model.next_item_trainer(inputs.catalogue.features, inputs.item_counts, config.train, "softmax", 64)
+    _, _, valid = trainer.encode((features, next_items), False)
+    assert int(valid.numpy().sum()) == len(trained)
 
 
 @pytest.mark.parametrize("name", ["seq_attention", "seq_hstu"])
@@ -288,9 +314,14 @@ def test_whole_sequence_training_reads_each_position_as_the_served_tower_reads_t
 # ------------------------------------------------------------- each one served
 SERVED = {
     "dat+senet/bce": {"model.name": "dat", "model.gating": "senet", "model.loss": "bce"},
-    "seq_attention+light_se/bpr": {"model.name": "seq_attention", "model.gating": "light_se", "model.loss": "bpr"},
-    "seq_gru/whole_sequence": {"model.name": "seq_gru", "model.sequence.training": "whole_sequence"},
-    "seq_hstu/whole_sequence": {"model.name": "seq_hstu", "model.sequence.training": "whole_sequence"},
+    "seq_attention+light_se/bpr/per_row": {
+        "model.name": "seq_attention",
+        "model.gating": "light_se",
+        "model.loss": "bpr",
+        "model.sequence.training": "per_row",
+    },
+    "seq_gru": {"model.name": "seq_gru"},
+    "seq_hstu": {"model.name": "seq_hstu"},
 }
 
 

@@ -13,7 +13,7 @@ def test_training_reduces_loss_and_beats_popularity(exported):
     metrics = json.loads(exported.metrics_path.read_text())
     losses = [epoch["loss"] for epoch in metrics["history"]]
     assert losses[-1] < losses[0]
-    model, popularity = metrics["test"]["two_tower"], metrics["test"]["popularity"]
+    model, popularity = metrics["test"][exported.model.name], metrics["test"]["popularity"]
     for name, value in model.items():
         assert 0.0 <= value <= 1.0, name
     assert model["recall@10"] > popularity["recall@10"]
@@ -31,7 +31,7 @@ def test_index_covers_the_catalogue(exported):
 def test_served_path_gives_the_training_side_metrics(exported):
     from twotower.stages.evaluate import serving_side_metrics
 
-    training_side = json.loads(exported.metrics_path.read_text())["test"]["two_tower"]
+    training_side = json.loads(exported.metrics_path.read_text())["test"][exported.model.name]
     served = serving_side_metrics(exported)
     assert served == pytest.approx(training_side, abs=1e-3)
 

@@ -36,26 +36,26 @@ from twotower.store.artifacts import load_split
 
 # variant -> settings tried (the first is the variant's default); each a dict of overrides
 VARIANTS: dict[str, list[dict]] = {
-    "two_tower": [{}],
-    "two_tower+senet": [{"model.gating": "senet"}],
-    "two_tower+light_se": [{"model.gating": "light_se"}],
+    "two_tower": [{"model.name": "two_tower"}],
+    "two_tower+senet": [{"model.name": "two_tower", "model.gating": "senet"}],
+    "two_tower+light_se": [{"model.name": "two_tower", "model.gating": "light_se"}],
     "dat": [
         {"model.name": "dat"},
         {"model.name": "dat", "model.dat.alignment_weight": 0.0},
         {"model.name": "dat", "model.dat.user_mimic_weight": 0.0, "model.dat.item_mimic_weight": 0.0},
     ],
-    "seq_attention": [{"model.name": "seq_attention"}, {"model.name": "seq_attention", "model.sequence.dropout": 0.3}],
-    "seq_gru": [{"model.name": "seq_gru"}],
-    "seq_hstu": [{"model.name": "seq_hstu"}],
-    # the same towers trained over whole sequences (model.sequence.training; twotower/models/next_item.py)
-    **{
-        f"{name}/whole_sequence": [{"model.name": name, "model.sequence.training": "whole_sequence"}]
-        for name in SEQUENCE_MODELS
-    },
+    # the sequence towers trained over whole sequences (the default), then per row (model.sequence.training)
+    **{name: [{"model.name": name}] for name in SEQUENCE_MODELS},
+    "seq_attention/per_row": [
+        {"model.name": "seq_attention", "model.sequence.training": "per_row"},
+        {"model.name": "seq_attention", "model.sequence.training": "per_row", "model.sequence.dropout": 0.3},
+    ],
+    "seq_gru/per_row": [{"model.name": "seq_gru", "model.sequence.training": "per_row"}],
+    "seq_hstu/per_row": [{"model.name": "seq_hstu", "model.sequence.training": "per_row"}],
     "inttower": [{"model.name": "inttower"}],
     "dcn_v2": [{"model.name": "dcn_v2"}],  # the ranking model: ranked exactly, served as a pre-ranker only
-    "two_tower/bpr": [{"model.loss": "bpr"}],
-    "two_tower/bce": [{"model.loss": "bce"}],
+    "two_tower/bpr": [{"model.name": "two_tower", "model.loss": "bpr"}],
+    "two_tower/bce": [{"model.name": "two_tower", "model.loss": "bce"}],
 }
 PRERANKERS = ("inttower", "dcn_v2")  # variants measured as the cascade's pre-ranking stage, when run
 COLUMNS = [*(f"recall@{k}" for k in RECALL_KS), "ndcg@10", "mrr@100", "coverage@10"]

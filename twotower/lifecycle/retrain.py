@@ -48,7 +48,7 @@ import pandas as pd
 from twotower.config import RecipeConfig
 from twotower.console import timed_step
 from twotower.lifecycle.refresh import add_new_items, refreshed_items, roll_out_new_version, served_run_lock
-from twotower.stages.data import data_cutoff
+from twotower.stages.data import data_cutoff, latest_history
 from twotower.store.artifacts import load_item_vectors, load_recipe_data
 from twotower.store.manifest import check_export, fingerprint, fingerprints, read_manifest, recorded_stage
 
@@ -87,10 +87,17 @@ def new_training_rows(inputs: TrainingInputs, since: int, replay: float, seed: i
     rows = np.sort(np.concatenate([new, replayed]))
     # The workflow stage encodes the training split row for row, in its order.
     encoded = inputs.train_dataset.to_ddf().compute().reset_index(drop=True)
+    kept = np.zeros(len(timestamps), bool)
+    kept[rows] = True
+    sequence_targets = None
+    if inputs.sequence_users is not None:  # whole sequences: every history is read, the kept positions trained
+        flagged = inputs.split.train.assign(kept=kept)
+        sequence_targets = latest_history(flagged, inputs.sequence_users.index.to_numpy(), None, column="kept")
     narrowed = dataclasses.replace(
         inputs,
         train_dataset=merlin.io.Dataset(encoded.iloc[rows].reset_index(drop=True), schema=inputs.schema),
         item_counts=item_frequencies(inputs.schema, inputs.item_vocabulary, inputs.split.train["item_id"].iloc[rows]),
+        sequence_targets=sequence_targets,
     )
     return narrowed, len(new), len(replayed)
 

@@ -234,16 +234,14 @@ class SequenceRetrievalModel(RetrievalModel):
             lengths = targets.row_lengths()
             queries = tf.RaggedTensor.from_row_lengths(flat, lengths).to_tensor()
             dense_targets = tf.cast(targets.to_tensor(), tf.int32)
-            return queries, dense_targets, tf.sequence_mask(lengths, tf.shape(dense_targets)[1])
+            # code 0 (padding) marks a position that is not trained on (a warm start's older positives)
+            return queries, dense_targets, tf.sequence_mask(lengths, tf.shape(dense_targets)[1]) & (dense_targets > 0)
 
         def item_vectors(training):
-            # No static row count, as in a real batch (see losses.UniformCatalogueSampler.sample)
-            features = {
-                name: values
-                if isinstance(values, tf.RaggedTensor)
-                else tf.compat.v1.placeholder_with_default(values, [None, *values.shape[1:]])
-                for name, values in catalogue.items()
-            }
+            # No static row count in any column, list columns included, as in a real batch (see
+            # losses.UniformCatalogueSampler.sample): the tower refuses a count only some columns have
+            every_item = tf.compat.v1.placeholder_with_default(tf.range(len(codes)), [None])
+            features = {name: tf.gather(values, every_item) for name, values in catalogue.items()}
             vectors = self.keras.candidate_encoder(features, training=training)
             return tf.scatter_nd(codes[:, None], vectors, [rows, tf.shape(vectors)[1]])
 

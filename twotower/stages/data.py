@@ -518,12 +518,13 @@ def causal_history(rows: pd.DataFrame, length: int) -> pd.Series:
     return pd.Series(history, index=rows.index, dtype=object)
 
 
-def latest_history(rows: pd.DataFrame, user_ids: np.ndarray, length: int | None) -> pd.Series:
+def latest_history(rows: pd.DataFrame, user_ids: np.ndarray, length: int | None, column: str = "item_id") -> pd.Series:
     """Each user's last ``length`` item ids in ``rows`` (all of them for None; oldest first),
-    indexed by user id; users without rows get an empty list."""
+    indexed by user id; users without rows get an empty list. ``column``: another column of the
+    same rows, in the same order."""
     ordered = rows.sort_values(["user_id", "timestamp", "item_id"], kind="stable")
     start = None if length is None else -length
-    latest = ordered.groupby("user_id")["item_id"].agg(lambda items: items.to_numpy()[start:].tolist())
+    latest = ordered.groupby("user_id")[column].agg(lambda items: items.to_numpy()[start:].tolist())
     return latest.reindex(user_ids).map(lambda items: items if isinstance(items, list) else [])
 
 

@@ -66,6 +66,9 @@ class TrainingInputs:
     item_counts: np.ndarray  # training positives per encoded item id (for the logQ correction)
     # whole-sequence training only: encoded users, history = all their training positives
     sequence_users: pd.DataFrame | None = None
+    # which of those positions are trained on as a next item, per user (as sequence_users' index);
+    # None: all of them. A warm start trains on the new positives (and replayed ones) only.
+    sequence_targets: pd.Series | None = None
 
     @property
     def schema(self) -> Schema:
@@ -225,13 +228,26 @@ def whole_sequence_batches(config: RecipeConfig, inputs: TrainingInputs) -> tf.d
     user's training positives (``windows``) is a row with the user's features, ``history`` all its
     items but the last and the next item of each of them (both ragged)."""
     users = inputs.sequence_users
-    cut = users[HISTORY].map(lambda items: windows(list(items), config.train.history_length))
+    length = config.train.history_length
+    cut = users[HISTORY].map(lambda items: windows(list(items), length))
     rows = users.loc[users.index.repeat(cut.map(len))].assign(**{HISTORY: [w for ws in cut for w in ws]})
+    next_items = rows[HISTORY].map(lambda items: list(items[1:]))
+    if inputs.sequence_targets is not None:
+        # Positions not trained on predict code 0, the padding code no item has: the trainer skips them.
+        trained = inputs.sequence_targets.reindex(users.index).map(lambda flags: windows(list(flags), length))
+        flags = pd.Series([w[1:] for ws in trained for w in ws], index=rows.index)
+        next_items = pd.Series(
+            [
+                [item if keep else 0 for item, keep in zip(items, keep_flags)]
+                for items, keep_flags in zip(next_items, flags)
+            ],
+            index=rows.index,
+        )
+        kept = flags.map(any).to_numpy()
+        rows, next_items = rows[kept], next_items[kept]
     query_schema = inputs.schema.select_by_tag(Tags.USER)
     tensors = feature_tensors(rows.assign(**{HISTORY: rows[HISTORY].map(lambda items: items[:-1])}), query_schema)
-    next_items = feature_tensors(
-        pd.DataFrame({HISTORY: rows[HISTORY].map(lambda items: items[1:])}), query_schema[[HISTORY]]
-    )[HISTORY]
+    next_items = feature_tensors(pd.DataFrame({HISTORY: next_items}), query_schema[[HISTORY]])[HISTORY]
     batches = shuffled_batches({**tensors, NEXT_ITEMS: next_items}, config.model.sequence.batch_windows, config.seed)
     return batches.map(lambda batch: ({k: v for k, v in batch.items() if k != NEXT_ITEMS}, batch[NEXT_ITEMS]))
 
