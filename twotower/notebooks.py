@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import logging
 import sys
 import time
 from pathlib import Path
@@ -51,8 +52,11 @@ def quiet_notebook_output() -> None:
     quiet_library_logs()
     ignore_known_warnings()
     import feast  # noqa: F401  (after TensorFlow, whose import warnings its filters would show)
-    import tensorflow  # noqa: F401
+    import tensorflow
 
+    # In a kernel, TensorFlow's first get_logger() sets its logger to INFO (its interactive
+    # default), undoing quiet_library_logs: make that first call here, then quiet it again.
+    tensorflow.get_logger().setLevel(logging.ERROR)
     ignore_known_warnings()
 
 
