@@ -113,7 +113,7 @@ benchmark-sequential: venv
 	$(TWOTOWER) benchmark-sequential
 
 test: venv
-	$(BIN)/python -m pytest $(PYTEST_ARGS) $(TESTS)
+	$(BIN)/python -m pytest --durations=30 $(PYTEST_ARGS) $(TESTS)
 
 # ruff (style and likely bugs, formatting) and import-linter (the layers and import rules in
 # pyproject.toml), from their own venv; tests/recipe/test_layout.py checks the rest of the rules.
