@@ -234,8 +234,9 @@ class SequenceRetrievalModel(RetrievalModel):
             lengths = targets.row_lengths()
             queries = tf.RaggedTensor.from_row_lengths(flat, lengths).to_tensor()
             dense_targets = tf.cast(targets.to_tensor(), tf.int32)
-            # code 0 (padding) marks a position that is not trained on (a warm start's older positives)
-            return queries, dense_targets, tf.sequence_mask(lengths, tf.shape(dense_targets)[1]) & (dense_targets > 0)
+            # Code 0 is padding, never an item: past each history's end, and at a position not trained
+            # on (a warm start's older positives), so it alone marks the positions to skip.
+            return queries, dense_targets, dense_targets > 0
 
         def item_vectors(training):
             # No static row count in any column, list columns included, as in a real batch (see
