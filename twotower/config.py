@@ -281,14 +281,13 @@ class ServeConfig:
     client_timeout_s: float = 30.0  # every gRPC call the recipe makes gives up after this
     model_name: str = "executor_model"
     exclude_seen: bool = True  # drop items the user already had as positives
-    max_request_users: int = 1024  # larger batches are refused with a clear error
+    # Requests carry user_id as [n, 1], n up to this (Triton's max_batch_size; larger ones are refused).
+    max_request_users: int = 1024
     startup_timeout_s: float = 120.0
     # Written into the exported executor_model/config.pbtxt (twotower/serving/export.py).
     instance_count: int = 1  # copies of the executor model Triton runs side by side
-    # Off by default: it changes the input contract to user_id [-1, 1] and Merlin's
-    # executor runs queued requests one by one, so it adds delay without batching work.
-    dynamic_batching: bool = False
-    max_batch_size: int = 256  # largest batch one request may carry when dynamic_batching is on
+    # Triton hands requests waiting together to the executor, which answers them in one pass of the graph.
+    dynamic_batching: bool = True
     max_queue_delay_us: int = 100  # how long Triton may hold a request to group it with others
     # The cascade's pre-ranking stage (twotower/serving/ops/prerank.py PrerankCandidates): retrieval fetches
     # this many candidates and the pre-ranker returns the best top_k of them; 0: no such stage.
@@ -348,6 +347,10 @@ class ServingBenchmarkConfig:
     batch_users: int = 64
     perf_analyzer: str = ""  # path of Triton's perf_analyzer binary (make perf-analyzer installs one); "" skips it
     perf_analyzer_interval_ms: int = 5000
+    # Triton's dynamic batcher measured at these queue delays (µs; -1: batcher off), single users at
+    # concurrency 1 and 16, on a copy of the export
+    queue_delays_us: list[int] = field(default_factory=lambda: [-1, 0, 100, 500, 2000])
+    breakdown_requests: int = 500  # single-user requests the per-stage profile times in process
 
 
 @dataclass

@@ -235,16 +235,16 @@ def run_prerank(config: RecipeConfig) -> dict:
 def run_export(config: RecipeConfig) -> Path:
     """Check that the model is served and the run's artifacts agree (``export_checks``),
     then write the model with its serving settings and the fingerprints it packaged."""
-    from twotower.serving.export import apply_serving_settings, export_ensemble
+    from twotower.serving.export import export_ensemble
     from twotower.serving.graph import recipe_ensemble
 
     packaged = export_checks(config)
-
-    def finish(model_dir: Path) -> None:
-        apply_serving_settings(model_dir, config.serve)
-        _write_export_record(model_dir, packaged)
-
-    export_ensemble(recipe_ensemble(config), config.export_dir, config.serve.model_name, finish)
+    export_ensemble(
+        recipe_ensemble(config),
+        config.export_dir,
+        config.serve,
+        lambda model_dir: _write_export_record(model_dir, packaged),
+    )
     print(f"[export] Triton model repository written to {config.export_dir}")
     return config.export_dir
 

@@ -26,7 +26,7 @@ from twotower import pipeline
 from twotower.config import ConfigError, prerank_config, set_value
 from twotower.models import head_shape
 from twotower.models.inttower import fe_score_matrix
-from twotower.serving.client import recommend
+from twotower.serving.client import recommend, user_id_request
 from twotower.serving.export import load_exported_ensemble, recommend_in_process
 from twotower.serving.triton import TritonServer
 from twotower.stages.evaluate import saved_query_vectors
@@ -147,12 +147,13 @@ def test_served_cascade_equals_the_in_process_graph_and_keeps_the_contract(casca
     with _server(cascade) as server:
         answer = recommend(requested, server.grpc_url)
         with grpcclient.InferenceServerClient(server.grpc_url) as client:
-            empty = grpcclient.InferInput("user_id", [0], "INT64")
-            empty.set_data_from_numpy(np.array([], dtype=np.int64))
+            too_many = user_id_request(np.zeros(cascade.serve.max_request_users + 1, dtype=np.int64))
             with pytest.raises(InferenceServerException) as raised:
-                client.infer(cascade.serve.model_name, [empty], client_timeout=30)
+                client.infer(cascade.serve.model_name, [too_many], client_timeout=30)
         assert raised.value.status() == "StatusCode.INVALID_ARGUMENT"
-        assert raised.value.message() == "empty request: 'user_id' has no rows"
+        assert raised.value.message().endswith(
+            f"batch-size must be <= {cascade.serve.max_request_users} for 'executor_model'"
+        )
         assert recommend(users[:1], server.grpc_url)["item_ids"].shape == (1, TOP_K)  # still serving
     np.testing.assert_array_equal(answer["item_ids"], expected["item_ids"])
     np.testing.assert_allclose(answer["scores"], expected["scores"], rtol=1e-5, atol=1e-6)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pandas as pd
@@ -17,11 +18,11 @@ import tritonclient.grpc as grpcclient
 from conftest import served_user_columns, small_config
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
-from tritonclient.utils import InferenceServerException
 
 from twotower import pipeline
 from twotower.benchmarks.support.redis_server import RedisServer
 from twotower.config import FeaturesConfig, ServeConfig
+from twotower.serving.client import recommend
 from twotower.serving.export import apply_serving_settings, load_exported_ensemble, recommend_in_process
 from twotower.serving.graph import recipe_ensemble
 from twotower.serving.triton import TritonServer
@@ -123,74 +124,70 @@ def _read_config(path) -> model_config_pb2.ModelConfig:
 
 
 @pytest.mark.unit
-def test_default_export_keeps_the_contract_with_one_cpu_instance(exported):
+def test_default_export_batches_up_to_the_request_limit_with_one_cpu_instance(exported):
     config = _read_config(exported.export_dir / "executor_model" / "config.pbtxt")
     assert [(group.count, group.kind) for group in config.instance_group] == [
         (1, model_config_pb2.ModelInstanceGroup.KIND_CPU)
     ]
-    assert config.max_batch_size == 0 and not config.HasField("dynamic_batching")
-    assert [(t.name, list(t.dims)) for t in config.input] == [("user_id", [-1])]
+    assert config.max_batch_size == exported.serve.max_request_users
+    assert config.dynamic_batching.max_queue_delay_microseconds == exported.serve.max_queue_delay_us
+    # a row per user on Triton's batch dimension; no empty reshape (Triton 2.51's python backend
+    # crashes on an empty batch of such an input)
+    assert [(t.name, list(t.dims), t.HasField("reshape")) for t in config.input] == [("user_id", [1], False)]
     k = exported.serve.top_k
-    assert {t.name: list(t.dims) for t in config.output} == {
-        "item_ids": [-1, k],
-        "scores": [-1, k],
-        "is_fallback": [-1],
-    }
+    assert {t.name: list(t.dims) for t in config.output} == {"item_ids": [k], "scores": [k], "is_fallback": [1]}
+    assert config.backend == "python" and config.platform == "merlin_executor"
 
 
 @pytest.mark.unit
-def test_instance_count_and_dynamic_batching_are_written(exported, tmp_path):
+def test_serving_settings_can_be_rewritten_on_an_export(exported, tmp_path):
     model_dir = tmp_path / "executor_model"
     model_dir.mkdir()
     shutil.copy2(exported.export_dir / "executor_model" / "config.pbtxt", model_dir)
-    serve = ServeConfig(instance_count=3, dynamic_batching=True, max_batch_size=64, max_queue_delay_us=250)
-    apply_serving_settings(model_dir, serve)
+    apply_serving_settings(model_dir, ServeConfig(instance_count=3, dynamic_batching=False, max_request_users=64))
 
     config = _read_config(model_dir / "config.pbtxt")
     assert [(group.count, group.kind) for group in config.instance_group] == [
         (3, model_config_pb2.ModelInstanceGroup.KIND_CPU)
     ]
-    assert config.max_batch_size == 64
-    assert config.dynamic_batching.max_queue_delay_microseconds == 250
+    assert config.max_batch_size == 64 and not config.HasField("dynamic_batching")
     (user_id,) = config.input
-    assert list(user_id.dims) == [1] and user_id.HasField("reshape") and list(user_id.reshape.shape) == []
-    k = exported.serve.top_k
-    assert {t.name: list(t.dims) for t in config.output} == {"item_ids": [k], "scores": [k], "is_fallback": [1]}
-    assert config.backend == "python" and config.platform == "merlin_executor"
+    assert list(user_id.dims) == [1]  # the batch dimension is added once
+    assert {t.name: list(t.dims) for t in config.output}["item_ids"] == [exported.serve.top_k]
 
     with pytest.raises(ValueError, match="instance_count"):
         apply_serving_settings(model_dir, ServeConfig(instance_count=0))
 
 
 @pytest.mark.integration
-def test_triton_serves_two_instances_with_dynamic_batching(exported, tmp_path):
+def test_concurrent_requests_are_batched_and_each_gets_its_own_users_answer(exported, tmp_path):
     # A copy of the run (outputs and model repository side by side, as the export expects).
     shutil.copytree(exported.output_dir, tmp_path / "artifacts")
     shutil.copytree(exported.export_dir, tmp_path / "triton_models")
+    # a long queue delay, so requests sent together are surely batched together
     serve = ServeConfig(
         grpc_port=0,
         http_port=0,
         metrics_port=0,
         top_k=exported.serve.top_k,
         instance_count=2,
-        dynamic_batching=True,
-        max_batch_size=32,
+        max_queue_delay_us=200_000,
     )
     apply_serving_settings(tmp_path / "triton_models" / serve.model_name, serve)
-    users = _test_users(exported)
-    expected = recommend_in_process(load_exported_ensemble(tmp_path / "triton_models"), users)
+    known = _test_users(exported, 12)
+    requests = [np.array([user]) for user in known] + [np.array([-7]), known[:3], known[::-1]]
+    ensemble = load_exported_ensemble(tmp_path / "triton_models")
+    expected = [recommend_in_process(ensemble, users) for users in requests]
 
     with TritonServer(tmp_path / "triton_models", tmp_path / "triton", serve) as server:
+        with ThreadPoolExecutor(len(requests)) as pool:
+            answers = list(pool.map(lambda users: recommend(users, server.grpc_url), requests))
         with grpcclient.InferenceServerClient(server.grpc_url) as client:
-            served = client.get_model_config(serve.model_name, client_timeout=30).config
-            assert served.instance_group[0].count == 2 and served.max_batch_size == 32
-            # with dynamic batching on, a request carries user_id as [n, 1]
-            request = grpcclient.InferInput("user_id", [len(users), 1], "INT64")
-            request.set_data_from_numpy(users.astype(np.int64).reshape(-1, 1))
-            result = client.infer(serve.model_name, [request], client_timeout=30)
-            flat = grpcclient.InferInput("user_id", [len(users)], "INT64")
-            flat.set_data_from_numpy(users.astype(np.int64))
-            with pytest.raises(InferenceServerException, match="shape"):
-                client.infer(serve.model_name, [flat], client_timeout=30)
-    np.testing.assert_array_equal(result.as_numpy("item_ids"), expected["item_ids"])
-    np.testing.assert_allclose(result.as_numpy("scores"), expected["scores"], rtol=1e-5, atol=1e-6)
+            (stats,) = client.get_inference_statistics(serve.model_name, client_timeout=30).model_stats
+    for users, answer, alone in zip(requests, answers, expected):
+        assert answer["item_ids"].shape == (len(users), serve.top_k)
+        np.testing.assert_array_equal(answer["item_ids"], alone["item_ids"])
+        np.testing.assert_allclose(answer["scores"], alone["scores"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(answer["is_fallback"], alone["is_fallback"])
+    assert stats.inference_count == sum(len(users) for users in requests)
+    assert stats.execution_count < len(requests), "no two requests were answered together"

@@ -99,7 +99,7 @@ def grown_catalogue(
 # ------------------------------------------------------------------ serving
 def export_with_index(config: RecipeConfig, index_path: Path, export_dir: Path) -> Path:
     """The run's serving graph over another index, exported as ``twotower export`` does."""
-    from twotower.serving.export import apply_serving_settings, export_ensemble
+    from twotower.serving.export import export_ensemble
     from twotower.serving.graph import build_ensemble, popular_items
 
     ensemble = build_ensemble(
@@ -112,9 +112,7 @@ def export_with_index(config: RecipeConfig, index_path: Path, export_dir: Path) 
         max_users=config.serve.max_request_users,
         workflow_fingerprint=fingerprint(config.workflow_dir),
     )
-    return export_ensemble(
-        ensemble, export_dir, config.serve.model_name, lambda model_dir: apply_serving_settings(model_dir, config.serve)
-    )
+    return export_ensemble(ensemble, export_dir, config.serve)
 
 
 def served_latency(config: RecipeConfig, export_dir: Path, users: np.ndarray, work_dir: Path) -> dict[str, float]:

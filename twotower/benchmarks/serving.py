@@ -11,6 +11,7 @@ JSON file whose path is the last line printed.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import re
 import subprocess
@@ -85,8 +86,8 @@ def triton_model_stats(metrics_url: str, model: str) -> dict[str, float]:
     for name in (
         "request_success",
         "request_failure",
-        "inference_count",
-        "execution_count",
+        "count",  # users (rows) inferred
+        "exec_count",  # executions of the model: fewer than requests when Triton batched them
         "request_duration_us",
         "queue_duration_us",
         "compute_infer_duration_us",
@@ -148,8 +149,8 @@ def soak(config: RecipeConfig, url: str, users: np.ndarray) -> dict:
     bench, model = config.benchmark, config.serve.model_name
 
     def fp32_request() -> list[grpcclient.InferInput]:
-        request = grpcclient.InferInput("user_id", [1], "FP32")
-        request.set_data_from_numpy(np.array([1.0], dtype=np.float32))
+        request = grpcclient.InferInput("user_id", [1, 1], "FP32")
+        request.set_data_from_numpy(np.array([[1.0]], dtype=np.float32))
         return [request]
 
     malformed = [
@@ -259,6 +260,93 @@ def perf_analyzer_phases(config: RecipeConfig, url: str, users: np.ndarray, out_
     return results
 
 
+STAGES = {  # the recipe's operators, by the stage of a request they are
+    "OnlineQueryFeatures": "feature_store_read",
+    "PredictQueryTower": "query_tower",
+    "RetrieveTopK": "index_search",
+    "RetrieveByHeads": "index_search",
+    "PrerankCandidates": "prerank",
+}
+
+
+def stage_breakdown(export_dir: Path, users: np.ndarray, count: int) -> dict[str, float]:
+    """Where one single-user request's time goes in process: the p50 (ms) of each operator of the
+    exported graph, of the seen-item lookup inside the index search (``seen_exclusion``), of the
+    rest of Merlin's executor around them (``graph_overhead``) and of the whole request."""
+    from merlin.dag import postorder_iter_nodes
+
+    from twotower.serving.export import load_exported_ensemble, recommend_in_process
+
+    ensemble = load_exported_ensemble(export_dir)
+    spent: dict[str, float] = {}
+
+    def timed(name: str, function):
+        def wrapper(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                spent[name] = spent.get(name, 0.0) + (time.perf_counter() - started) * 1000
+
+        return wrapper
+
+    for node in postorder_iter_nodes(ensemble.graph.output_node, flatten_subgraphs=True):
+        stage = STAGES.get(type(node.op).__name__)
+        if stage:
+            node.op.transform = timed(stage, node.op.transform)  # this loaded copy only
+            if stage == "index_search" and hasattr(node.op.resource, "positions"):
+                node.op.resource.positions = timed("seen_exclusion", node.op.resource.positions)
+    samples: dict[str, list[float]] = {}
+    for position, user in enumerate(users[: count + 20]):
+        spent.clear()
+        started = time.perf_counter()
+        recommend_in_process(ensemble, np.array([user]))
+        total = (time.perf_counter() - started) * 1000
+        if position < 20:  # warm-up
+            continue
+        stages = {**spent, "index_search": spent["index_search"] - spent.get("seen_exclusion", 0.0)}
+        stages["graph_overhead"] = total - sum(stages.values())
+        for name, ms in {**stages, "in_process_total": total}.items():
+            samples.setdefault(name, []).append(ms)
+    return {name: float(np.median(values)) for name, values in samples.items()}
+
+
+def batching_sweep(config: RecipeConfig, users: np.ndarray, out_dir: Path) -> dict[str, dict]:
+    """The recipe's graph at each of ``benchmark.serving.queue_delays_us`` (-1: no dynamic batcher),
+    on a copy of its export, single users at concurrency 1 and 16: p50, p99, users/s, and the
+    mean number of requests Triton handed the executor together."""
+    from twotower.serving.export import apply_serving_settings, export_ensemble
+    from twotower.serving.graph import recipe_ensemble
+
+    bench, model, timeout_s = config.benchmark.serving, config.serve.model_name, config.serve.client_timeout_s
+    serve = on_free_ports(config.serve)
+    repository = export_ensemble(recipe_ensemble(config), out_dir / "batching_models", serve)
+    results = {}
+    for delay in bench.queue_delays_us:
+        setting = "off" if delay < 0 else f"{delay}us"
+        settings = dataclasses.replace(serve, dynamic_batching=delay >= 0, max_queue_delay_us=max(delay, 0))
+        apply_serving_settings(repository / model, settings)
+        with TritonServer(repository, out_dir / "triton-batching", settings) as server:
+            drive_requests(
+                server.grpc_url, model, user_batches(users, bench.warmup_requests, 1, config.seed), 1, timeout_s
+            )
+            results[setting] = {}
+            for concurrency in (1, 16):
+                before = triton_model_stats(server.metrics_url, model)
+                batches = user_batches(users, bench.requests_per_phase, 1, config.seed + 1)
+                phase = latency_summary(*drive_requests(server.grpc_url, model, batches, concurrency, timeout_s), 1)
+                after = triton_model_stats(server.metrics_url, model)
+                executions = max(after["exec_count"] - before["exec_count"], 1)
+                phase["requests_per_execution"] = (after["request_success"] - before["request_success"]) / executions
+                results[setting][f"c{concurrency}"] = phase
+        print(
+            f"  batching {setting:>7}: c1 p50 {results[setting]['c1']['p50_ms']:.2f} ms; c16 "
+            f"{results[setting]['c16']['users_per_s']:.0f} users/s, p99 {results[setting]['c16']['p99_ms']:.2f} ms, "
+            f"{results[setting]['c16']['requests_per_execution']:.1f} requests an execution"
+        )
+    return results
+
+
 def export_reference(config: RecipeConfig, out_dir: Path) -> Path:
     """The NVIDIA example's graph over the same model: Feast SDK, per-request NVTabular, IVF32."""
     from twotower.benchmarks.support.reference_graph import build_reference_ensemble
@@ -276,7 +364,7 @@ def export_reference(config: RecipeConfig, out_dir: Path) -> Path:
         config.serve.top_k,
         config.serve.max_request_users,
     )
-    return export_ensemble(ensemble, out_dir / "reference_models", config.serve.model_name)
+    return export_ensemble(ensemble, out_dir / "reference_models", config.serve)
 
 
 def _print_table(phases: dict[str, dict]) -> None:
@@ -320,11 +408,23 @@ def run_serving_benchmark(config: RecipeConfig) -> Path:
                 soak_result = soak(config, url, users)
                 print(f"  soak {soak_result}")
     phases = {phase: {graph: by_graph[graph][phase] for graph in graphs} for phase in by_graph["recipe"]}
+    print("[benchmark] dynamic batching at each queue delay")
+    sweep = batching_sweep(config, users, out_dir)
+    breakdown = stage_breakdown(config.export_dir, users, config.benchmark.serving.breakdown_requests)
+    breakdown["triton_and_grpc"] = phases["c1"]["recipe"]["p50_ms"] - breakdown["in_process_total"]
     report = {
         "date": date.today().isoformat(),
         "dataset": config.data.dataset,
         "top_k": config.serve.top_k,
+        "settings": {
+            "dynamic_batching": config.serve.dynamic_batching,
+            "max_queue_delay_us": config.serve.max_queue_delay_us,
+            "instance_count": config.serve.instance_count,
+        },
         "phases": phases,
+        # p50 of each stage of one single-user request (in process), and what Triton and gRPC add at c1
+        "breakdown_ms": breakdown,
+        "batching_sweep": sweep,
         # The same graphs without Triton: what the served ratio should be close to.
         "in_process": {
             graph: in_process_latency(model_repository, users, min(config.benchmark.serving.requests_per_phase, 1000))
@@ -338,6 +438,7 @@ def run_serving_benchmark(config: RecipeConfig) -> Path:
         report["in_process"]["reference"]["p50_ms"] / report["in_process"]["recipe"]["p50_ms"]
     )
     _print_table(phases)
+    print("\n" + text_table([Column("stage (single user, p50)", 26), Column("ms", 8, ".3f")], breakdown.items()))
     for graph, result in report["in_process"].items():
         print(
             f"\nin-process DAG (no Triton), {graph}, single user: "

@@ -18,7 +18,9 @@ DEFAULT_TIMEOUT_S = 30.0
 
 
 def user_id_request(user_ids: np.ndarray) -> grpcclient.InferInput:
-    """The ``user_id`` input tensor for a batch of user ids: INT64, or BYTES for text ids."""
+    """The ``user_id`` input tensor for a batch of user ids, shaped [n, 1] (a row per user on Triton's
+    batch dimension): INT64, or BYTES for text ids."""
+    user_ids = np.asarray(user_ids).reshape(-1, 1)
     if user_ids.dtype.kind not in "OUS":  # numbers (and an empty batch, which NumPy makes float)
         request = grpcclient.InferInput("user_id", list(user_ids.shape), "INT64")
         request.set_data_from_numpy(user_ids.astype(np.int64))
@@ -36,13 +38,14 @@ def recommend(
     model_name: str = "executor_model",
     timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> dict[str, np.ndarray]:
-    """Top-k item ids (as the data files spell them), scores (best first) and the cold-start flag
-    for each user id (ints, or text where the data's ids are text; text item ids come back as bytes).
+    """Top-k item ids (as the data files spell them), scores (best first), [n, k] each, and the
+    cold-start flag [n] for each user id (ints, or text where the data's ids are text; text item
+    ids come back as bytes).
 
     Raises ``tritonclient.utils.InferenceServerException``: status ``StatusCode.INVALID_ARGUMENT``
     for a request the service refuses, ``DEADLINE_EXCEEDED`` after ``timeout_s``.
     """
-    request = user_id_request(np.asarray(user_ids).reshape(-1))
+    request = user_id_request(np.asarray(user_ids))
     with grpcclient.InferenceServerClient(url) as client:
         result = client.infer(
             model_name,
@@ -50,7 +53,9 @@ def recommend(
             outputs=[grpcclient.InferRequestedOutput(n) for n in OUTPUTS],
             client_timeout=timeout_s,
         )
-    return {name: result.as_numpy(name) for name in OUTPUTS}
+    answer = {name: result.as_numpy(name) for name in OUTPUTS}
+    answer["is_fallback"] = answer["is_fallback"].reshape(-1)  # [n, 1] on the wire
+    return answer
 
 
 def print_recommendations(config: RecipeConfig, user_ids: list, url: str | None = None) -> None:

@@ -2,11 +2,12 @@
 
 A model is exported whole into a staging folder and swapped in (``export_ensemble``); later
 versions are added beside the served one (``export_version``). merlin-systems writes
-``executor_model/config.pbtxt`` with one instance of kind AUTO and no batching; after the export
-``apply_serving_settings`` sets ``serve.instance_count`` and, when ``serve.dynamic_batching`` is
-on, Triton's dynamic batcher, editing the configuration as the protobuf message Triton itself
-reads, and every export gets the recipe's executor ``model.py`` (``executor_model.py``, its
-error statuses).
+``executor_model/config.pbtxt`` with one instance of kind AUTO and no batching;
+``apply_serving_settings`` gives it the recipe's serving contract (a batch dimension of up to
+``serve.max_request_users`` users), ``serve.instance_count`` and, when ``serve.dynamic_batching``
+is on, Triton's dynamic batcher, editing the configuration as the protobuf message Triton itself
+reads; every export gets the recipe's executor ``model.py`` (``executor_model.py``: requests
+batched together answered by one pass of the graph, its error statuses).
 """
 
 from __future__ import annotations
@@ -31,11 +32,12 @@ MODEL_NAME = "executor_model"
 
 
 def export_ensemble(
-    ensemble: Ensemble, export_dir: Path, model_name: str = MODEL_NAME, finish: Callable[[Path], None] | None = None
+    ensemble: Ensemble, export_dir: Path, serve: ServeConfig, finish: Callable[[Path], None] | None = None
 ) -> Path:
-    """Write the model ``model_name`` into the Triton model repository ``export_dir``, replacing an
-    older export of it whole: it is built in a staging folder, completed there by ``finish(model_dir)``,
-    then swapped in, so a failed or killed export leaves the previous model in place.
+    """Write the model ``serve.model_name`` with the serving settings of ``serve`` into the Triton model
+    repository ``export_dir``, replacing an older export of it whole: it is built in a staging folder,
+    completed there by ``finish(model_dir)``, then swapped in, so a failed or killed export leaves the
+    previous model in place.
 
     The staging folder sits inside ``export_dir``, at the model's own depth: operators record
     paths relative to it (the Feast repository), and ``export_dir`` may be a volume of its own,
@@ -44,10 +46,11 @@ def export_ensemble(
     Every export gets the recipe's executor ``model.py`` (its error statuses).
     """
 
-    with atomic_dir(export_dir / model_name) as model_dir:
+    with atomic_dir(export_dir / serve.model_name) as model_dir:
         ensemble.export(str(export_dir), name=model_dir.name)
-        _name_model(model_dir, model_name)
+        _name_model(model_dir, serve.model_name)
         install_executor_model(model_dir)
+        apply_serving_settings(model_dir, serve)
         if finish is not None:
             finish(model_dir)
     return export_dir
@@ -114,30 +117,29 @@ def recommend_in_process(ensemble: Ensemble, user_ids: np.ndarray) -> dict[str, 
     return {name: np.asarray(output[name].values) for name in ("item_ids", "scores", "is_fallback")}
 
 
-def _enable_dynamic_batching(config: model_config_pb2.ModelConfig, serve: ServeConfig) -> None:
-    """Triton queues requests up to ``max_queue_delay_us`` and hands them to the model together.
+def _add_batch_dimension(config: model_config_pb2.ModelConfig, max_users: int) -> None:
+    """Requests carry up to ``max_users`` users on a batch dimension Triton knows, so its dynamic
+    batcher can hand several requests to the executor together.
 
-    With ``max_batch_size > 0`` Triton adds the batch dimension itself, so every
-    tensor's dims lose their leading -1. ``user_id`` [-1] has nothing left, and an
-    input needs a dimension: it becomes dims [1] reshaped to [], so clients send
-    shape [n, 1] while the executor still receives [n]. Outputs [-1, k] become [k].
+    With ``max_batch_size > 0`` Triton adds the batch dimension itself, so every tensor's dims
+    lose their leading -1 and one with nothing left gets dims [1]: clients send ``user_id`` as
+    [n, 1] and receive ``is_fallback`` as [n, 1]. No ``reshape`` to []: Triton 2.51's python
+    backend crashes the server on an empty batch of such an input, while with dims [1] Triton
+    itself refuses it as INVALID_ARGUMENT.
     """
-    if serve.max_batch_size < 1:
-        raise ValueError(f"serve.max_batch_size must be >= 1 with dynamic batching, got {serve.max_batch_size}")
-    config.max_batch_size = serve.max_batch_size
-    config.dynamic_batching.max_queue_delay_microseconds = serve.max_queue_delay_us
-    for tensor in (*config.input, *config.output):
-        per_row = list(tensor.dims)[1:]
-        del tensor.dims[:]
-        if per_row:
+    if max_users < 1:
+        raise ValueError(f"serve.max_request_users must be >= 1, got {max_users}")
+    if not config.max_batch_size:  # as merlin-systems wrote it, every tensor's dims lead with -1
+        for tensor in (*config.input, *config.output):
+            per_row = list(tensor.dims)[1:] or [1]
+            del tensor.dims[:]
             tensor.dims.extend(per_row)
-        else:
-            tensor.dims.append(1)
-            tensor.reshape.SetInParent()  # an empty reshape: the model sees no per-row dimension
+    config.max_batch_size = max_users
 
 
 def apply_serving_settings(model_dir: Path, serve: ServeConfig) -> model_config_pb2.ModelConfig:
-    """Rewrite ``model_dir/config.pbtxt`` with the instance count and batching of ``serve``."""
+    """Rewrite ``model_dir/config.pbtxt`` (as merlin-systems wrote it, or as this function did) with
+    the batch dimension, instance count and dynamic batcher of ``serve``."""
     if serve.instance_count < 1:
         raise ValueError(f"serve.instance_count must be >= 1, got {serve.instance_count}")
     path = Path(model_dir) / "config.pbtxt"
@@ -146,8 +148,10 @@ def apply_serving_settings(model_dir: Path, serve: ServeConfig) -> model_config_
     # KIND_CPU: `count` is then the total number of instances. The executor is a python
     # model; TensorFlow inside it still finds a GPU where there is one.
     config.instance_group.add(count=serve.instance_count, kind=model_config_pb2.ModelInstanceGroup.KIND_CPU)
+    _add_batch_dimension(config, serve.max_request_users)
+    config.ClearField("dynamic_batching")
     if serve.dynamic_batching:
-        _enable_dynamic_batching(config, serve)
+        config.dynamic_batching.max_queue_delay_microseconds = serve.max_queue_delay_us
     path.write_text(text_format.MessageToString(config))
     return config
 
