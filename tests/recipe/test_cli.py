@@ -110,13 +110,26 @@ def test_only_the_known_warnings_are_filtered():
     ]
 
 
-@pytest.mark.parametrize(("stage", "first"), [("train", "data"), ("index", "train")])
-def test_a_stage_run_before_its_inputs_exist_names_the_stage_to_run_first(tmp_path, stage, first):
+@pytest.mark.parametrize(
+    ("command", "first"),
+    [
+        (["train"], "data"),
+        (["index"], "train"),
+        (["features"], "data"),
+        (["export"], "data"),
+        (["serve"], "export"),
+        (["query", "--user", "1"], "data"),
+        (["recommend", "--users", "all", "--out", "answers.parquet"], "data"),
+        (["refresh-items", "--items", "items.parquet"], "data"),
+        (["retrain", "--since", "2000-01-01"], "data"),
+    ],
+    ids=lambda value: value[0] if isinstance(value, list) else value,
+)
+def test_a_command_run_before_its_inputs_exist_names_the_stage_to_run_first(tmp_path, capsys, command, first):
     run = ["--set", f"output_dir={tmp_path / 'artifacts'}", "--set", f"export_dir={tmp_path / 'triton_models'}"]
-    refused = subprocess.run(
-        [sys.executable, "-m", "twotower", *run, stage], capture_output=True, text=True, timeout=120
-    )
-    assert refused.returncode == 2, refused.stderr[-2000:]
-    (line,) = refused.stderr.strip().splitlines()
-    assert line.startswith("twotower: no ") and line.endswith(f": run the '{first}' stage first"), line
-    assert not any(tmp_path.iterdir()), "a refused stage wrote something"
+    with pytest.raises(SystemExit) as refused:
+        cli.main([*run, *command])
+    assert refused.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("twotower: ") and line.endswith(f": run the '{first}' stage first"), line
+    assert not any(tmp_path.iterdir()), "a refused command wrote something"

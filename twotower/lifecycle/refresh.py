@@ -55,6 +55,7 @@ from twotower.stages.data import as_numbers, side_table
 from twotower.store.artifacts import (
     EXTERNAL_ID,
     DataError,
+    MissingArtifact,
     call_signature,
     has_text_ids,
     load_item_vectors,
@@ -292,5 +293,8 @@ def roll_out_new_version(config: RecipeConfig, step: str) -> tuple[int, list[str
 
 def served_run_lock(config: RecipeConfig):
     """One command at a time that rewrites a served run's artifacts in place (refresh-items, retrain):
-    each reads the index, the vectors and the store, and writes them back."""
+    each reads the index, the vectors and the store, and writes them back. In a folder where nothing
+    has run, MissingArtifact before anything is written there."""
+    if not config.manifest_path.exists():
+        raise MissingArtifact(f"no run under {config.output_dir}: run the 'data' stage first")
     return exclusive_lock(config.output_dir / ".refresh.lock")

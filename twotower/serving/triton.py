@@ -29,6 +29,7 @@ from tritonclient.utils import InferenceServerException
 
 from twotower.config import RecipeConfig, ServeConfig
 from twotower.offline import TELEMETRY_OFF
+from twotower.store.artifacts import MissingArtifact
 from twotower.store.manifest import ArtifactMismatch
 
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
@@ -271,8 +272,8 @@ class TritonServer:
         if self.process is not None and self.process.poll() is None:
             raise RuntimeError(f"tritonserver already running (pid {self.process.pid})")
         if not (self.model_repository / self.config.model_name / "config.pbtxt").exists():
-            raise FileNotFoundError(
-                f"no exported model {self.config.model_name!r} in {self.model_repository}; run the 'export' stage"
+            raise MissingArtifact(
+                f"no exported model {self.config.model_name!r} in {self.model_repository}: run the 'export' stage first"
             )
         configured = ServerPorts(self.config.grpc_port, self.config.http_port, self.config.metrics_port)
         pick = 0 in (configured.grpc, configured.http, configured.metrics)
