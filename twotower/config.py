@@ -359,7 +359,8 @@ class FaultBenchmarkConfig:
 
     concurrency: int = 16
     gap_s: float = 10.0  # Redis is down this long, mid-soak
-    soak_seconds: float = 600.0  # the memory soak
+    soak_seconds: float = 1800.0  # the memory soak
+    soak_warmup_s: float = 300.0  # RSS growth is measured from here to the soak's end
     sample_users: int = 200  # users whose answers are checked against the healthy server's
     stage_kill_after_s: float = 5.0  # 'features' is killed this long after it starts
 

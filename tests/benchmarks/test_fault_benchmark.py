@@ -30,4 +30,7 @@ def test_fault_benchmark_smoke_run(exported, tmp_path):
     assert report["stage_killed"]["same_answers"]
     soak = report["memory_soak"]
     assert soak["good"] > 0 and soak["wrong"] == soak["hang"] == soak["clear_error"] == 0
+    programs = {name.split()[0] for name in soak["rss_mb"]["0"]}
+    assert {"tritonserver", "triton_python_backend_stub"} <= programs, programs
+    assert soak["rss_growth_pct_after_warmup"].keys() == soak["rss_mb"]["0"].keys()
     assert (config.output_dir / "benchmark-faults" / "faults.png").stat().st_size > 0

@@ -39,12 +39,12 @@ def test_served_path_gives_the_training_side_metrics(exported):
 def test_saved_towers_reload_without_retraining(exported):
     from twotower.stages.evaluate import saved_query_vectors
     from twotower.stages.workflow import encoded_catalogue, load_saved_workflows
-    from twotower.store.artifacts import call_signature, load_recipe_data, load_serving_signature
+    from twotower.store.artifacts import ServingSignature, call_signature, load_recipe_data
 
     data = load_recipe_data(exported.data_dir)
     catalogue = encoded_catalogue(load_saved_workflows(exported.workflow_dir), data.items)
     item_ids, vectors = load_item_vectors(exported.item_vectors_path)
-    reloaded = call_signature(load_serving_signature(exported.candidate_tower_dir), catalogue.features)
+    reloaded = call_signature(ServingSignature(exported.candidate_tower_dir), catalogue.features)
     np.testing.assert_array_equal(item_ids, catalogue.item_ids)
     np.testing.assert_allclose(reloaded, vectors, atol=1e-5)
 

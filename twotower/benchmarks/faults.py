@@ -56,16 +56,26 @@ class Outcome:
     message: str = ""
 
 
-def group_rss_mb(leader_pid: int) -> float:
-    """Resident memory of every live process in ``leader_pid``'s process group (server and stubs)."""
-    total_kb = 0
+def process_rss_mb(leader_pid: int) -> dict[str, float]:
+    """Resident memory (MB) of every live process in ``leader_pid``'s process group (the server and
+    its python backend stubs), keyed by program name and pid."""
+    rss = {}
     for pid in process_group(leader_pid):
         try:
             status = Path(f"/proc/{pid}/status").read_text()
+            program = Path(Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()).name
         except OSError:
             continue
-        total_kb += next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0)
-    return total_kb / 1024
+        kb = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0)
+        rss[f"{program} {pid}"] = kb / 1024
+    return rss
+
+
+def growth_after_warmup(samples: list[tuple[float, dict[str, float]]], warmup_s: float) -> dict[str, float]:
+    """Each process's RSS growth (%) from the first sample at or after ``warmup_s`` to the last."""
+    start = next((rss for at, rss in samples if at >= warmup_s), samples[-1][1])
+    end = samples[-1][1]
+    return {name: 100 * (end[name] - mb) / mb for name, mb in start.items() if name in end and mb}
 
 
 def answers(url: str, model: str, users: np.ndarray, timeout_s: float) -> np.ndarray:
@@ -220,7 +230,7 @@ def _copy_run(config: RecipeConfig, run_dir: Path, redis: RedisServer) -> Recipe
     return run
 
 
-def plot_faults(gap: dict, rss: list[tuple[float, float]], path: Path) -> Figure:
+def plot_faults(gap: dict, rss: list[tuple[float, dict[str, float]]], path: Path) -> Figure:
     fig = Figure(figsize=(11, 4))
     outcome_ax, rss_ax = fig.subplots(1, 2)
     times = np.array([t for t, _ in gap["timeline"]])
@@ -230,8 +240,12 @@ def plot_faults(gap: dict, rss: list[tuple[float, float]], path: Path) -> Figure
     outcome_ax.axvspan(gap["stopped_at_s"], gap["restarted_at_s"], color="grey", alpha=0.2, label="Redis stopped")
     outcome_ax.set(title="requests per second around a Redis outage", xlabel="seconds", ylabel="requests")
     outcome_ax.legend()
-    rss_ax.plot([t / 60 for t, _ in rss], [mb for _, mb in rss], marker=".")
-    rss_ax.set(title="server RSS during the soak", xlabel="minutes", ylabel="MB (tritonserver + stubs)")
+    for name in rss[0][1]:
+        rss_ax.plot(
+            [t / 60 for t, _ in rss], [by_process.get(name, np.nan) for _, by_process in rss], marker=".", label=name
+        )
+    rss_ax.set(title="server RSS during the soak", xlabel="minutes", ylabel="MB")
+    rss_ax.legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -240,9 +254,9 @@ def plot_faults(gap: dict, rss: list[tuple[float, float]], path: Path) -> Figure
 
 def memory_soak(
     server: TritonServer, config: RecipeConfig, expected: dict[int, np.ndarray]
-) -> tuple[dict, list[tuple[float, float]]]:
+) -> tuple[dict, list[tuple[float, dict[str, float]]]]:
     bench, serve = config.benchmark, config.serve
-    samples = [(0.0, group_rss_mb(server.process.pid))]
+    samples = [(0.0, process_rss_mb(server.process.pid))]
     slices = max(int(bench.faults.soak_seconds // 30), 1)
     outcomes: list[Outcome] = []
     for index in range(slices):  # RSS sampled between slices of the soak
@@ -255,17 +269,20 @@ def memory_soak(
             serve.client_timeout_s,
             config.seed + index,
         )
-        samples.append(((index + 1) * bench.faults.soak_seconds / slices, group_rss_mb(server.process.pid)))
+        samples.append(((index + 1) * bench.faults.soak_seconds / slices, process_rss_mb(server.process.pid)))
         print(
             f"  soak {samples[-1][0]:6.0f}/{bench.faults.soak_seconds:.0f} s  "
-            f"RSS {samples[-1][1]:7.1f} MB  {counts(outcomes)}",
+            f"RSS {sum(samples[-1][1].values()):7.1f} MB  {counts(outcomes)}",
             flush=True,
         )
     return {
         "seconds": bench.faults.soak_seconds,
         **counts(outcomes),
-        "rss_mb_before": samples[0][1],
-        "rss_mb_after": samples[-1][1],
+        "rss_mb_before": sum(samples[0][1].values()),
+        "rss_mb_after": sum(samples[-1][1].values()),
+        "rss_mb": {f"{at:.0f}": by_process for at, by_process in samples},
+        "warmup_s": bench.faults.soak_warmup_s,
+        "rss_growth_pct_after_warmup": growth_after_warmup(samples, bench.faults.soak_warmup_s),
     }, samples
 
 
@@ -339,5 +356,6 @@ def _print_report(report: dict) -> None:
     )
     print(
         f"server RSS {soak_counts['rss_mb_before']:.0f} MB before, {soak_counts['rss_mb_after']:.0f} MB after "
-        f"{soak_counts['seconds']:.0f} s of soak"
+        f"{soak_counts['seconds']:.0f} s of soak; growth after {soak_counts['warmup_s']:.0f} s by process: "
+        + ", ".join(f"{name} {pct:+.2f}%" for name, pct in soak_counts["rss_growth_pct_after_warmup"].items())
     )

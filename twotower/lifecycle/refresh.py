@@ -56,11 +56,11 @@ from twotower.store.artifacts import (
     EXTERNAL_ID,
     DataError,
     MissingArtifact,
+    ServingSignature,
     call_signature,
     has_text_ids,
     load_item_vectors,
     load_recipe_data,
-    load_serving_signature,
     save_item_vectors,
 )
 from twotower.store.atomic import atomic_file, exclusive_lock
@@ -155,7 +155,7 @@ def embed_items(items: pd.DataFrame, config: RecipeConfig) -> np.ndarray:
     from twotower.stages.workflow import ITEM_SUBGRAPH, load_workflow, transform_frame
 
     encoded = transform_frame(load_workflow(config.workflow_dir, ITEM_SUBGRAPH), items)
-    return call_signature(load_serving_signature(config.candidate_tower_dir), encoded)
+    return call_signature(ServingSignature(config.candidate_tower_dir), encoded)
 
 
 def add_to_catalogue(items: pd.DataFrame, vectors: np.ndarray, config: RecipeConfig) -> int:

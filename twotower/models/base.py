@@ -22,7 +22,6 @@ from merlin.schema import ColumnSchema, Schema, Tags
 from twotower.config import ModelConfig, TrainConfig
 from twotower.models.gating import field_gate
 from twotower.models.losses import loss_for
-from twotower.store.artifacts import load_serving_signature
 
 HISTORY = "history"  # the query feature that shares the item id's table
 
@@ -129,12 +128,6 @@ class RetrievalModel:
             )
         for variable, value in zip(variables, values):
             variable.assign(value)
-
-    @staticmethod
-    def load_query_tower(path: Path):
-        """A saved query tower's serving signature (plain TensorFlow, as the server runs it)."""
-
-        return load_serving_signature(path)
 
     def parameter_count(self) -> int:
         """Trainable parameters, shared tables counted once."""

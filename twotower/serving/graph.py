@@ -145,13 +145,13 @@ def load_external_ids(config: RecipeConfig) -> ExternalIds:
 
 def _signature_schema(tower: PredictQueryTower) -> Schema:
     """The query tower's inputs as Merlin columns (``x__values``/``x__offsets`` are one ragged ``x``)."""
-    _, specs = tower.resource.structured_input_signature
+    dtypes = tower.resource.input_dtypes
     columns: dict[str, ColumnSchema] = {}
-    for name, spec in specs.items():
+    for name, dtype in dtypes.items():
         column, _, part = name.partition(RAGGED_SEPARATOR)
         if part != "offsets":  # a list column's dtype is its values'
-            columns[column] = ColumnSchema(column, dtype=spec.dtype.as_numpy_dtype, dims=(None, None) if part else None)
-    return Schema([columns[name] for name in dict.fromkeys(n.partition(RAGGED_SEPARATOR)[0] for n in specs)])
+            columns[column] = ColumnSchema(column, dtype=dtype, dims=(None, None) if part else None)
+    return Schema([columns[name] for name in dict.fromkeys(n.partition(RAGGED_SEPARATOR)[0] for n in dtypes)])
 
 
 def popular_items(config: RecipeConfig, count: int | None = None) -> tuple[np.ndarray, np.ndarray]:

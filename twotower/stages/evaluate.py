@@ -17,11 +17,11 @@ import scipy.sparse as sp
 
 from twotower.config import RecipeConfig
 from twotower.store.artifacts import (
+    ServingSignature,
     call_signature,
     known_before_test,
     load_item_vectors,
     load_recipe_data,
-    load_serving_signature,
     load_split,
 )
 
@@ -133,7 +133,7 @@ def query_vectors_of(config: RecipeConfig, users: pd.DataFrame, history_rows: pd
     from twotower.stages.workflow import encoded_users, load_saved_workflows
 
     encoded = encoded_users(load_saved_workflows(config.workflow_dir), users, history_rows, config.train.history_length)
-    return call_signature(load_serving_signature(config.query_tower_dir), encoded.loc[np.asarray(user_ids)])
+    return call_signature(ServingSignature(config.query_tower_dir), encoded.loc[np.asarray(user_ids)])
 
 
 def validation_query_vectors(config: RecipeConfig) -> np.ndarray:

@@ -26,7 +26,7 @@ __all__, __getattr__, __dir__ = lazy_exports(
             "item_names",
             "save_item_vectors",
             "load_item_vectors",
-            "load_serving_signature",
+            "ServingSignature",
             "call_signature",
         ],
         "atomic": ["atomic_dir", "atomic_file", "staging_dir", "exclusive_lock"],

@@ -16,7 +16,7 @@ from merlin.schema import ColumnSchema, Schema
 from merlin.table import TensorTable
 
 from twotower.serving.ops.base import ArtifactOperator
-from twotower.store.artifacts import call_signature, load_item_vectors, load_serving_signature
+from twotower.store.artifacts import ServingSignature, call_signature, load_item_vectors
 
 if TYPE_CHECKING:
     pass
@@ -47,10 +47,10 @@ class PrerankCandidates(ArtifactOperator):
 
         item_ids, vectors = load_item_vectors(path / "item_vectors.npz")
         return (
-            load_serving_signature(path / "query_tower"),
+            ServingSignature(path / "query_tower"),
             pd.Index(item_ids),
             vectors,
-            load_serving_signature(path / "pair_scorer"),
+            ServingSignature(path / "pair_scorer"),
         )
 
     def save_artifacts(self, artifact_path: str) -> None:
@@ -74,8 +74,6 @@ class PrerankCandidates(ArtifactOperator):
         )
 
     def transform(self, col_selector: ColumnSelector, transformable):
-        import tensorflow as tf
-
         query_signature, catalogue, item_vectors, pair_scorer = self.resource
         candidates = np.asarray(transformable["item_ids"].values)
         retrieval_scores = np.asarray(transformable["scores"].values)
@@ -94,10 +92,7 @@ class PrerankCandidates(ArtifactOperator):
                 "query": np.repeat(query_vectors, positions.shape[1], axis=0),
                 "items": item_vectors[positions.reshape(-1)],
             }
-            (scores,) = pair_scorer(
-                **{name: tf.constant(values, dtype=tf.float32) for name, values in pairs.items()}
-            ).values()
-            scores = scores.numpy().reshape(positions.shape)
+            scores = pair_scorer(**pairs).reshape(positions.shape)
             best = np.argsort(-scores, axis=1, kind="stable")[:, : self.top_k]
             item_ids[rows] = np.take_along_axis(candidates[rows], best, axis=1)
             item_scores[rows] = np.take_along_axis(scores, best, axis=1)

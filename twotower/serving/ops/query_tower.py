@@ -13,7 +13,7 @@ from merlin.schema import ColumnSchema, Schema
 from merlin.table import TensorTable
 
 from twotower.serving.ops.base import ArtifactOperator
-from twotower.store.artifacts import call_signature, load_serving_signature
+from twotower.store.artifacts import ServingSignature, call_signature
 
 if TYPE_CHECKING:
     pass
@@ -34,14 +34,13 @@ class PredictQueryTower(ArtifactOperator):
         self.passthrough = passthrough or Schema()
 
     def _load(self, path: Path):
-        return load_serving_signature(path)
+        return ServingSignature(path)
 
     def compute_output_schema(
         self, input_schema: Schema, col_selector: ColumnSelector, prev_output_schema: Schema = None
     ) -> Schema:
-        (output_spec,) = self.resource.structured_outputs.values()
         return (
-            Schema([ColumnSchema(self.output_name, dtype=np.float32, dims=(None, output_spec.shape[-1]))])
+            Schema([ColumnSchema(self.output_name, dtype=np.float32, dims=(None, self.resource.output_dim))])
             + self.passthrough
         )
 
