@@ -111,8 +111,11 @@ def soak(
                     result = client.infer(
                         model, [user_id_request(np.array([user], dtype=np.int64))], client_timeout=timeout_s
                     )
-                    kind = "good" if np.array_equal(result.as_numpy("item_ids")[0], expected[user]) else "wrong"
-                    message = ""
+                    answer = result.as_numpy("item_ids")[0]
+                    kind = "good" if np.array_equal(answer, expected[user]) else "wrong"
+                    message = (
+                        "" if kind == "good" else f"user {user}: {answer.tolist()} instead of {expected[user].tolist()}"
+                    )
                 except InferenceServerException as error:
                     status, message = str(error.status()), str(error.message())
                     clear = (
@@ -163,6 +166,8 @@ def redis_gap(server: TritonServer, redis: RedisServer, config: RecipeConfig, ex
         "after": counts(after),
         "gap_error_p99_ms": float(np.percentile([o.latency_ms for o in gap_errors], 99)) if gap_errors else None,
         "gap_error_messages": sorted({o.message for o in gap_errors})[:5],
+        # what a wrong outcome was (an unclear error's text, or the answer unlike the healthy one), and when
+        "wrong": [(round(o.at_s - stopped_at, 3), o.message[:300]) for o in outcomes if o.kind == "wrong"][:10],
         "stopped_at_s": stopped_at,
         "restarted_at_s": restarted_at,
         "first_good_after_restart_s": next((o.at_s - restarted_at for o in after if o.kind == "good"), None),

@@ -63,7 +63,7 @@ class TritonPythonModel(MerlinExecutorModel):
             try:
                 outputs = self._recommend(np.concatenate(user_ids))
             except ServiceUnavailable as error:  # the same for every request: no point asking again
-                return [_error_response(str(error), pb_utils.TritonError.UNAVAILABLE)] * len(requests)
+                return [_error_response(str(error), pb_utils.TritonError.UNAVAILABLE) for _ in requests]
             except Exception:  # noqa: BLE001 - answered request by request below, each with its own status
                 pass
             else:
