@@ -87,7 +87,8 @@ def test_every_notebook_runs_top_to_bottom_on_synthetic_data(tmp_path):
     assert "same as in process: True" in serving
     assert "is_fallback: [False, True]" in serving  # an unknown user gets the flagged fallback
     assert "user -1 gets the most popular items: True" in serving
-    assert "empty request: 'user_id' has no rows" in serving
+    assert "empty batch: StatusCode.INVALID_ARGUMENT: [request id: <id_unknown>] input byte size mismatch" in serving
+    assert "1025 users: StatusCode.INVALID_ARGUMENT: [request id: <id_unknown>] inference request batch-size" in serving
     assert "still ready: True" in serving
     assert "tritonserver exited with code 0" in serving
     assert {name: (NOTEBOOK_DIR / name).read_bytes() for name in NOTEBOOKS} == committed
