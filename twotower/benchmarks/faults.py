@@ -41,7 +41,7 @@ from twotower.benchmarks.harness import on_free_ports, output_folder, write_repo
 from twotower.benchmarks.support.redis_server import RedisServer, require_redis_server
 from twotower.config import RecipeConfig
 from twotower.serving.client import demo_users, user_id_request
-from twotower.serving.triton import TritonServer, process_group
+from twotower.serving.triton import TritonServer, command_line, process_group
 
 OUTCOMES = ("good", "clear_error", "wrong", "hang")
 CLEAR_ERROR_STATUSES = {"StatusCode.UNAVAILABLE", "StatusCode.INVALID_ARGUMENT", "StatusCode.INTERNAL"}
@@ -61,11 +61,12 @@ def process_rss_mb(leader_pid: int) -> dict[str, float]:
     its python backend stubs), keyed by program name and pid."""
     rss = {}
     for pid in process_group(leader_pid):
+        command = command_line(pid)
         try:
             status = Path(f"/proc/{pid}/status").read_text()
-            program = Path(Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()).name
         except OSError:
             continue
+        program = Path(command[0]).name if command else "exited"  # a zombie has no command line
         kb = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0)
         rss[f"{program} {pid}"] = kb / 1024
     return rss

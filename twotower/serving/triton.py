@@ -391,10 +391,11 @@ class TritonServer:
         self.stop()
 
 
-def _command_line(pid: int) -> list[str]:
+def command_line(pid: int) -> list[str]:
+    """A process's arguments, program first; empty once it is gone (or not ours to read)."""
     try:
         return Path(f"/proc/{pid}/cmdline").read_text().split("\0")[:-1]
-    except OSError:  # gone, or not ours to read
+    except OSError:
         return []
 
 
@@ -407,7 +408,7 @@ def recipe_servers(model_repository: Path) -> list[str]:
     repository = f"--model-repository={Path(model_repository).resolve()}"
     addresses = []
     for pid, _ in _process_stats():
-        command = _command_line(pid)
+        command = command_line(pid)
         if command[:2] != [binary, repository] or "--model-control-mode=explicit" not in command:
             continue
         options = dict(arg.removeprefix("--").split("=", 1) for arg in command[1:] if "=" in arg)
