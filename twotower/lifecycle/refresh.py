@@ -55,7 +55,6 @@ from twotower.stages.data import as_numbers, side_table
 from twotower.store.artifacts import (
     EXTERNAL_ID,
     DataError,
-    MissingArtifact,
     ServingSignature,
     call_signature,
     has_text_ids,
@@ -72,6 +71,7 @@ from twotower.store.manifest import (
     read_manifest,
     record_refresh,
     refresh_in_effect,
+    require_a_run,
 )
 
 SHOWN_IDS = 5  # ids named in a refusal
@@ -295,6 +295,5 @@ def served_run_lock(config: RecipeConfig):
     """One command at a time that rewrites a served run's artifacts in place (refresh-items, retrain):
     each reads the index, the vectors and the store, and writes them back. In a folder where nothing
     has run, MissingArtifact before anything is written there."""
-    if not config.manifest_path.exists():
-        raise MissingArtifact(f"no run under {config.output_dir}: run the 'data' stage first")
+    require_a_run(read_manifest(config), config)
     return exclusive_lock(config.output_dir / ".refresh.lock")

@@ -254,12 +254,18 @@ def _stale_reason(
     return None
 
 
+def require_a_run(entries: dict[str, dict], config: RecipeConfig) -> None:
+    """MissingArtifact naming the first stage unless some stage has run under ``config.output_dir``
+    (``entries``: its manifest)."""
+    if not entries.keys() & STAGES.keys():
+        raise MissingArtifact(f"no stage has run under {config.output_dir}: run the '{next(iter(STAGES))}' stage first")
+
+
 def check_export(config: RecipeConfig) -> dict[str, str]:
     """Refuse (ArtifactMismatch) unless every stage ran on the outputs of the stages before it and
     its outputs are still on disk as it wrote them. Returns the fingerprints the export packages."""
     entries = read_manifest(config)
-    if not entries.keys() & STAGES.keys():
-        raise MissingArtifact(f"no stage has run under {config.output_dir}: run the '{next(iter(STAGES))}' stage first")
+    require_a_run(entries, config)
     on_disk = {name: _fingerprint_or_none(path) for name, path in artifact_paths(config).items()}
     refreshed = refresh_in_effect(entries)
     stale: dict[str, str] = {}
