@@ -17,7 +17,7 @@ OUTPUTS = ("item_ids", "scores", "is_fallback")
 DEFAULT_TIMEOUT_S = 30.0
 
 
-def user_id_request(user_ids: np.ndarray) -> grpcclient.InferInput:
+def user_id_request(user_ids: list[int] | list[str] | np.ndarray) -> grpcclient.InferInput:
     """The ``user_id`` input tensor for a batch of user ids, shaped [n, 1] (a row per user on Triton's
     batch dimension): INT64, or BYTES for text ids."""
     user_ids = np.asarray(user_ids).reshape(-1, 1)
@@ -45,7 +45,7 @@ def recommend(
     Raises ``tritonclient.utils.InferenceServerException``: status ``StatusCode.INVALID_ARGUMENT``
     for a request the service refuses, ``DEADLINE_EXCEEDED`` after ``timeout_s``.
     """
-    request = user_id_request(np.asarray(user_ids))
+    request = user_id_request(user_ids)
     with grpcclient.InferenceServerClient(url) as client:
         result = client.infer(
             model_name,
