@@ -15,6 +15,7 @@ SMALL_RUN = [
     "train.batch_size=256",
     "train.early_stopping_patience=4",
     "serve.top_k=5",
+    "serve.instance_count=1",  # one TensorFlow runtime per test server: tests measure no throughput
 ]
 
 

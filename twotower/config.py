@@ -285,7 +285,10 @@ class ServeConfig:
     max_request_users: int = 1024
     startup_timeout_s: float = 120.0
     # Written into the exported executor_model/config.pbtxt (twotower/serving/export.py).
-    instance_count: int = 1  # copies of the executor model Triton runs side by side
+    # Copies of the executor model Triton runs side by side. Two, one per core of the machines measured
+    # (docs/benchmarks/serving.md): each stub is a Python process, so a second one answers while the
+    # first holds the GIL; each costs one more TensorFlow runtime (about 600 MB). More cores: raise it.
+    instance_count: int = 2
     # Triton hands requests waiting together to the executor, which answers them in one pass of the graph.
     dynamic_batching: bool = True
     max_queue_delay_us: int = 100  # how long Triton may hold a request to group it with others
@@ -350,6 +353,7 @@ class ServingBenchmarkConfig:
     # Triton's dynamic batcher measured at these queue delays (µs; -1: batcher off), single users at
     # concurrency 1 and 16, on a copy of the export
     queue_delays_us: list[int] = field(default_factory=lambda: [-1, 0, 100, 500, 2000])
+    instance_counts: list[int] = field(default_factory=lambda: [1, 2, 3])  # executor instances, at serve's delay
     breakdown_requests: int = 500  # single-user requests the per-stage profile times in process
 
 

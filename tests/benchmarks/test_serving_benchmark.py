@@ -18,6 +18,7 @@ def test_serving_benchmark_smoke_run_writes_its_report(exported):
         soak_seconds=2.0,
         soak_concurrency=4,
         queue_delays_us=[-1, 0],
+        instance_counts=[1, 2],
         breakdown_requests=20,
     )
     config.benchmark = dataclasses.replace(exported.benchmark, serving=serving)
@@ -30,10 +31,11 @@ def test_serving_benchmark_smoke_run_writes_its_report(exported):
     assert report["soak"]["bad_rejected"] == report["soak"]["bad"]
     assert report["in_process"]["recipe"]["p50_ms"] > 0 and report["in_process"]["reference"]["p50_ms"] > 0
     assert report["settings"] == {"dynamic_batching": True, "max_queue_delay_us": 100, "instance_count": 1}
-    sweep = report["batching_sweep"]
-    assert sweep.keys() == {"off", "0us"}
-    assert sweep["off"]["c16"]["requests_per_execution"] == 1.0  # without the batcher, one request an execution
-    assert all(sweep[s][c]["errors"] == 0 and sweep[s][c]["users_per_s"] > 0 for s in sweep for c in ("c1", "c16"))
+    delays, instances = report["settings_sweep"]["queue_delay_us"], report["settings_sweep"]["instance_count"]
+    assert delays.keys() == {"off", "0us"} and instances.keys() == {"1", "2"}
+    assert delays["off"]["c16"]["requests_per_execution"] == 1.0  # without the batcher, one request an execution
+    points = [*delays.values(), *instances.values()]
+    assert all(point[c]["errors"] == 0 and point[c]["users_per_s"] > 0 for point in points for c in ("c1", "c16"))
     stages = report["breakdown_ms"]
     assert {"feature_store_read", "query_tower", "index_search", "graph_overhead", "triton_and_grpc"} <= stages.keys()
     assert all(stages[name] > 0 for name in ("feature_store_read", "query_tower", "index_search"))

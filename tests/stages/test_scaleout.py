@@ -124,10 +124,10 @@ def _read_config(path) -> model_config_pb2.ModelConfig:
 
 
 @pytest.mark.unit
-def test_default_export_batches_up_to_the_request_limit_with_one_cpu_instance(exported):
+def test_export_batches_up_to_the_request_limit_with_the_configured_cpu_instances(exported):
     config = _read_config(exported.export_dir / "executor_model" / "config.pbtxt")
     assert [(group.count, group.kind) for group in config.instance_group] == [
-        (1, model_config_pb2.ModelInstanceGroup.KIND_CPU)
+        (exported.serve.instance_count, model_config_pb2.ModelInstanceGroup.KIND_CPU)
     ]
     assert config.max_batch_size == exported.serve.max_request_users
     assert config.dynamic_batching.max_queue_delay_microseconds == exported.serve.max_queue_delay_us

@@ -27,7 +27,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from twotower.benchmarks.harness import Column, on_free_ports, output_folder, text_table, write_report
-from twotower.config import RecipeConfig
+from twotower.config import RecipeConfig, ServeConfig
 from twotower.serving.client import user_id_request
 from twotower.serving.triton import TritonServer
 from twotower.store.artifacts import load_item_vectors, load_recipe_data
@@ -112,8 +112,10 @@ def user_batches(users: np.ndarray, count: int, size: int, seed: int) -> list[np
     return [rng.choice(users, size, replace=False).astype(np.int64) for _ in range(count)]
 
 
-def run_phases(config: RecipeConfig, url: str, metrics_url: str, users: np.ndarray) -> dict[str, dict]:
-    bench, model = config.benchmark, config.serve.model_name
+def run_phases(config: RecipeConfig, server: TritonServer, users: np.ndarray) -> dict[str, dict]:
+    """Each load phase against ``server``; should the server die (Triton 2.51's python backend was
+    seen to abort once under the reference graph), the phase records why and the rest are skipped."""
+    bench, model, url, metrics_url = config.benchmark, config.serve.model_name, server.grpc_url, server.metrics_url
     phases = [
         Phase("c1", 1, 1),
         Phase("c4", 1, 4),
@@ -132,6 +134,10 @@ def run_phases(config: RecipeConfig, url: str, metrics_url: str, users: np.ndarr
         batches = user_batches(users, count, phase.users_per_request, config.seed + 1)
         before = triton_model_stats(metrics_url, model)
         latencies, errors, wall = drive_requests(url, model, batches, phase.concurrency, timeout_s)
+        if server.process.poll() is not None:
+            results[phase.name] = {"error": f"tritonserver exited ({server.process.returncode}); see {server.log_path}"}
+            print(f"  {phase.name:<12} {results[phase.name]['error']}: later phases skipped")
+            break
         results[phase.name] = {
             **latency_summary(latencies, errors, wall, phase.users_per_request),
             "triton": _per_request_ms(before, triton_model_stats(metrics_url, model)),
@@ -311,40 +317,60 @@ def stage_breakdown(export_dir: Path, users: np.ndarray, count: int) -> dict[str
     return {name: float(np.median(values)) for name, values in samples.items()}
 
 
-def batching_sweep(config: RecipeConfig, users: np.ndarray, out_dir: Path) -> dict[str, dict]:
-    """The recipe's graph at each of ``benchmark.serving.queue_delays_us`` (-1: no dynamic batcher),
-    on a copy of its export, single users at concurrency 1 and 16: p50, p99, users/s, and the
-    mean number of requests Triton handed the executor together."""
-    from twotower.serving.export import apply_serving_settings, export_ensemble
+def settings_sweep(config: RecipeConfig, users: np.ndarray, out_dir: Path) -> dict[str, dict]:
+    """The recipe's graph on a copy of its export under other serving settings, single users at
+    concurrency 1 and 16 (p50, p99, users/s, and the mean number of requests Triton handed an
+    executor together): each of ``benchmark.serving.queue_delays_us`` (-1: no dynamic batcher) at
+    ``serve.instance_count``, then each of ``benchmark.serving.instance_counts`` at
+    ``serve.max_queue_delay_us``."""
+    from twotower.serving.export import export_ensemble
     from twotower.serving.graph import recipe_ensemble
 
-    bench, model, timeout_s = config.benchmark.serving, config.serve.model_name, config.serve.client_timeout_s
-    serve = on_free_ports(config.serve)
-    repository = export_ensemble(recipe_ensemble(config), out_dir / "batching_models", serve)
-    results = {}
-    for delay in bench.queue_delays_us:
-        setting = "off" if delay < 0 else f"{delay}us"
-        settings = dataclasses.replace(serve, dynamic_batching=delay >= 0, max_queue_delay_us=max(delay, 0))
-        apply_serving_settings(repository / model, settings)
-        with TritonServer(repository, out_dir / "triton-batching", settings) as server:
-            drive_requests(
-                server.grpc_url, model, user_batches(users, bench.warmup_requests, 1, config.seed), 1, timeout_s
-            )
-            results[setting] = {}
-            for concurrency in (1, 16):
-                before = triton_model_stats(server.metrics_url, model)
-                batches = user_batches(users, bench.requests_per_phase, 1, config.seed + 1)
-                phase = latency_summary(*drive_requests(server.grpc_url, model, batches, concurrency, timeout_s), 1)
-                after = triton_model_stats(server.metrics_url, model)
-                executions = max(after["exec_count"] - before["exec_count"], 1)
-                phase["requests_per_execution"] = (after["request_success"] - before["request_success"]) / executions
-                results[setting][f"c{concurrency}"] = phase
-        print(
-            f"  batching {setting:>7}: c1 p50 {results[setting]['c1']['p50_ms']:.2f} ms; c16 "
-            f"{results[setting]['c16']['users_per_s']:.0f} users/s, p99 {results[setting]['c16']['p99_ms']:.2f} ms, "
-            f"{results[setting]['c16']['requests_per_execution']:.1f} requests an execution"
+    bench, serve = config.benchmark.serving, on_free_ports(config.serve)
+    repository = export_ensemble(recipe_ensemble(config), out_dir / "sweep_models", serve)
+    delays = {
+        "off" if delay < 0 else f"{delay}us": dataclasses.replace(
+            serve, dynamic_batching=delay >= 0, max_queue_delay_us=max(delay, 0)
         )
-    return results
+        for delay in bench.queue_delays_us
+    }
+    instances = {str(count): dataclasses.replace(serve, instance_count=count) for count in bench.instance_counts}
+    print(f"[benchmark] queue delays at {serve.instance_count} instance(s), instances at {serve.max_queue_delay_us} us")
+    return {
+        "queue_delay_us": {
+            label: _sweep_point(config, repository, settings, users, out_dir, f"delay {label}")
+            for label, settings in delays.items()
+        },
+        "instance_count": {
+            label: _sweep_point(config, repository, settings, users, out_dir, f"instances {label}")
+            for label, settings in instances.items()
+        },
+    }
+
+
+def _sweep_point(
+    config: RecipeConfig, repository: Path, settings: ServeConfig, users: np.ndarray, out_dir: Path, label: str
+) -> dict[str, dict]:
+    from twotower.serving.export import apply_serving_settings
+
+    bench, model, timeout_s = config.benchmark.serving, config.serve.model_name, config.serve.client_timeout_s
+    apply_serving_settings(repository / model, settings)
+    result = {}
+    with TritonServer(repository, out_dir / "triton-sweep", settings) as server:
+        drive_requests(server.grpc_url, model, user_batches(users, bench.warmup_requests, 1, config.seed), 1, timeout_s)
+        for concurrency in (1, 16):
+            before = triton_model_stats(server.metrics_url, model)
+            batches = user_batches(users, bench.requests_per_phase, 1, config.seed + 1)
+            phase = latency_summary(*drive_requests(server.grpc_url, model, batches, concurrency, timeout_s), 1)
+            after = triton_model_stats(server.metrics_url, model)
+            executions = max(after["exec_count"] - before["exec_count"], 1)
+            phase["requests_per_execution"] = (after["request_success"] - before["request_success"]) / executions
+            result[f"c{concurrency}"] = phase
+    print(
+        f"  {label:>14}: c1 p50 {result['c1']['p50_ms']:.2f} ms; c16 {result['c16']['users_per_s']:.0f} users/s, "
+        f"p99 {result['c16']['p99_ms']:.2f} ms, {result['c16']['requests_per_execution']:.1f} requests an execution"
+    )
+    return result
 
 
 def export_reference(config: RecipeConfig, out_dir: Path) -> Path:
@@ -382,6 +408,8 @@ def _print_table(phases: dict[str, dict]) -> None:
     rows = [
         [phase, f"{graph:<11}", r["p50_ms"], r["p95_ms"], r["p99_ms"], r["qps"], r["users_per_s"], r["errors"]]
         + [r["triton"]["compute_infer_ms"]]
+        if "error" not in r
+        else [phase, f"{graph:<11}", *[None] * 7]  # the server had exited: '-' across
         for phase, graphs in phases.items()
         for graph, r in graphs.items()
     ]
@@ -401,15 +429,15 @@ def run_serving_benchmark(config: RecipeConfig) -> Path:
         with TritonServer(model_repository, out_dir / f"triton-{graph}", serve) as server:
             url = server.grpc_url
             print(f"  tritonserver pid {server.process.pid} on {url}, serving {model_repository}")
-            by_graph[graph] = run_phases(config, url, server.metrics_url, users)
+            by_graph[graph] = run_phases(config, server, users)
             if graph == "recipe":
                 if config.benchmark.serving.perf_analyzer:
                     perf_analyzer = perf_analyzer_phases(config, url, users, out_dir)
                 soak_result = soak(config, url, users)
                 print(f"  soak {soak_result}")
-    phases = {phase: {graph: by_graph[graph][phase] for graph in graphs} for phase in by_graph["recipe"]}
-    print("[benchmark] dynamic batching at each queue delay")
-    sweep = batching_sweep(config, users, out_dir)
+    not_run = {"error": "not run: the server had exited"}
+    phases = {phase: {graph: by_graph[graph].get(phase, not_run) for graph in graphs} for phase in by_graph["recipe"]}
+    sweep = settings_sweep(config, users, out_dir)
     breakdown = stage_breakdown(config.export_dir, users, config.benchmark.serving.breakdown_requests)
     breakdown["triton_and_grpc"] = phases["c1"]["recipe"]["p50_ms"] - breakdown["in_process_total"]
     report = {
@@ -424,7 +452,7 @@ def run_serving_benchmark(config: RecipeConfig) -> Path:
         "phases": phases,
         # p50 of each stage of one single-user request (in process), and what Triton and gRPC add at c1
         "breakdown_ms": breakdown,
-        "batching_sweep": sweep,
+        "settings_sweep": sweep,
         # The same graphs without Triton: what the served ratio should be close to.
         "in_process": {
             graph: in_process_latency(model_repository, users, min(config.benchmark.serving.requests_per_phase, 1000))
@@ -432,7 +460,8 @@ def run_serving_benchmark(config: RecipeConfig) -> Path:
         },
         "soak": soak_result,
         "perf_analyzer_recipe": perf_analyzer,
-        "p50_ratio_reference_over_recipe_c1": phases["c1"]["reference"]["p50_ms"] / phases["c1"]["recipe"]["p50_ms"],
+        "p50_ratio_reference_over_recipe_c1": phases["c1"]["reference"].get("p50_ms", np.nan)
+        / phases["c1"]["recipe"]["p50_ms"],
     }
     report["p50_ratio_reference_over_recipe_in_process"] = (
         report["in_process"]["reference"]["p50_ms"] / report["in_process"]["recipe"]["p50_ms"]
