@@ -417,6 +417,8 @@ def _print_table(phases: dict[str, dict]) -> None:
 
 
 def run_serving_benchmark(config: RecipeConfig) -> Path:
+    from twotower.serving.export import served_settings
+
     out_dir = output_folder(config, "serving")
     users = load_recipe_data(config.data_dir).users["user_id"].to_numpy()
     # Free ports picked at start: a stale server on the usual ports can never be measured instead.
@@ -444,11 +446,7 @@ def run_serving_benchmark(config: RecipeConfig) -> Path:
         "date": date.today().isoformat(),
         "dataset": config.data.dataset,
         "top_k": config.serve.top_k,
-        "settings": {
-            "dynamic_batching": config.serve.dynamic_batching,
-            "max_queue_delay_us": config.serve.max_queue_delay_us,
-            "instance_count": config.serve.instance_count,
-        },
+        "settings": served_settings(config.export_dir / config.serve.model_name),  # as exported
         "phases": phases,
         # p50 of each stage of one single-user request (in process), and what Triton and gRPC add at c1
         "breakdown_ms": breakdown,

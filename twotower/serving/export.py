@@ -156,6 +156,17 @@ def apply_serving_settings(model_dir: Path, serve: ServeConfig) -> model_config_
     return config
 
 
+def served_settings(model_dir: Path) -> dict[str, int | bool]:
+    """The serving settings an exported ``model_dir/config.pbtxt`` holds (what Triton will run,
+    whatever the configuration says now)."""
+    config = text_format.Parse((Path(model_dir) / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    return {
+        "dynamic_batching": config.HasField("dynamic_batching"),
+        "max_queue_delay_us": config.dynamic_batching.max_queue_delay_microseconds,
+        "instance_count": sum(group.count for group in config.instance_group),
+    }
+
+
 def install_executor_model(model_dir: Path) -> None:
     """Replace Merlin's executor ``model.py`` with the recipe's, which maps the graph's errors
     to gRPC statuses (INVALID_ARGUMENT for a client's mistake) without tracebacks."""
