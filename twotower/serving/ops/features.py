@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import merlin.dtypes as md
 import numpy as np
@@ -17,10 +16,6 @@ from merlin.table import TensorTable
 
 from twotower.serving.errors import ServiceUnavailable
 from twotower.serving.ops.base import ragged_column, request_user_ids, text_id
-
-if TYPE_CHECKING:
-    pass
-
 
 FEATURE_REPO_ENV = "TWOTOWER_FEATURE_REPO"  # overrides where the executor finds Feast
 

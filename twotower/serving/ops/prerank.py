@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import merlin.dtypes as md
 import numpy as np
@@ -17,9 +16,6 @@ from merlin.table import TensorTable
 
 from twotower.serving.ops.base import ArtifactOperator
 from twotower.store.artifacts import ServingSignature, call_signature, load_item_vectors
-
-if TYPE_CHECKING:
-    pass
 
 
 class PrerankCandidates(ArtifactOperator):

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from merlin.dag import ColumnSelector
@@ -14,9 +13,6 @@ from merlin.table import TensorTable
 
 from twotower.serving.ops.base import ArtifactOperator
 from twotower.store.artifacts import ServingSignature, call_signature
-
-if TYPE_CHECKING:
-    pass
 
 
 class PredictQueryTower(ArtifactOperator):

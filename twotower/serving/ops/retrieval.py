@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import merlin.dtypes as md
 import numpy as np
@@ -19,10 +18,6 @@ from twotower.models.multi_vector import HeadIndex, HeadShape
 from twotower.serving.ops.base import ArtifactOperator
 from twotower.serving.ops.query_tower import PredictQueryTower
 from twotower.store.index import ItemIndex, load_index
-
-if TYPE_CHECKING:
-    pass
-
 
 log = logging.getLogger(__name__)
 
