@@ -35,7 +35,10 @@ from twotower.store.manifest import ArtifactMismatch
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 TCP_LISTEN = "0A"  # socket state in /proc/net/tcp
 PORT_ATTEMPTS = 3
-EXIT_TIMEOUT_S = 5
+# Triton's own grace period on SIGTERM. Unloading a python-backend instance (its interpreter and
+# TensorFlow) takes a few seconds on a busy machine, one instance after the other: two took more
+# than 5 s in CI and the server exited with code 1. stop() still kills after STOP_TIMEOUT_S.
+EXIT_TIMEOUT_S = 20
 STOP_TIMEOUT_S = 30.0
 READY_PROBE_TIMEOUT_S = 2.0
 
