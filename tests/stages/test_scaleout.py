@@ -16,14 +16,18 @@ import pandas as pd
 import pytest
 import tritonclient.grpc as grpcclient
 from conftest import served_user_columns, small_config
-from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from twotower import pipeline
 from twotower.benchmarks.support.redis_server import RedisServer
 from twotower.config import FeaturesConfig, ServeConfig
 from twotower.serving.client import recommend
-from twotower.serving.export import apply_serving_settings, load_exported_ensemble, recommend_in_process
+from twotower.serving.export import (
+    apply_serving_settings,
+    load_exported_ensemble,
+    read_model_config,
+    recommend_in_process,
+)
 from twotower.serving.graph import recipe_ensemble
 from twotower.serving.triton import TritonServer
 from twotower.stages.features import build_feature_store, feature_tables
@@ -119,13 +123,9 @@ def test_ensemble_answers_the_same_with_redis_as_with_sqlite(exported, redis_rep
 
 
 # ----------------------------------------------------------------------- Triton
-def _read_config(path) -> model_config_pb2.ModelConfig:
-    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
-
-
 @pytest.mark.unit
 def test_export_batches_up_to_the_request_limit_with_the_configured_cpu_instances(exported):
-    config = _read_config(exported.export_dir / "executor_model" / "config.pbtxt")
+    config = read_model_config(exported.export_dir / "executor_model")
     assert [(group.count, group.kind) for group in config.instance_group] == [
         (exported.serve.instance_count, model_config_pb2.ModelInstanceGroup.KIND_CPU)
     ]
@@ -146,7 +146,7 @@ def test_serving_settings_can_be_rewritten_on_an_export(exported, tmp_path):
     shutil.copy2(exported.export_dir / "executor_model" / "config.pbtxt", model_dir)
     apply_serving_settings(model_dir, ServeConfig(instance_count=3, dynamic_batching=False, max_request_users=64))
 
-    config = _read_config(model_dir / "config.pbtxt")
+    config = read_model_config(model_dir)
     assert [(group.count, group.kind) for group in config.instance_group] == [
         (3, model_config_pb2.ModelInstanceGroup.KIND_CPU)
     ]

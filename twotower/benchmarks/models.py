@@ -132,16 +132,10 @@ def _serve_run(config: RecipeConfig) -> None:
 
 def _latency(config: RecipeConfig, url: str, users: np.ndarray, concurrency: int) -> dict[str, float]:
     """Single-user requests at ``concurrency`` (after a warm-up) to the server at ``url``."""
-    from twotower.benchmarks.serving import drive_requests, latency_summary, user_batches
+    from twotower.benchmarks.serving import drive_requests, latency_summary, user_batches, warm_up
 
     requests, timeout = config.benchmark.models.serving_requests, config.serve.client_timeout_s
-    drive_requests(
-        url,
-        config.serve.model_name,
-        user_batches(users, config.benchmark.serving.warmup_requests, 1, config.seed),
-        concurrency,
-        timeout,
-    )
+    warm_up(url, config, users, concurrency)
     latencies, errors, wall = drive_requests(
         url, config.serve.model_name, user_batches(users, requests, 1, config.seed + 1), concurrency, timeout
     )

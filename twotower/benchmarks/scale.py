@@ -117,7 +117,7 @@ def export_with_index(config: RecipeConfig, index_path: Path, export_dir: Path) 
 
 def served_latency(config: RecipeConfig, export_dir: Path, users: np.ndarray, work_dir: Path) -> dict[str, float]:
     """Single-user p50/p99 in process (the exported graph) and through Triton at concurrency 1 and 16."""
-    from twotower.benchmarks.serving import drive_requests, in_process_latency, latency_summary, user_batches
+    from twotower.benchmarks.serving import drive_requests, in_process_latency, latency_summary, user_batches, warm_up
     from twotower.serving.triton import TritonServer
 
     bench = config.benchmark
@@ -126,13 +126,7 @@ def served_latency(config: RecipeConfig, export_dir: Path, users: np.ndarray, wo
     serve = on_free_ports(config.serve)
     timeout = config.serve.client_timeout_s
     with TritonServer(export_dir, work_dir, serve) as server:
-        drive_requests(
-            server.grpc_url,
-            serve.model_name,
-            user_batches(users, bench.serving.warmup_requests, 1, config.seed),
-            1,
-            timeout,
-        )
+        warm_up(server.grpc_url, config, users)
         for concurrency in (1, 16):
             batches = user_batches(users, bench.scale.requests, 1, config.seed + concurrency)
             summary = latency_summary(

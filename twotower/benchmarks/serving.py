@@ -112,10 +112,44 @@ def user_batches(users: np.ndarray, count: int, size: int, seed: int) -> list[np
     return [rng.choice(users, size, replace=False).astype(np.int64) for _ in range(count)]
 
 
+def warm_up(url: str, config: RecipeConfig, users: np.ndarray, concurrency: int = 1) -> None:
+    """``benchmark.serving.warmup_requests`` single-user requests to the server at ``url``, untimed."""
+    batches = user_batches(users, config.benchmark.serving.warmup_requests, 1, config.seed)
+    drive_requests(url, config.serve.model_name, batches, concurrency, config.serve.client_timeout_s)
+
+
+class ServerExited(RuntimeError):
+    """The server died during a load phase (Triton 2.51's python backend was seen to abort once
+    under the reference graph)."""
+
+
+def measure_phase(
+    server: TritonServer,
+    model: str,
+    batches: list[np.ndarray],
+    concurrency: int,
+    users_per_request: int,
+    timeout_s: float,
+) -> dict:
+    """Send ``batches`` to ``server`` ``concurrency`` at a time: the latency summary, Triton's
+    per-request times and the mean number of requests Triton handed an executor together."""
+    before = triton_model_stats(server.metrics_url, model)
+    latencies, errors, wall = drive_requests(server.grpc_url, model, batches, concurrency, timeout_s)
+    if server.process.poll() is not None:
+        raise ServerExited(f"tritonserver exited ({server.process.returncode}); see {server.log_path}")
+    after = triton_model_stats(server.metrics_url, model)
+    executions = max(after["exec_count"] - before["exec_count"], 1)
+    return {
+        **latency_summary(latencies, errors, wall, users_per_request),
+        "triton": _per_request_ms(before, after),
+        "requests_per_execution": (after["request_success"] - before["request_success"]) / executions,
+    }
+
+
 def run_phases(config: RecipeConfig, server: TritonServer, users: np.ndarray) -> dict[str, dict]:
-    """Each load phase against ``server``; should the server die (Triton 2.51's python backend was
-    seen to abort once under the reference graph), the phase records why and the rest are skipped."""
-    bench, model, url, metrics_url = config.benchmark, config.serve.model_name, server.grpc_url, server.metrics_url
+    """Each load phase against ``server``; should the server die, the phase records why and the
+    rest are skipped."""
+    bench, model = config.benchmark, config.serve.model_name
     phases = [
         Phase("c1", 1, 1),
         Phase("c4", 1, 4),
@@ -123,7 +157,7 @@ def run_phases(config: RecipeConfig, server: TritonServer, users: np.ndarray) ->
         Phase(f"batch{bench.serving.batch_users}_c1", bench.serving.batch_users, 1),
     ]
     timeout_s = config.serve.client_timeout_s
-    drive_requests(url, model, user_batches(users, bench.serving.warmup_requests, 1, config.seed), 1, timeout_s)
+    warm_up(server.grpc_url, config, users)
     results = {}
     for phase in phases:
         count = (
@@ -132,20 +166,18 @@ def run_phases(config: RecipeConfig, server: TritonServer, users: np.ndarray) ->
             else max(bench.serving.requests_per_phase // 10, 10)
         )
         batches = user_batches(users, count, phase.users_per_request, config.seed + 1)
-        before = triton_model_stats(metrics_url, model)
-        latencies, errors, wall = drive_requests(url, model, batches, phase.concurrency, timeout_s)
-        if server.process.poll() is not None:
-            results[phase.name] = {"error": f"tritonserver exited ({server.process.returncode}); see {server.log_path}"}
-            print(f"  {phase.name:<12} {results[phase.name]['error']}: later phases skipped")
+        try:
+            results[phase.name] = measure_phase(
+                server, model, batches, phase.concurrency, phase.users_per_request, timeout_s
+            )
+        except ServerExited as exited:
+            results[phase.name] = {"error": str(exited)}
+            print(f"  {phase.name:<12} {exited}: later phases skipped")
             break
-        results[phase.name] = {
-            **latency_summary(latencies, errors, wall, phase.users_per_request),
-            "triton": _per_request_ms(before, triton_model_stats(metrics_url, model)),
-        }
         print(
             f"  {phase.name:<12} p50 {results[phase.name]['p50_ms']:7.2f} ms  "
             f"p99 {results[phase.name]['p99_ms']:7.2f} ms  "
-            f"{results[phase.name]['qps']:7.1f} req/s  errors {errors}"
+            f"{results[phase.name]['qps']:7.1f} req/s  errors {results[phase.name]['errors']}"
         )
     return results
 
@@ -357,15 +389,10 @@ def _sweep_point(
     apply_serving_settings(repository / model, settings)
     result = {}
     with TritonServer(repository, out_dir / "triton-sweep", settings) as server:
-        drive_requests(server.grpc_url, model, user_batches(users, bench.warmup_requests, 1, config.seed), 1, timeout_s)
+        warm_up(server.grpc_url, config, users)
         for concurrency in (1, 16):
-            before = triton_model_stats(server.metrics_url, model)
             batches = user_batches(users, bench.requests_per_phase, 1, config.seed + 1)
-            phase = latency_summary(*drive_requests(server.grpc_url, model, batches, concurrency, timeout_s), 1)
-            after = triton_model_stats(server.metrics_url, model)
-            executions = max(after["exec_count"] - before["exec_count"], 1)
-            phase["requests_per_execution"] = (after["request_success"] - before["request_success"]) / executions
-            result[f"c{concurrency}"] = phase
+            result[f"c{concurrency}"] = measure_phase(server, model, batches, concurrency, 1, timeout_s)
     print(
         f"  {label:>14}: c1 p50 {result['c1']['p50_ms']:.2f} ms; c16 {result['c16']['users_per_s']:.0f} users/s, "
         f"p99 {result['c16']['p99_ms']:.2f} ms, {result['c16']['requests_per_execution']:.1f} requests an execution"

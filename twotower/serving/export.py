@@ -86,15 +86,20 @@ def export_version(ensemble: Ensemble, export_dir: Path, model_name: str = MODEL
     return version
 
 
+def read_model_config(model_dir: Path) -> model_config_pb2.ModelConfig:
+    """An exported model's ``config.pbtxt``."""
+    return text_format.Parse((Path(model_dir) / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+
+
+def _write_model_config(model_dir: Path, config: model_config_pb2.ModelConfig) -> None:
+    (Path(model_dir) / "config.pbtxt").write_text(text_format.MessageToString(config))
+
+
 def _name_model(model_dir: Path, name: str) -> None:
     """Set the model name in ``config.pbtxt`` (merlin-systems writes the folder's, the staging name)."""
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2
-
-    path = model_dir / "config.pbtxt"
-    config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+    config = read_model_config(model_dir)
     config.name = name
-    path.write_text(text_format.MessageToString(config))
+    _write_model_config(model_dir, config)
 
 
 def load_exported_ensemble(export_dir: Path, model_name: str = MODEL_NAME) -> Ensemble:
@@ -142,8 +147,7 @@ def apply_serving_settings(model_dir: Path, serve: ServeConfig) -> model_config_
     the batch dimension, instance count and dynamic batcher of ``serve``."""
     if serve.instance_count < 1:
         raise ValueError(f"serve.instance_count must be >= 1, got {serve.instance_count}")
-    path = Path(model_dir) / "config.pbtxt"
-    config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+    config = read_model_config(model_dir)
     del config.instance_group[:]
     # KIND_CPU: `count` is then the total number of instances. The executor is a python
     # model; TensorFlow inside it still finds a GPU where there is one.
@@ -152,14 +156,14 @@ def apply_serving_settings(model_dir: Path, serve: ServeConfig) -> model_config_
     config.ClearField("dynamic_batching")
     if serve.dynamic_batching:
         config.dynamic_batching.max_queue_delay_microseconds = serve.max_queue_delay_us
-    path.write_text(text_format.MessageToString(config))
+    _write_model_config(model_dir, config)
     return config
 
 
 def served_settings(model_dir: Path) -> dict[str, int | bool]:
     """The serving settings an exported ``model_dir/config.pbtxt`` holds (what Triton will run,
     whatever the configuration says now)."""
-    config = text_format.Parse((Path(model_dir) / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    config = read_model_config(model_dir)
     return {
         "dynamic_batching": config.HasField("dynamic_batching"),
         "max_queue_delay_us": config.dynamic_batching.max_queue_delay_microseconds,
