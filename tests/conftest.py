@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -83,3 +85,17 @@ def exported(tmp_path_factory) -> RecipeConfig:
     config = small_config(tmp_path_factory.mktemp("exported"))
     pipeline.run_all(config)
     return config
+
+
+@pytest.fixture(scope="session")
+def redis_port(tmp_path_factory):
+    """A real redis-server on a free loopback port, without persistence, for the session."""
+    from twotower.benchmarks.support.redis_server import RedisServer
+
+    if shutil.which("redis-server") is None:
+        message = "redis-server is not installed (Debian package redis-server; .ci/run installs it)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
+        yield server.port

@@ -15,6 +15,7 @@ from twotower import pipeline
 from twotower.benchmarks.harness import BenchmarkRefused
 from twotower.config import ConfigError, RecipeConfig, load_config, parse_time
 from twotower.console import ignore_known_warnings, quiet_library_logs, timed_step
+from twotower.lifecycle.events import EventsRefused, send_events_file
 from twotower.lifecycle.refresh import RefreshRefused, RolloutFailed, refresh_items
 from twotower.lifecycle.retrain import RetrainRefused, retrain
 from twotower.models import model_names
@@ -90,6 +91,10 @@ def _recommend(config: RecipeConfig, args: argparse.Namespace) -> None:
     run_recommend(config, args.user_list, args.out)
 
 
+def _events(config: RecipeConfig, args: argparse.Namespace) -> None:
+    print(send_events_file(config, args.file))
+
+
 def _refresh_items(config: RecipeConfig, args: argparse.Namespace) -> None:
 
     try:
@@ -132,6 +137,7 @@ COMMANDS: dict[str, Command] = {
     "serve": Command("Triton on the exported model, in the foreground (Ctrl-C)", _serve),
     "query": Command("ask the running server for the top-k of each --user ID", _query),
     "recommend": Command("top-k of --users FILE|all into --out FILE, no server", _recommend),
+    "events": Command("send the events in --file FILE to the running server", _events),
     "refresh-items": Command("add --items FILE to index and Feast; new served version", _refresh_items),
     "retrain": Command("warm start on interactions since --since TIME; roll out", _retrain),
     "models": Command("list the models that model.name accepts", _models, loads_stack=False),
@@ -213,6 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="for 'refresh-items': parquet file of new items (the columns of the run's item table)",
     )
     parser.add_argument(
+        "--file",
+        type=Path,
+        metavar="FILE",
+        help="for 'events': Parquet, CSV or JSON lines with user id, item id, timestamp [, label] columns",
+    )
+    parser.add_argument(
         "--since",
         metavar="TIME",
         help="for 'retrain': where the new interactions begin (integer seconds or an ISO date)",
@@ -238,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("recommend needs --users FILE|all and --out FILE")
     if args.command == "refresh-items" and args.items is None:
         parser.error("refresh-items needs --items FILE")
+    if args.command == "events" and args.file is None:
+        parser.error("events needs --file FILE")
     if args.command == "retrain" and args.since is None:
         parser.error("retrain needs --since TIME")
     command = COMMANDS[args.command]
@@ -257,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         PortInUse,
         DataError,
         RecommendError,
+        EventsRefused,
     ) as error:  # what the user must act on, not a crash
         parser.exit(2, f"twotower: {error}\n")
     return 0

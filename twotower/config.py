@@ -292,6 +292,8 @@ class ServeConfig:
     # Triton hands requests waiting together to the executor, which answers them in one pass of the graph.
     dynamic_batching: bool = True
     max_queue_delay_us: int = 100  # how long Triton may hold a request to group it with others
+    # The event endpoint (record_events, twotower/serving/events.py): most events a request may carry.
+    max_event_rows: int = 1024
     # The cascade's pre-ranking stage (twotower/serving/ops/prerank.py PrerankCandidates): retrieval fetches
     # this many candidates and the pre-ranker returns the best top_k of them; 0: no such stage.
     prerank_candidates: int = 0
@@ -525,6 +527,10 @@ class RecipeConfig:
     @property
     def feature_repo_dir(self) -> Path:
         return self.output_dir / "feature_repo"
+
+    @property
+    def events_dir(self) -> Path:
+        return self.output_dir / "events"  # live events: their log and store (twotower/store/events.py)
 
     @property
     def index_path(self) -> Path:

@@ -34,6 +34,7 @@ from twotower.stages.evaluate import validation_query_vectors
 from twotower.stages.index import build_index, print_choice
 from twotower.store.artifacts import SPLITS, RecipeData, Split, load_item_vectors, load_recipe_data, load_split
 from twotower.store.atomic import atomic_dir, atomic_file
+from twotower.store.events import deploy_live_store
 from twotower.store.index import save_index
 from twotower.store.manifest import EXPORT_RECORD, check_export, check_prerank, recorded_stage
 
@@ -189,7 +190,7 @@ def run_features(config: RecipeConfig) -> FeatureStore:
     with recorded_stage(config, "features"):
         # Feast prints a banner and a progress bar per feature view while it materializes.
         with held_back_output():
-            store = build_feature_store(*feature_tables(config), config.feature_repo_dir, config.features)
+            store = build_feature_store(feature_tables(config), config.feature_repo_dir, config.features)
     print(
         f"[features] Feast repository applied at {config.feature_repo_dir}, "
         f"materialized into {config.features.online_store}"
@@ -235,16 +236,21 @@ def run_prerank(config: RecipeConfig) -> dict:
 def run_export(config: RecipeConfig) -> Path:
     """Check that the model is served and the run's artifacts agree (``export_checks``),
     then write the model with its serving settings and the fingerprints it packaged."""
+    from twotower.serving.events import export_events_model
     from twotower.serving.export import export_ensemble
-    from twotower.serving.graph import recipe_ensemble
+    from twotower.serving.graph import load_external_ids, recipe_ensemble
 
     packaged = export_checks(config)
+    deploy_live_store(config.events_dir, config.features)
+    external_ids = load_external_ids(config)
     export_ensemble(
         recipe_ensemble(config),
         config.export_dir,
         config.serve,
         lambda model_dir: _write_export_record(model_dir, packaged),
     )
+    text_ids = {"user_id": external_ids.user_codes is not None, "item_id": external_ids.item_names is not None}
+    export_events_model(config.export_dir, config.events_dir, text_ids, config.serve.max_event_rows)
     print(f"[export] Triton model repository written to {config.export_dir}")
     return config.export_dir
 

@@ -50,7 +50,7 @@ def test_replicated_users_repeat_rows_under_new_unique_ids():
 
     users = pd.DataFrame({"user_id": [10, 20], "age": [1, 2]})
     encoded = pd.DataFrame({"user_id": [1, 2], "age": [3, 4]})
-    tables = FeatureTables(None, users, encoded, "fingerprint")
+    tables = FeatureTables(None, users, encoded, "fingerprint", {})
     many, many_encoded = replicated_users(tables, 5)
     assert many["user_id"].tolist() == [1, 2, 3, 4, 5]
     assert many["age"].tolist() == [1, 2, 1, 2, 1] and many_encoded["age"].tolist() == [3, 4, 3, 4, 3]

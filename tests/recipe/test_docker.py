@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from twotower.config import PROJECT_ROOT, RecipeConfig, load_config
+from twotower.serving.events import EVENTS_MODEL
 
 pytestmark = pytest.mark.unit
 
@@ -147,6 +148,9 @@ def test_triton_serves_what_the_pipeline_exports(compose):
         assert target in {t for _, t in _mounts(triton)} & {t for _, t in _mounts(pipeline)}
     assert "/v2/health/ready" in " ".join(triton["healthcheck"]["test"])
     assert ":8000/" in " ".join(triton["healthcheck"]["test"])
+    # the models the recipe's own server loads (twotower.serving.triton.TritonServer.models)
+    loaded = [flag.split("=", 1)[1] for flag in triton["command"] if flag.startswith("--load-model=")]
+    assert loaded == [RecipeConfig().serve.model_name, EVENTS_MODEL]
 
 
 def test_pipeline_profile_puts_feast_on_the_redis_service(compose):

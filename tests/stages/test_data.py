@@ -111,7 +111,7 @@ def test_without_side_files_the_ids_are_the_catalogue(tmp_path):
         ("unknown item", r"interactions\.csv: 1 rows name a sku missing from .*items\.csv \(first: row 4, 'D-4'\)"),
         ("unknown user", r"interactions\.csv: 2 rows name a uid missing from .*users\.csv \(first: row 0, 'ann'\)"),
         ("empty file", r"items\.csv: .*(no rows|No columns)"),
-        ("not parquet or csv", r"interactions\.json: not a Parquet or CSV file"),
+        ("not parquet or csv", r"interactions\.json: not a Parquet, CSV or JSON-lines file"),
         ("corrupt parquet", r"interactions\.parquet: cannot be read as Parquet"),
         ("missing feature column", r"users\.csv: missing column 'country'"),
     ],

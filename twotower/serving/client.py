@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import tritonclient.grpc as grpcclient
 
+from twotower.serving.events import EVENTS_MODEL
 from twotower.store.artifacts import EXTERNAL_ID, DataError, display_column, has_text_ids, load_recipe_data, load_split
 
 if TYPE_CHECKING:
@@ -17,19 +18,23 @@ OUTPUTS = ("item_ids", "scores", "is_fallback")
 DEFAULT_TIMEOUT_S = 30.0
 
 
-def user_id_request(user_ids: list[int] | list[str] | np.ndarray) -> grpcclient.InferInput:
-    """The ``user_id`` input tensor for a batch of user ids, shaped [n, 1] (a row per user on Triton's
-    batch dimension): INT64, or BYTES for text ids."""
-    user_ids = np.asarray(user_ids).reshape(-1, 1)
-    if user_ids.dtype.kind not in "OUS":  # numbers (and an empty batch, which NumPy makes float)
-        request = grpcclient.InferInput("user_id", list(user_ids.shape), "INT64")
-        request.set_data_from_numpy(user_ids.astype(np.int64))
+def id_input(name: str, ids: list[int] | list[str] | np.ndarray) -> grpcclient.InferInput:
+    """An id input tensor for a batch of ids, shaped [n, 1] (a row per id on Triton's batch
+    dimension): INT64, or BYTES for text ids."""
+    ids = np.asarray(ids).reshape(-1, 1)
+    if ids.dtype.kind not in "OUS":  # numbers (and an empty batch, which NumPy makes float)
+        request = grpcclient.InferInput(name, list(ids.shape), "INT64")
+        request.set_data_from_numpy(ids.astype(np.int64))
     else:
-        request = grpcclient.InferInput("user_id", list(user_ids.shape), "BYTES")
-        request.set_data_from_numpy(
-            np.array([str(u).encode() for u in user_ids.reshape(-1)], dtype=object).reshape(user_ids.shape)
-        )
+        request = grpcclient.InferInput(name, list(ids.shape), "BYTES")
+        text = np.array([str(u).encode() for u in ids.reshape(-1)], dtype=object)
+        request.set_data_from_numpy(text.reshape(ids.shape))
     return request
+
+
+def user_id_request(user_ids: list[int] | list[str] | np.ndarray) -> grpcclient.InferInput:
+    """The recommender's ``user_id`` input for a batch of user ids."""
+    return id_input("user_id", user_ids)
 
 
 def recommend(
@@ -56,6 +61,38 @@ def recommend(
     answer = {name: result.as_numpy(name) for name in OUTPUTS}
     answer["is_fallback"] = answer["is_fallback"].reshape(-1)  # [n, 1] on the wire
     return answer
+
+
+def send_events(
+    user_ids: list[int] | list[str] | np.ndarray,
+    item_ids: list[int] | list[str] | np.ndarray,
+    timestamps: list[int] | np.ndarray,
+    labels: list[float] | np.ndarray | None = None,
+    url: str = "127.0.0.1:8001",
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> int:
+    """Record events (a user interacted with an item at a time in integer seconds, with a rating or
+    label if given) through the server's ``record_events`` model, in one request of at most
+    ``serve.max_event_rows``; once it returns they shape the users' next answers. Returns how many
+    were accepted. Raises ``InferenceServerException`` (INVALID_ARGUMENT for a bad batch, which
+    changes nothing)."""
+    inputs = [id_input("user_id", user_ids), id_input("item_id", item_ids)]
+    inputs.append(number_input("timestamp", timestamps, "INT64"))
+    if labels is not None:
+        inputs.append(number_input("label", labels, "FP32"))
+    with grpcclient.InferenceServerClient(url) as client:
+        result = client.infer(
+            EVENTS_MODEL, inputs, outputs=[grpcclient.InferRequestedOutput("accepted")], client_timeout=timeout_s
+        )
+    return int(result.as_numpy("accepted").sum())
+
+
+def number_input(name: str, values: list | np.ndarray, datatype: str) -> grpcclient.InferInput:
+    """A numeric input tensor of type ``datatype`` (INT64, FP32), shaped [n, 1]."""
+    values = np.asarray(values).reshape(-1, 1)
+    request = grpcclient.InferInput(name, list(values.shape), datatype)
+    request.set_data_from_numpy(values.astype(np.int64 if datatype == "INT64" else np.float32))
+    return request
 
 
 def print_recommendations(config: RecipeConfig, user_ids: list, url: str | None = None) -> None:

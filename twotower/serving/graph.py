@@ -78,6 +78,7 @@ def _union(*schemas: Schema) -> Schema:
 
 def build_ensemble(
     feature_repo: Path,
+    events_dir: Path,
     query_tower_dir: Path,
     index_path: Path,
     top_k: int,
@@ -90,13 +91,22 @@ def build_ensemble(
     prerank: Prerank | None = None,
 ) -> Ensemble:
     """The recipe's serving graph; ``workflow_fingerprint`` is the workflow the query tower was
-    trained on, which the online store's features must come from. ``external_ids`` maps text ids
+    trained on, which the online store's features must come from; ``events_dir``: the run's live
+    events (``twotower.store.events``), folded into the users' rows. ``external_ids`` maps text ids
     of the data files to the recipe's int ids and back. With ``prerank``, retrieval fetches
     ``prerank.candidates`` items (and as many fallback items) and the pre-ranker keeps ``top_k``."""
     external_ids = external_ids or ExternalIds()
     prerank_inputs = _signature_schema(PredictQueryTower(prerank.model_dir / "query_tower")) if prerank else Schema()
     model_inputs = _union(_signature_schema(PredictQueryTower(query_tower_dir)), prerank_inputs)
-    lookup = OnlineQueryFeatures(feature_repo, model_inputs, max_users, workflow_fingerprint, external_ids.user_codes)
+    lookup = OnlineQueryFeatures(
+        feature_repo,
+        events_dir,
+        model_inputs,
+        max_users,
+        workflow_fingerprint,
+        external_ids.user_codes,
+        external_ids.item_codes,
+    )
     retrieval_inputs = lookup.compute_output_schema(Schema(), None).select_by_name(["seen_items", "known"])
     retrieved = prerank.candidates if prerank else top_k
     retrieval_names = None if prerank else external_ids.item_names  # the pre-ranker reads int ids and names them
@@ -126,6 +136,13 @@ class ExternalIds(NamedTuple):
 
     user_codes: dict[str, int] | None = None  # text user id -> int id
     item_names: np.ndarray | None = None  # int item id -> text item id (object array of UTF-8 bytes)
+
+    @property
+    def item_codes(self) -> dict[str, int] | None:
+        """Text item id -> int id."""
+        if self.item_names is None:
+            return None
+        return {name.decode(): item for item, name in enumerate(self.item_names) if name}
 
 
 def load_external_ids(config: RecipeConfig) -> ExternalIds:
@@ -178,6 +195,7 @@ def recipe_ensemble(config: RecipeConfig, feature_repo: Path | None = None) -> E
         prerank = Prerank(ranker.model_dir, config.serve.prerank_candidates)
     return build_ensemble(
         feature_repo or config.feature_repo_dir,
+        config.events_dir,
         config.query_tower_dir,
         config.index_path,
         config.serve.top_k,

@@ -29,6 +29,7 @@ from tritonclient.utils import InferenceServerException
 
 from twotower.config import RecipeConfig, ServeConfig
 from twotower.offline import TELEMETRY_OFF
+from twotower.serving.events import EVENTS_MODEL, EVENTS_MODEL_SOURCE
 from twotower.store.artifacts import MissingArtifact
 from twotower.store.manifest import ArtifactMismatch
 
@@ -100,7 +101,7 @@ class ServerPorts:
 
 
 def server_command(
-    install: TritonInstall, model_repository: Path, backend_dir: Path, host: str, ports: ServerPorts, model_name: str
+    install: TritonInstall, model_repository: Path, backend_dir: Path, host: str, ports: ServerPorts, models: list[str]
 ) -> list[str]:
     return [
         str(install.binary),
@@ -114,10 +115,10 @@ def server_command(
         f"--metrics-port={ports.metrics}",
         "--allow-gpu-metrics=false",
         "--disable-auto-complete-config",
-        # Only the recipe's model: anything else in the folder (an interrupted export's staging
+        # Only the recipe's models: anything else in the folder (an interrupted export's staging
         # folder, another project's model) is never loaded or served.
         "--model-control-mode=explicit",
-        f"--load-model={model_name}",
+        *(f"--load-model={name}" for name in models),
         # On SIGTERM Triton waits this long for in-flight requests before it exits anyway.
         f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
     ]
@@ -264,6 +265,12 @@ class TritonServer:
         self.ports: ServerPorts | None = None
 
     @property
+    def models(self) -> list[str]:
+        """The recommender, and the event endpoint where the export has one."""
+        events = (self.model_repository / EVENTS_MODEL / "config.pbtxt").exists()
+        return [self.config.model_name, *([EVENTS_MODEL] if events else [])]
+
+    @property
     def grpc_url(self) -> str:
         return f"{self.config.host}:{self.ports.grpc}"
 
@@ -304,9 +311,7 @@ class TritonServer:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
-                server_command(
-                    install, self.model_repository, backend_dir, self.config.host, self.ports, self.config.model_name
-                ),
+                server_command(install, self.model_repository, backend_dir, self.config.host, self.ports, self.models),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=server_environment(install),
@@ -358,8 +363,8 @@ class TritonServer:
                             "but it does not hold them"
                         )
                     try:
-                        if client.is_server_ready(client_timeout=READY_PROBE_TIMEOUT_S) and client.is_model_ready(
-                            self.config.model_name, client_timeout=READY_PROBE_TIMEOUT_S
+                        if client.is_server_ready(client_timeout=READY_PROBE_TIMEOUT_S) and all(
+                            client.is_model_ready(name, client_timeout=READY_PROBE_TIMEOUT_S) for name in self.models
                         ):
                             return
                     except InferenceServerException:  # still loading
@@ -424,11 +429,11 @@ def recipe_servers(model_repository: Path) -> list[str]:
 EXECUTOR_MODEL_SOURCE = Path(__file__).with_name("executor_model.py")
 
 
-def check_exported_code(model_dir: Path) -> None:
-    """Refuse an exported model whose versions hold another executor ``model.py`` than this package's:
+def check_exported_code(model_dir: Path, source: Path = EXECUTOR_MODEL_SOURCE) -> None:
+    """Refuse an exported model whose versions hold another ``model.py`` than this package's ``source``:
     they were exported by another version of the recipe (an earlier layout of the package, say),
     whose pickled graph names modules that may no longer exist."""
-    current = EXECUTOR_MODEL_SOURCE.read_bytes()
+    current = source.read_bytes()
     stale = sorted(path.parent.name for path in Path(model_dir).glob("*/model.py") if path.read_bytes() != current)
     if stale:
         raise ArtifactMismatch(
@@ -441,6 +446,7 @@ def triton_server(config: RecipeConfig) -> TritonServer:
     """A server (not started) for this run's exported model repository, logging under the run; an
     export written by another version of the package is refused first."""
     check_exported_code(config.export_dir / config.serve.model_name)
+    check_exported_code(config.export_dir / EVENTS_MODEL, EVENTS_MODEL_SOURCE)
     return TritonServer(config.export_dir, config.output_dir / "triton", config.serve)
 
 

@@ -18,6 +18,7 @@ naming the file, the column and a row, before anything is written.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from pathlib import Path
 
@@ -52,8 +53,11 @@ def resolve_path(path: str) -> Path:
 TAB_SEPARATED = (".tsv", ".inter", ".user", ".item")  # RecBole's atomic files are tab-separated
 
 
+JSON_LINES = (".jsonl",)  # one JSON object per line
+
+
 def read_table(path: str, csv_separator: str = ",") -> pd.DataFrame:
-    """A Parquet or CSV file as text-or-native columns (ids are not guessed into numbers here).
+    """A Parquet, CSV or JSON-lines file as text-or-native columns (ids are not guessed into numbers here).
 
     RecBole atomic headers (``name:type``) lose their type suffix.
     """
@@ -68,15 +72,19 @@ def read_table(path: str, csv_separator: str = ",") -> pd.DataFrame:
             separator = "\t" if suffix in TAB_SEPARATED else csv_separator
             frame = pd.read_csv(file, sep=separator, dtype=str, keep_default_na=False, na_values=[""])
             frame.columns = [str(c).split(":")[0] for c in frame.columns]
+        elif suffix in JSON_LINES:
+            frame = pd.read_json(file, lines=True, dtype=False, convert_dates=False)
         else:
             raise DataError(
-                f"{path}: not a Parquet or CSV file (suffix {suffix or 'none'!r}; use .parquet, .csv or .tsv)"
+                f"{path}: not a Parquet, CSV or JSON-lines file "
+                f"(suffix {suffix or 'none'!r}; use .parquet, .csv, .tsv or .jsonl)"
             )
     except DataError:
         raise
     except Exception as error:  # pyarrow's and pandas' parse errors have many types
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise DataError(f"{path}: cannot be read as {'Parquet' if suffix == '.parquet' else 'CSV'}: {reason}") from None
+        kind = "Parquet" if suffix == ".parquet" else "JSON lines" if suffix in JSON_LINES else "CSV"
+        raise DataError(f"{path}: cannot be read as {kind}: {reason}") from None
     if frame.empty:
         raise DataError(f"{path}: has no rows")
     return frame
@@ -245,6 +253,16 @@ def canonical_interactions(frame: pd.DataFrame, schema: SchemaConfig, source: st
         print(f"[data] {where}: dropped")
         rows = rows[~repeated]
     return rows.reset_index(drop=True)
+
+
+def read_events(path: str, schema: SchemaConfig) -> tuple[pd.DataFrame, bool]:
+    """An events file for ``twotower events`` (Parquet, CSV or JSON lines, columns named as the data
+    set's schema declares them) as ``user_id``, ``item_id`` (as the file spells them), ``timestamp``
+    (integer seconds) and ``rating``; and whether the file has the label column (else every rating is 1)."""
+    frame = read_table(path)
+    labelled = bool(schema.label) and schema.label in frame.columns
+    declared = dataclasses.replace(schema, label=schema.label if labelled else "")
+    return canonical_interactions(frame, declared, path), labelled
 
 
 def _matched(ids: pd.Series, known: pd.Series, source: str, column: str, side_file: str) -> None:

@@ -15,9 +15,10 @@ the serving graph checks at load.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -33,6 +34,7 @@ from twotower.store.features import (
     ENCODED_PREFIX,
     FEATURE_TIMESTAMP,
     ITEM_VIEW,
+    LIVE_ENCODING,
     QUERY_VIEW,
     RUN_ID,
     RUN_VIEW,
@@ -40,6 +42,9 @@ from twotower.store.features import (
     apply_and_materialize,
 )
 from twotower.store.manifest import fingerprint
+
+if TYPE_CHECKING:
+    from twotower.stages.workflow import SavedWorkflows
 
 TEMPLATE_DIR = next(
     d for d in (PROJECT_ROOT / "feature_repo", Path(__file__).parents[1] / "feature_repo") if d.is_dir()
@@ -111,15 +116,24 @@ def user_view_rows(users: pd.DataFrame, encoded_users: pd.DataFrame) -> dict[str
     return {USER_VIEW: raw, QUERY_VIEW: encoded}
 
 
-def write_sources(
-    data: RecipeData, users: pd.DataFrame, encoded_users: pd.DataFrame, workflow_fingerprint: str, repo_dir: Path
-) -> None:
+class FeatureTables(NamedTuple):
+    """What Feast serves."""
+
+    data: RecipeData
+    users: pd.DataFrame  # raw profiles, latest history, every earlier positive
+    encoded_users: pd.DataFrame  # the same users encoded by the saved user workflow
+    workflow_fingerprint: str  # of that workflow, stored with the rows
+    live_encoding: dict  # how served versions fold live events into these rows (``live_encoding``)
+
+
+def write_sources(tables: FeatureTables, repo_dir: Path) -> None:
     """Parquet sources of the feature views, and their fields in ``columns.yaml``; the user views'
-    rows from ``user_view_rows``, ``workflow_fingerprint``: the user workflow's."""
+    rows from ``user_view_rows``; the live encoding in ``live_encoding.json`` beside them."""
+    (repo_dir / LIVE_ENCODING).write_text(json.dumps(tables.live_encoding))
     stamp = pd.Timestamp(FEATURE_TIMESTAMP)
-    run = pd.DataFrame({"run_id": [RUN_ID], "workflow_fingerprint": [workflow_fingerprint]})
-    user_views = {view: (rows, "user_id") for view, rows in user_view_rows(users, encoded_users).items()}
-    views = {**user_views, ITEM_VIEW: (data.items, "item_id"), RUN_VIEW: (run, "run_id")}
+    run = pd.DataFrame({"run_id": [RUN_ID], "workflow_fingerprint": [tables.workflow_fingerprint]})
+    user_views = {view: (rows, "user_id") for view, rows in user_view_rows(tables.users, tables.encoded_users).items()}
+    views = {**user_views, ITEM_VIEW: (tables.data.items, "item_id"), RUN_VIEW: (run, "run_id")}
     columns = {}
     for view, (frame, key) in views.items():
         frame = _plain_lists(frame)
@@ -128,13 +142,45 @@ def write_sources(
     (repo_dir / COLUMNS_FILE).write_text(yaml.safe_dump(columns, sort_keys=False))
 
 
-class FeatureTables(NamedTuple):
-    """What Feast serves (in ``build_feature_store``'s argument order)."""
+def _unseen(values: pd.Series):
+    """A value no row of ``values`` has: Categorify's out-of-vocabulary bucket, or for a float
+    (continuous) column a missing value, which the workflow fills with the training median."""
+    if _is_list_column(values):
+        return []
+    if pd.api.types.is_float_dtype(values):
+        return float("nan")
+    if pd.api.types.is_integer_dtype(values):
+        return int(values.min()) - 1 if len(values) else -1
+    return "\x00unknown"
 
-    data: RecipeData
-    users: pd.DataFrame  # raw profiles, latest history, every earlier positive
-    encoded_users: pd.DataFrame  # the same users encoded by the saved user workflow
-    workflow_fingerprint: str  # of that workflow, stored with the rows
+
+def live_encoding(
+    workflows: SavedWorkflows, users: pd.DataFrame, items: pd.DataFrame, history_length: int, min_rating: float | None
+) -> dict:
+    """What a served version needs to fold a user's live events into their rows: the history code of
+    each item of the vocabulary and the code of any other, the encoded row of a user the store has
+    no row for (every feature in its out-of-vocabulary bucket), the history length, and the least
+    label that counts as a positive (None: every event does, implicit feedback)."""
+    from twotower.stages.workflow import category_table, encode_users
+
+    profile = {column: [_unseen(users[column])] for column in users.columns if column not in ("history", "seen_items")}
+    outside = int(items["item_id"].max()) + 1
+    if history_length > 0:
+        profile["history"] = [[outside]]
+    encoded = encode_users(workflows, pd.DataFrame(profile)).iloc[0]
+    has_history = "history" in encoded.index
+    vocabulary = category_table(workflows.user, "history")["history"] if has_history else pd.Series(dtype="int64")
+    return {
+        "history_length": history_length if has_history else 0,
+        "min_rating": min_rating,
+        "history_items": vocabulary.astype(int).tolist(),
+        "history_codes": vocabulary.index.astype(int).tolist(),
+        "unknown_item_code": int(encoded["history"][0]) if has_history else None,
+        "unknown_user": {
+            ENCODED_PREFIX + name: ([] if name == "history" else np.asarray(value).tolist())
+            for name, value in encoded.items()
+        },
+    }
 
 
 def feature_tables(config: RecipeConfig, user_ids: np.ndarray | None = None) -> FeatureTables:
@@ -147,19 +193,18 @@ def feature_tables(config: RecipeConfig, user_ids: np.ndarray | None = None) -> 
     profiles = data.users if user_ids is None else data.users[data.users["user_id"].isin(user_ids)]
     users = users_with_history(profiles, known, config.train.history_length)
     users = users.assign(seen_items=latest_history(known, users["user_id"].to_numpy(), None).to_numpy())
+    workflows = load_saved_workflows(config.workflow_dir)
+    min_rating = config.data.min_rating if config.data.schema.label else None
     return FeatureTables(
-        data, users, encode_users(load_saved_workflows(config.workflow_dir), users), workflow_fingerprint
+        data,
+        users,
+        encode_users(workflows, users),
+        workflow_fingerprint,
+        live_encoding(workflows, data.users, data.items, config.train.history_length, min_rating),
     )
 
 
-def build_feature_store(
-    data: RecipeData,
-    users: pd.DataFrame,
-    encoded_users: pd.DataFrame,
-    workflow_fingerprint: str,
-    repo_dir: Path,
-    features: FeaturesConfig | None = None,
-) -> FeatureStore:
+def build_feature_store(tables: FeatureTables, repo_dir: Path, features: FeaturesConfig | None = None) -> FeatureStore:
     """Deploy, write the sources, apply and materialize in a staging folder, then swap it in at
     ``repo_dir``. With SQLite the old store file stays readable to connections already open on it.
     With Redis the online store is shared, not swapped: materializing overwrites its rows in place,
@@ -167,7 +212,7 @@ def build_feature_store(
     catches that when it restarts."""
     with atomic_dir(repo_dir) as staging:
         deploy_repo(staging, features)
-        write_sources(data, users, encoded_users, workflow_fingerprint, staging)
+        write_sources(tables, staging)
         apply_and_materialize(staging, final_dir=repo_dir)
     return FeatureStore(repo_path=str(repo_dir))
 

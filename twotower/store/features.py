@@ -45,6 +45,9 @@ RUN_ID = 0  # the one row of RUN_VIEW
 ENCODED_PREFIX = "encoded_"
 
 
+LIVE_ENCODING = "live_encoding.json"  # how served versions fold live events into the rows (stages/features.py)
+
+
 COLUMNS_FILE = "columns.yaml"  # each view's fields, from the data set's declared schema (features.py reads it)
 
 

@@ -6,7 +6,9 @@ repository and, once exported, the version's own copy of it (``FeatureRepoOperat
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import merlin.dtypes as md
 import numpy as np
@@ -15,7 +17,9 @@ from merlin.schema import ColumnSchema, Schema
 from merlin.table import TensorTable
 
 from twotower.serving.errors import ServiceUnavailable
+from twotower.serving.events import EVENTS_DIR_ENV
 from twotower.serving.ops.base import ragged_column, request_user_ids, text_id
+from twotower.store.events import as_text_ids, open_live_store
 
 FEATURE_REPO_ENV = "TWOTOWER_FEATURE_REPO"  # overrides where the executor finds Feast
 
@@ -26,13 +30,16 @@ SERVED_FEATURE_REPO = "feature_repo"  # each exported version's copy of the run'
 UNKNOWN_CODE = -1  # never a user id of the recipe (they are the files' integers or 1..N)
 
 
-def read_online(reader, ids: np.ndarray) -> list:
-    """``reader.read(ids)``; an online store that cannot be reached is ServiceUnavailable (a
-    one-line UNAVAILABLE to the client), not an internal fault."""
+T = TypeVar("T")
+
+
+def read_online(read: Callable[[], T]) -> T:
+    """``read()``, a read of the online store (Feast's or the live events'); a store that cannot be
+    reached is ServiceUnavailable (a one-line UNAVAILABLE to the client), not an internal fault."""
     import redis.exceptions
 
     try:
-        return reader.read(ids)
+        return read()
     except (ConnectionError, TimeoutError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ServiceUnavailable(f"online feature store unavailable: {reason}") from error
@@ -103,18 +110,40 @@ class OnlineQueryFeatures(FeatureRepoOperator):
     def __init__(
         self,
         feature_repo: Path,
+        events_dir: Path,
         model_inputs: Schema,
         max_users: int,
         workflow_fingerprint: str,
         user_codes: dict[str, int] | None = None,
+        item_codes: dict[str, int] | None = None,
     ):
         super().__init__(feature_repo)
+        self.events_dir = str(Path(events_dir).resolve())
+        self._events_from_artifacts: str | None = None
         self.model_inputs = model_inputs
         self.max_users = max_users
         self.workflow_fingerprint = workflow_fingerprint
         self.user_codes = user_codes  # text user ids -> the recipe's int ids; None: requests carry the int ids
+        self.item_codes = item_codes  # the same for item ids (live events name items as clients do)
+
+    def save_artifacts(self, artifact_path: str) -> None:
+        super().save_artifacts(artifact_path)
+        # Every version reads the run's one events folder, named relative to the version.
+        self._events_from_artifacts = os.path.relpath(self.events_dir, artifact_path)
+
+    def load_artifacts(self, artifact_path: str) -> None:
+        override = os.environ.get(EVENTS_DIR_ENV)
+        if override:
+            self.events_dir = str(Path(override).resolve())
+        elif artifact_path:
+            self.events_dir = str((Path(artifact_path) / self._events_from_artifacts).resolve())
+        super().load_artifacts(artifact_path)
+
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "events_dir": None}
 
     def _connect(self, repo: Path):
+        from twotower.serving.ops.live import LiveRows
         from twotower.store.features import QUERY_VIEW, USER_VIEW, OnlineReader, check_materialized_from
 
         # One store for both views: the check opens its online-store connection and every
@@ -122,7 +151,8 @@ class OnlineQueryFeatures(FeatureRepoOperator):
         # replaced by a later 'features' run is only picked up when the model reloads).
         query = OnlineReader(repo, QUERY_VIEW)
         check_materialized_from(query.store, self.workflow_fingerprint)
-        return query, OnlineReader(query.store, USER_VIEW)
+        live = LiveRows(repo, open_live_store(Path(self.events_dir)), self.item_codes)
+        return query, OnlineReader(query.store, USER_VIEW), live
 
     def compute_output_schema(
         self, input_schema: Schema, col_selector: ColumnSelector, prev_output_schema: Schema = None
@@ -137,12 +167,14 @@ class OnlineQueryFeatures(FeatureRepoOperator):
     def transform(self, col_selector: ColumnSelector, transformable):
         from twotower.store.features import ENCODED_PREFIX
 
-        user_ids = request_user_ids(transformable, self.max_users)
+        requested = request_user_ids(transformable, self.max_users)
+        user_ids = requested
         if self.user_codes is not None:  # an id the data never had is an unknown user, like an unknown int id
-            user_ids = np.array([self.user_codes.get(text_id(u), UNKNOWN_CODE) for u in user_ids], dtype=np.int64)
-        query_reader, user_reader = self.client
-        encoded = read_online(query_reader, user_ids)
-        raw = read_online(user_reader, user_ids)
+            user_ids = np.array([self.user_codes.get(text_id(u), UNKNOWN_CODE) for u in requested], dtype=np.int64)
+        query_reader, user_reader, live = self.client
+        encoded = read_online(lambda: query_reader.read(user_ids))
+        raw = read_online(lambda: user_reader.read(user_ids))
+        read_online(lambda: live.fold(as_text_ids(requested), encoded, raw))  # events since the features were built
         known = np.array([row is not None for row in encoded])
         columns = {}
         for column in self.model_inputs:
