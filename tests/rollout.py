@@ -13,9 +13,11 @@ from pathlib import Path
 import numpy as np
 import tritonclient.grpc as grpcclient
 
-from twotower.config import ServeConfig
-from twotower.serving.client import OUTPUTS, user_id_request
+from twotower.config import RecipeConfig, ServeConfig
+from twotower.serving.client import OUTPUTS, send_events, user_id_request
+from twotower.serving.export import load_exported_ensemble, recommend_in_process
 from twotower.serving.triton import TritonServer, recipe_servers
+from twotower.store.events import open_live_store
 
 CLIENT_THREADS = 4
 TIMEOUT_S = 30
@@ -54,8 +56,33 @@ class Traffic:
 
 
 @dataclass
+class EventTraffic:
+    """Events of one user, sent one a request until stopped, cycling through ``items``."""
+
+    url: str
+    user: int
+    items: np.ndarray
+    acknowledged: list[int] = field(default_factory=list)  # the items of the events that returned OK
+    failures: list[str] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def drive(self) -> None:
+        step = 0
+        while not self.stop.is_set():
+            item = self.items[step % len(self.items)]
+            step += 1
+            try:
+                send_events([self.user], [int(item)], [1_000_000_000 + step], None, self.url, TIMEOUT_S)
+                self.acknowledged.append(int(item))
+            except Exception as error:  # noqa: BLE001 - every failure is counted, whatever it is
+                self.failures.append(f"{type(error).__name__}: {error}")
+            time.sleep(0.25)
+
+
+@dataclass
 class Rollout:
     traffic: Traffic
+    events: EventTraffic
     command: subprocess.CompletedProcess
     rolled_out: float  # time.monotonic() when the command returned
     server_url: str
@@ -63,16 +90,25 @@ class Rollout:
 
 
 def roll_out_under_load(
-    export_dir: Path, log_dir: Path, users: np.ndarray, command: list[str], timeout_s: float
+    export_dir: Path,
+    log_dir: Path,
+    users: np.ndarray,
+    command: list[str],
+    timeout_s: float,
+    event_user: int,
+    event_items: np.ndarray,
 ) -> Rollout:
-    """Serve ``export_dir`` on a new server, drive requests for ``users`` at it, run ``command``
-    (which rolls out a new version to that server), keep driving for a few seconds more."""
+    """Serve ``export_dir`` on a new server, drive requests for ``users`` at it and events of
+    ``event_user`` (``event_items`` in turn), run ``command`` (which rolls out a new version to that
+    server), keep driving for a few seconds more."""
     server = TritonServer(export_dir, log_dir, ServeConfig(grpc_port=0, http_port=0, metrics_port=0, top_k=5))
     server.start()
     try:
         assert recipe_servers(export_dir) == [server.grpc_url]  # what the command will roll out to
         traffic = Traffic(server.grpc_url, users)
+        events = EventTraffic(server.grpc_url, event_user, event_items)
         threads = [threading.Thread(target=traffic.drive) for _ in range(CLIENT_THREADS)]
+        threads.append(threading.Thread(target=events.drive))
         for thread in threads:
             thread.start()
         time.sleep(2)
@@ -80,14 +116,16 @@ def roll_out_under_load(
         rolled_out = time.monotonic()
         time.sleep(3)
         traffic.stop.set()
+        events.stop.set()
         for thread in threads:
             thread.join()
         assert server.process.poll() is None  # the same server process throughout
         with grpcclient.InferenceServerClient(server.grpc_url) as client:
-            states = {m["version"]: m["state"] for m in client.get_model_repository_index(as_json=True)["models"]}
+            index = client.get_model_repository_index(as_json=True)["models"]
+            states = {m["version"]: m["state"] for m in index if m["name"] == "executor_model"}
     finally:
         server.stop()
-    return Rollout(traffic, completed, rolled_out, server.grpc_url, states)
+    return Rollout(traffic, events, completed, rolled_out, server.grpc_url, states)
 
 
 def check_answers(rollout: Rollout, old_answer: np.ndarray, new_answer: np.ndarray, version: int) -> str:
@@ -107,3 +145,16 @@ def check_answers(rollout: Rollout, old_answer: np.ndarray, new_answer: np.ndarr
         f"rollout under load: {len(traffic.answers)} requests, {sum(is_old)} old, {sum(is_new)} new, "
         f"{len(after)} sent after the rollout, 0 failed"
     )
+
+
+def check_events_kept(rollout: Rollout, config: RecipeConfig) -> str:
+    """Every event acknowledged during the rollout is in the live store, in the order sent, and
+    the new version answers that user from them: personally, none of the items again."""
+    events = rollout.events
+    assert events.failures == [], f"{len(events.failures)} failed event requests, e.g. {events.failures[:3]}"
+    assert len(events.acknowledged) >= 10
+    (stored,) = open_live_store(config.events_dir).items_of([str(events.user)]).values()
+    assert [int(event.item_id) for event in stored] == events.acknowledged
+    answer = recommend_in_process(load_exported_ensemble(config.export_dir), np.array([events.user]))
+    assert not answer["is_fallback"].any() and not set(answer["item_ids"][0].tolist()) & set(events.acknowledged)
+    return f"events during the rollout: {len(events.acknowledged)} acknowledged, all kept and served"

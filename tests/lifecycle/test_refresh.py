@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import SMALL_RUN, small_config
-from rollout import check_answers, roll_out_under_load
+from rollout import check_answers, check_events_kept, roll_out_under_load
 
 from twotower import pipeline
 from twotower.cli import main as twotower_main
@@ -26,6 +26,7 @@ from twotower.store.manifest import REFRESH, ArtifactMismatch, artifact_paths, f
 pytestmark = pytest.mark.integration
 
 NEW_IDS_FROM = 10_001
+EVENT_USER = 10**9  # unknown to the run: its events change no other user's answer
 
 
 def _copy_run(exported: RecipeConfig, root: Path) -> RecipeConfig:
@@ -92,11 +93,13 @@ def test_refresh_items_rolls_out_a_new_version_under_load_without_a_failed_or_mi
     batch, old_answer, new_answer = users[rows], old[rows], new[rows]
 
     assert recipe_servers(twin.export_dir) == []
+    catalogue = load_item_vectors(run.item_vectors_path)[0][:30]
     rollout = roll_out_under_load(
-        run.export_dir, tmp_path / "triton", batch, _refresh_command(run, items), timeout_s=240
+        run.export_dir, tmp_path / "triton", batch, _refresh_command(run, items), 240, EVENT_USER, catalogue
     )
     assert f"[refresh] {rollout.server_url} serves version 2" in rollout.command.stdout, rollout.command.stdout[-3000:]
     print(check_answers(rollout, old_answer, new_answer, version=2))
+    print(check_events_kept(rollout, run))
 
     # a new item is served because of its vector: its score is the query . the refreshed item vector
     from twotower.stages.evaluate import saved_query_vectors

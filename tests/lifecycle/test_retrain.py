@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 from conftest import SMALL_RUN, small_config
-from rollout import check_answers, roll_out_under_load
+from rollout import check_answers, check_events_kept, roll_out_under_load
 
 from twotower import pipeline
 from twotower.config import ConfigError, RecipeConfig, load_config, parse_time, prerank_config, set_value
@@ -252,13 +252,15 @@ def test_a_retrain_rolls_out_under_load_without_a_failed_or_mixed_answer(known_r
         str(cutoff),
         *(a for s in settings for a in ("--set", s)),
     ]
-    rollout = roll_out_under_load(run.export_dir, tmp_path / "triton", batch, command, timeout_s=540)
+    catalogue = load_item_vectors(run.item_vectors_path)[0][:30]
+    rollout = roll_out_under_load(run.export_dir, tmp_path / "triton", batch, command, 540, 10**9, catalogue)
     assert f"[retrain] {rollout.server_url} serves version 2" in rollout.command.stdout, rollout.command.stdout[-3000:]
 
     new = recommend_in_process(load_exported_ensemble(run.export_dir), batch)
     assert old["is_fallback"][0] and not new["is_fallback"][0]
     assert (old["item_ids"] != new["item_ids"]).any(axis=1).sum() >= 3, "the retrain must change the answers"
     print(check_answers(rollout, old["item_ids"], new["item_ids"], version=2))
+    print(check_events_kept(rollout, run))
 
 
 def test_items_added_by_refresh_items_stay_served_through_a_retrain_embedded_by_the_new_tower(

@@ -1,7 +1,7 @@
 """Live events: the store (order, no lost update, on SQLite and Redis), the checks of a batch, how
 events fold into a user's rows, and the endpoint through a real Triton server: the next answer
 changes, an unknown user is answered personally, a bad batch changes nothing, concurrent events
-all land in order and survive a killed server."""
+all land in order and survive a killed server; on SQLite and on Redis."""
 
 from __future__ import annotations
 
@@ -145,12 +145,21 @@ def test_events_fold_into_history_seen_items_and_unknown_users(tmp_path):
 
 
 # ----------------------------------------------------------------------- Triton
-@pytest.fixture(scope="module")
-def run(exported, tmp_path_factory):
-    """A copy of the session's run and model repository, whose events no other test sees."""
-    config = small_config(tmp_path_factory.mktemp("events"))
+@pytest.fixture(scope="module", params=["sqlite", "redis"])
+def run(request, exported, tmp_path_factory):
+    """A copy of the session's run and model repository, whose events no other test sees; with
+    ``redis``, its features and live events on a real redis-server (features and export run again)."""
+    from twotower import pipeline
+
+    config = small_config(tmp_path_factory.mktemp(f"events-{request.param}"))
     shutil.copytree(exported.output_dir, config.output_dir)
     shutil.copytree(exported.export_dir, config.export_dir)
+    if request.param == "redis":
+        port = request.getfixturevalue("redis_port")
+        config.features = FeaturesConfig(online_store="redis", redis_connection=f"127.0.0.1:{port}")
+        pipeline.run_features(config)
+        pipeline.run_export(config)
+        assert "type: redis" in (config.events_dir / "live_store.yaml").read_text()
     return config
 
 

@@ -138,12 +138,15 @@ class OnlineReader:
         self.join_key = self.view.entity_columns[0].name
 
     def read(self, ids: np.ndarray) -> list[dict | None]:
-        """One dict of feature values per id (None where the store has no row)."""
+        """One dict of feature values per id (None where the store has no row: SQLite returns no
+        values for it, Redis an empty value for every feature)."""
         keys = [EntityKey(join_keys=[self.join_key], entity_values=[Value(int64_val=int(i))]) for i in ids]
         rows = self.online_store.online_read(self.store.config, self.view, keys)
-        return [
-            None if values is None else {name: _python_value(v) for name, v in values.items()} for _, values in rows
-        ]
+        found = []
+        for _, values in rows:
+            row = None if values is None else {name: _python_value(v) for name, v in values.items()}
+            found.append(row if row and any(value is not None for value in row.values()) else None)
+        return found
 
 
 def check_materialized_from(store: FeatureStore, workflow_fingerprint: str) -> None:
