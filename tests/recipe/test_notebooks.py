@@ -90,5 +90,6 @@ def test_every_notebook_runs_top_to_bottom_on_synthetic_data(tmp_path):
     assert "empty batch: StatusCode.INVALID_ARGUMENT: [request id: <id_unknown>] input byte size mismatch" in serving
     assert "1025 users: StatusCode.INVALID_ARGUMENT: [request id: <id_unknown>] inference request batch-size" in serving
     assert "still ready: True" in serving
+    assert "recommended again: False" in serving  # a live event: the watched item is gone from the next answer
     assert "tritonserver exited with code 0" in serving
     assert {name: (NOTEBOOK_DIR / name).read_bytes() for name in NOTEBOOKS} == committed

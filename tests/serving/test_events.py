@@ -264,3 +264,15 @@ def test_concurrent_events_all_land_in_order_and_survive_a_killed_server(run, se
     server.process.wait()
     logged = EventLog(run.events_dir).read()
     assert sorted(logged[logged["user_id"] == str(user)]["timestamp"]) == sorted(times.tolist())
+
+
+@pytest.mark.unit
+def test_text_ids_go_out_as_sent_whether_bytes_or_str():
+    """An answer's text item ids (bytes) can be sent back as events unchanged."""
+    from tritonclient.utils import deserialize_bytes_tensor
+
+    from twotower.serving.client import id_input
+
+    request = id_input("item_id", np.array([b"Heat (1995)", "Heat (1995)"], dtype=object))
+    assert request.datatype() == "BYTES" and request.shape() == [2, 1]
+    assert deserialize_bytes_tensor(request._raw_content).tolist() == [b"Heat (1995)", b"Heat (1995)"]

@@ -27,7 +27,8 @@ def id_input(name: str, ids: list[int] | list[str] | np.ndarray) -> grpcclient.I
         request.set_data_from_numpy(ids.astype(np.int64))
     else:
         request = grpcclient.InferInput(name, list(ids.shape), "BYTES")
-        text = np.array([str(u).encode() for u in ids.reshape(-1)], dtype=object)
+        # bytes as the server returns text ids (an answer's item ids sent back as events), str as typed
+        text = np.array([u if isinstance(u, bytes) else str(u).encode() for u in ids.reshape(-1)], dtype=object)
         request.set_data_from_numpy(text.reshape(ids.shape))
     return request
 
