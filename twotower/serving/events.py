@@ -38,10 +38,11 @@ EVENTS_MODEL_SOURCE = Path(__file__).with_name("events_model.py")
 FUTURE_LIMIT_S = 86_400  # an event more than a day ahead of the server's clock is a client's mistake
 
 
-def events_dir_of(version_dir: Path, settings: dict) -> Path:
-    """The run's events folder as an exported version names it (or ``TWOTOWER_EVENTS_DIR``)."""
+def events_dir_of(version_dir: Path, relative: str | None) -> Path:
+    """The run's events folder as an exported version names it (``relative`` to its folder), or
+    ``TWOTOWER_EVENTS_DIR``; the executor's graph and the event model both find it here."""
     override = os.environ.get(EVENTS_DIR_ENV)
-    return Path(override) if override else (Path(version_dir) / settings["events_dir"]).resolve()
+    return Path(override).resolve() if override else (Path(version_dir) / relative).resolve()
 
 
 def check_events(

@@ -33,7 +33,7 @@ class TritonPythonModel:
     def initialize(self, args):
         version_dir = Path(args["model_repository"]) / args["model_version"]
         settings = json.loads((version_dir / EVENTS_SETTINGS).read_text())
-        self.events_dir = events_dir_of(version_dir, settings)
+        self.events_dir = events_dir_of(version_dir, settings["events_dir"])
         self.text_ids = settings["text_ids"]
         self.live_store = open_live_store(self.events_dir)
 

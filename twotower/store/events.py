@@ -229,5 +229,6 @@ def record_events(events_dir: Path, batch: EventBatch, live_store: SqliteLiveSto
 
 
 def as_text_ids(values: np.ndarray) -> list[str]:
-    """Ids as the live store keys them: text as sent (bytes decoded), integers in decimal."""
+    """Ids as text, as the live store keys them and text-id runs name users: text as sent (bytes, as
+    Triton delivers it, decoded; str as Python callers pass it), integers in decimal."""
     return [value.decode() if isinstance(value, bytes) else str(value) for value in values.reshape(-1).tolist()]

@@ -33,11 +33,6 @@ def request_user_ids(transformable, max_users: int) -> np.ndarray:
     return user_ids
 
 
-def text_id(value) -> str:
-    """A text id as Triton delivers it (bytes) or as Python callers pass it (str)."""
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def ragged_column(lists: list[list[int]]) -> TensorColumn:
     offsets = np.concatenate([[0], np.cumsum([len(v) for v in lists])]).astype(np.int32)
     return TensorColumn(np.fromiter((x for v in lists for x in v), dtype=np.int64, count=offsets[-1]), offsets=offsets)

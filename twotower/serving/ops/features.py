@@ -17,8 +17,8 @@ from merlin.schema import ColumnSchema, Schema
 from merlin.table import TensorTable
 
 from twotower.serving.errors import ServiceUnavailable
-from twotower.serving.events import EVENTS_DIR_ENV
-from twotower.serving.ops.base import ragged_column, request_user_ids, text_id
+from twotower.serving.events import EVENTS_DIR_ENV, events_dir_of
+from twotower.serving.ops.base import ragged_column, request_user_ids
 from twotower.store.events import as_text_ids, open_live_store
 
 FEATURE_REPO_ENV = "TWOTOWER_FEATURE_REPO"  # overrides where the executor finds Feast
@@ -132,11 +132,8 @@ class OnlineQueryFeatures(FeatureRepoOperator):
         self._events_from_artifacts = os.path.relpath(self.events_dir, artifact_path)
 
     def load_artifacts(self, artifact_path: str) -> None:
-        override = os.environ.get(EVENTS_DIR_ENV)
-        if override:
-            self.events_dir = str(Path(override).resolve())
-        elif artifact_path:
-            self.events_dir = str((Path(artifact_path) / self._events_from_artifacts).resolve())
+        if artifact_path or os.environ.get(EVENTS_DIR_ENV):  # else building in process: the run's folder
+            self.events_dir = str(events_dir_of(Path(artifact_path), self._events_from_artifacts))
         super().load_artifacts(artifact_path)
 
     def __getstate__(self) -> dict:
@@ -167,14 +164,14 @@ class OnlineQueryFeatures(FeatureRepoOperator):
     def transform(self, col_selector: ColumnSelector, transformable):
         from twotower.store.features import ENCODED_PREFIX
 
-        requested = request_user_ids(transformable, self.max_users)
-        user_ids = requested
+        user_ids = request_user_ids(transformable, self.max_users)
+        keys = as_text_ids(user_ids)  # the request's ids as text: the live events' keys
         if self.user_codes is not None:  # an id the data never had is an unknown user, like an unknown int id
-            user_ids = np.array([self.user_codes.get(text_id(u), UNKNOWN_CODE) for u in requested], dtype=np.int64)
+            user_ids = np.array([self.user_codes.get(key, UNKNOWN_CODE) for key in keys], dtype=np.int64)
         query_reader, user_reader, live = self.client
         encoded = read_online(lambda: query_reader.read(user_ids))
         raw = read_online(lambda: user_reader.read(user_ids))
-        read_online(lambda: live.fold(as_text_ids(requested), encoded, raw))  # events since the features were built
+        read_online(lambda: live.fold(keys, encoded, raw))  # events since the features were built
         known = np.array([row is not None for row in encoded])
         columns = {}
         for column in self.model_inputs:
