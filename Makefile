@@ -88,6 +88,12 @@ benchmark-faults: venv
 benchmark-scale: venv
 	$(TWOTOWER) benchmark-scale
 
+# Live events: events/s and recommend latency at concurrency 8 on the exported run, the time from an
+# event's OK to a changed answer, and HR@10/NDCG@10 of the test period with live histories against
+# histories as of training (two_tower and seq_attention, each trained in a run of its own).
+benchmark-events: venv
+	$(TWOTOWER) benchmark-events
+
 # Training throughput of the recipe against the same model in plain tf.keras, a profile of the
 # train step, and one epoch at 1x, 4x and 16x the users (about 20 min on 2 cores).
 benchmark-train: venv

@@ -158,3 +158,22 @@ def check_events_kept(rollout: Rollout, config: RecipeConfig) -> str:
     answer = recommend_in_process(load_exported_ensemble(config.export_dir), np.array([events.user]))
     assert not answer["is_fallback"].any() and not set(answer["item_ids"][0].tolist()) & set(events.acknowledged)
     return f"events during the rollout: {len(events.acknowledged)} acknowledged, all kept and served"
+
+
+def served_rows(export_dir: Path, user_ids: np.ndarray) -> dict[str, list]:
+    """The encoded ``history`` and the ``seen_items`` the exported graph reads for ``user_ids`` now
+    (Feast rows with the live events folded in), one list per user."""
+    from merlin.dag import postorder_iter_nodes
+    from merlin.table import TensorTable
+
+    from twotower.serving.ops.features import OnlineQueryFeatures
+
+    ensemble = load_exported_ensemble(export_dir)
+    (lookup,) = [
+        node.op for node in postorder_iter_nodes(ensemble.graph.output_node) if isinstance(node.op, OnlineQueryFeatures)
+    ]
+    rows = lookup.transform(None, TensorTable({"user_id": np.asarray(user_ids)}))
+    return {
+        name: [part.tolist() for part in np.split(rows[name].values, rows[name].offsets[1:-1])]
+        for name in ("history", "seen_items")
+    }

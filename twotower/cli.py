@@ -169,6 +169,9 @@ COMMANDS: dict[str, Command] = {
         "sequence towers on the public ML-1M next-item table",
         _benchmark("sequential", "run_sequential_benchmark"),
     ),
+    "benchmark-events": Command(
+        "live events under load; what fresh histories buy", _benchmark("events", "run_events_benchmark")
+    ),
     "benchmark-train": Command(
         "training throughput against plain tf.keras; a profile", _benchmark("training", "run_train_benchmark")
     ),

@@ -428,6 +428,20 @@ class ReplayBenchmarkConfig:
 
 
 @dataclass
+class EventsBenchmarkConfig:
+    """make benchmark-events (twotower/benchmarks/events.py): live events under load, the time to a
+    changed answer, and what fresh histories buy on the test period."""
+
+    concurrency: int = 8  # recommend clients
+    requests: int = 4000  # recommend requests a phase (one user each)
+    event_senders: int = 2  # clients sending one event a request during the second phase
+    changed_answer_users: int = 200
+    changed_answer_attempts: int = 20  # requests after an event before the answer counts as unchanged
+    models: list[str] = field(default_factory=lambda: ["two_tower", "seq_attention"])
+    max_targets: int = 20000  # test positives replayed (whole users, drawn at random)
+
+
+@dataclass
 class SequentialBenchmarkConfig:
     """make benchmark-sequential (twotower/benchmarks/sequential.py): next-item retrieval on the
     leave-last-out protocol of generative-recommenders' ML-1M table. The defaults are that table's
@@ -463,6 +477,7 @@ class BenchmarkConfig:
     replay: ReplayBenchmarkConfig = field(default_factory=ReplayBenchmarkConfig)
     prerank: PrerankConfig = field(default_factory=PrerankConfig)
     sequential: SequentialBenchmarkConfig = field(default_factory=SequentialBenchmarkConfig)
+    events: EventsBenchmarkConfig = field(default_factory=EventsBenchmarkConfig)
 
 
 @dataclass

@@ -29,12 +29,13 @@ from twotower.stages.data import (
     positive_threshold,
     positives,
     split_by_time,
+    with_logged_events,
 )
 from twotower.stages.evaluate import validation_query_vectors
 from twotower.stages.index import build_index, print_choice
 from twotower.store.artifacts import SPLITS, RecipeData, Split, load_item_vectors, load_recipe_data, load_split
 from twotower.store.atomic import atomic_dir, atomic_file
-from twotower.store.events import deploy_live_store
+from twotower.store.events import EventLog, deploy_live_store
 from twotower.store.index import save_index
 from twotower.store.manifest import EXPORT_RECORD, check_export, check_prerank, recorded_stage
 
@@ -48,10 +49,12 @@ def _save_frame(frame: pd.DataFrame, path: Path) -> None:
 
 
 def prepare_data(config: RecipeConfig) -> tuple[RecipeData, Split]:
-    """The data set as known at ``data.until``, its positives split by time; nothing is written
-    (everything is read and checked first)."""
+    """The data set as known at ``data.until``, with the run's event log as interactions beside its
+    own (``with_logged_events``), its positives split by time; nothing is written (everything is
+    read and checked first)."""
     dc = config.data
-    data = known_before(load_dataset(dc, config.seed), data_cutoff(dc))
+    logged = EventLog(config.events_dir).read()
+    data = known_before(with_logged_events(load_dataset(dc, config.seed), logged, dc), data_cutoff(dc))
     split = split_by_time(
         positives(data.interactions, positive_threshold(dc)), dc.test_fraction, dc.validation_fraction
     )

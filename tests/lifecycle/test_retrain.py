@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 from conftest import SMALL_RUN, small_config
-from rollout import check_answers, check_events_kept, roll_out_under_load
+from rollout import check_answers, check_events_kept, roll_out_under_load, served_rows
 
 from twotower import pipeline
 from twotower.config import ConfigError, RecipeConfig, load_config, parse_time, prerank_config, set_value
@@ -21,7 +21,8 @@ from twotower.lifecycle.retrain import RetrainRefused, retrain
 from twotower.serving.export import load_exported_ensemble, model_versions, recommend_in_process
 from twotower.stages.data import load_dataset, make_synthetic
 from twotower.store.artifacts import EXTERNAL_ID, known_before_test, load_item_vectors, load_recipe_data, load_split
-from twotower.store.features import USER_VIEW, OnlineReader
+from twotower.store.events import EventBatch, EventLog, open_live_store, record_events
+from twotower.store.features import LIVE_ENCODING, USER_VIEW, OnlineReader
 from twotower.store.manifest import (
     EXPORT_RECORD,
     REFRESH,
@@ -93,11 +94,33 @@ def _copy(run: RecipeConfig, root, *settings: str) -> RecipeConfig:
     return config
 
 
+EVENT_USER = 10**6  # a user only the event log knows
+OUTSIDE_ITEM = 10**6  # an item outside the data set
+
+
+def _log_events(config: RecipeConfig) -> EventBatch:
+    """Events logged while the known run was served: a returning user watching two items (one
+    early enough to land in the training split, one late, in the test split) and an item outside
+    the data set; a new user's eight events spread over the period."""
+    split = load_split(config.splits_dir)
+    user = int(split.train["user_id"].iloc[0])
+    seen = set(known_before_test(split).query("user_id == @user")["item_id"])
+    unseen = [int(item) for item in load_item_vectors(config.item_vectors_path)[0] if item not in seen]
+    users = [user, user, user, *[EVENT_USER] * 8]
+    items = [unseen[0], unseen[1], OUTSIDE_ITEM, *unseen[2:10]]
+    times = [910_000_000, 999_999_000, 999_999_500, *range(955_000_000, 995_000_000, 5_000_000)]
+    batch = EventBatch([str(u) for u in users], [str(i) for i in items], times, [5.0] * len(users))
+    record_events(config.events_dir, batch, open_live_store(config.events_dir))
+    return batch
+
+
 @pytest.fixture(scope="module")
 def retrained(known_run, cutoff, tmp_path_factory) -> RecipeConfig:
+    """``known_run`` retrained on everything, with events logged while it was served."""
     config = _copy(known_run, tmp_path_factory.mktemp("retrained"), "train.retrain_epochs=1")
+    _log_events(config)
     report = retrain(config, cutoff)
-    assert report.policy == "oov" and report.new_users == 5 and report.version == 2
+    assert report.policy == "oov" and report.new_users == LATE + 1 and report.version == 2
     return config
 
 
@@ -172,6 +195,32 @@ def test_new_interactions_reach_the_served_rows_and_new_users_get_rows(known_run
     old = recommend_in_process(load_exported_ensemble(known_run.export_dir), np.array([new]))
     served = recommend_in_process(load_exported_ensemble(retrained.export_dir), np.array([new]))
     assert old["is_fallback"].tolist() == [True] and served["is_fallback"].tolist() == [False]
+
+
+def test_logged_events_become_interactions_and_count_once_in_the_served_rows(retrained):
+    """The data stage took the log in (the outside item left out, the new user given a row); the
+    retrained version's Feast rows hold the events known before the test period and skip exactly
+    those when it folds the live store, so every event item is seen once."""
+    log = EventLog(retrained.events_dir).read()
+    data = load_recipe_data(retrained.data_dir)
+    logged = log[log["item_id"] != str(OUTSIDE_ITEM)].astype({"user_id": int, "item_id": int})
+    triples = ["user_id", "item_id", "timestamp"]
+    assert len(logged.merge(data.interactions, on=triples)) == len(logged) == 10
+    assert not (data.interactions["item_id"] == OUTSIDE_ITEM).any()
+    assert data.users.loc[data.users["user_id"] == EVENT_USER, EXTERNAL_ID].tolist() == [EVENT_USER]
+
+    known = known_before_test(load_split(retrained.splits_dir))
+    held = logged.merge(known, on=triples)["sequence"].tolist()
+    folded = json.loads((retrained.feature_repo_dir / LIVE_ENCODING).read_text())["folded_sequences"]
+    assert folded == sorted(held) and 0 < len(folded) < len(logged)  # both kinds are here
+
+    users = [int(logged["user_id"].iloc[0]), EVENT_USER]
+    for user, seen in zip(users, served_rows(retrained.export_dir, users)["seen_items"]):
+        items = logged.loc[logged["user_id"] == user, "item_id"]
+        assert all(seen.count(item) == 1 for item in items), (user, seen)
+    answer = recommend_in_process(load_exported_ensemble(retrained.export_dir), np.array(users))
+    assert not answer["is_fallback"].any()
+    assert not set(answer["item_ids"].ravel().tolist()) & set(logged["item_id"])
 
 
 def test_the_export_accepts_the_retrained_run_and_packaged_it_as_the_next_version(retrained):

@@ -15,6 +15,7 @@ import time
 import numpy as np
 import pytest
 from conftest import small_config
+from rollout import served_rows
 from tritonclient.utils import InferenceServerException
 
 from twotower.config import FeaturesConfig
@@ -22,7 +23,6 @@ from twotower.serving.client import recommend, send_events
 from twotower.serving.errors import RequestError
 from twotower.serving.events import check_events
 from twotower.serving.export import load_exported_ensemble, recommend_in_process
-from twotower.serving.ops.features import OnlineQueryFeatures
 from twotower.serving.ops.live import LiveRows
 from twotower.serving.triton import TritonServer
 from twotower.store.artifacts import load_split
@@ -76,12 +76,25 @@ def test_concurrent_events_on_redis_all_land_in_time_order(tmp_path, redis_port)
 def test_events_of_the_same_second_keep_their_arrival_order_and_labels(tmp_path):
     deploy_live_store(tmp_path, FeaturesConfig())
     store = open_live_store(tmp_path)
-    store.append(_batch(["a", "a", "b"], [5, 3, 9], [100, 100, 50], [4.0, None, 1.0]))
-    store.append(_batch(["a"], [7], [99]))
+    store.append(_batch(["a", "a", "b"], [5, 3, 9], [100, 100, 50], [4.0, None, 1.0]), 1)
+    store.append(_batch(["a"], [7], [99]), 4)
     assert store.items_of(["a", "b", "c"]) == {
-        "a": [("7", None), ("5", 4.0), ("3", None)],
-        "b": [("9", 1.0)],
+        "a": [(4, "7", None), (1, "5", 4.0), (2, "3", None)],
+        "b": [(3, "9", 1.0)],
     }
+
+
+@pytest.mark.unit
+def test_the_log_numbers_events_in_arrival_order_and_cuts_a_torn_last_line(tmp_path):
+    deploy_live_store(tmp_path, FeaturesConfig())
+    store = open_live_store(tmp_path)
+    record_events(tmp_path, _batch(["a", "b"], [5, 3], [100, 90]), store)
+    with open(tmp_path / "log.jsonl", "a") as log:  # a writer killed mid-line: never acknowledged
+        log.write('{"sequence": 3, "user_id": "a", "ite')
+    record_events(tmp_path, _batch(["a"], [7], [95]), store)
+    logged = EventLog(tmp_path).read()
+    assert logged["sequence"].tolist() == [1, 2, 3] and logged["item_id"].tolist() == ["5", "3", "7"]
+    assert store.items_of(["a"]) == {"a": [(3, "7", None), (1, "5", None)]}
 
 
 @pytest.mark.unit
@@ -126,16 +139,18 @@ def test_events_fold_into_history_seen_items_and_unknown_users(tmp_path):
                 "history_codes": [3, 4, 5],
                 "unknown_item_code": 2,
                 "unknown_user": {"encoded_user_id": 2, "encoded_age": 2, "encoded_history": []},
+                "folded_sequences": [5],
             }
         )
     )
     deploy_live_store(tmp_path, FeaturesConfig())
     store = open_live_store(tmp_path)
-    store.append(_batch([1, 1, 1, 7], [12, 10, 99, 11], [10, 20, 30, 5], [5.0, 2.0, None, None]))
+    store.append(_batch([1, 1, 1, 7, 1], [12, 10, 99, 11, 11], [10, 20, 30, 5, 1], [5.0, 2.0, None, None, 5.0]), 1)
     encoded = [{"encoded_user_id": 8, "encoded_age": 4, "encoded_history": [4, 3, 3]}, None, None]
     raw = [{"seen_items": [10, 11]}, None, None]
     LiveRows(tmp_path, store, None).fold(["1", "7", "8"], encoded, raw)
-    # user 1: item 10 (rating 2) is seen but not a positive; 99 is outside the vocabulary
+    # user 1: item 10 (rating 2) is seen but not a positive; 99 is outside the vocabulary; event 5
+    # (item 11) is in the Feast row already (the data stage took it in), so it is not added again
     assert encoded[0] == {"encoded_user_id": 8, "encoded_age": 4, "encoded_history": [3, 5, 2]}
     assert raw[0] == {"seen_items": [10, 11, 12, 10, 99]}
     # user 7: no Feast row, one event: the out-of-vocabulary profile with that history
@@ -174,29 +189,16 @@ def _in_process(run, users):
     return recommend_in_process(load_exported_ensemble(run.export_dir), np.asarray(users))
 
 
-def _history(run, user_id) -> list[int]:
-    """The encoded history the exported graph reads for ``user_id`` now."""
-    from merlin.dag import postorder_iter_nodes
-    from merlin.table import TensorTable
-
-    ensemble = load_exported_ensemble(run.export_dir)
-    (lookup,) = [
-        node.op for node in postorder_iter_nodes(ensemble.graph.output_node) if isinstance(node.op, OnlineQueryFeatures)
-    ]
-    rows = lookup.transform(None, TensorTable({"user_id": np.array([user_id])}))
-    return rows["history"].values.tolist()
-
-
 def test_an_event_shapes_the_next_answer_and_the_history(run, server):
     user = int(load_split(run.splits_dir).test["user_id"].iloc[0])
     before = recommend([user], server.grpc_url)
     watched = int(before["item_ids"][0, 0])
-    history_before = _history(run, user)
+    history_before = served_rows(run.export_dir, [user])["history"][0]
 
     assert send_events([user], [watched], [NOW], [5.0], server.grpc_url) == 1
     after = recommend([user], server.grpc_url)
     assert watched not in after["item_ids"][0]
-    history_after = _history(run, user)
+    history_after = served_rows(run.export_dir, [user])["history"][0]
     assert history_after[:-1] == history_before[-(len(history_after) - 1) :] and history_after[-1] != 2
     expected = _in_process(run, [user])
     np.testing.assert_array_equal(after["item_ids"], expected["item_ids"])

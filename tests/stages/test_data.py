@@ -8,7 +8,14 @@ import pytest
 from twotower import pipeline
 from twotower.cli import main
 from twotower.config import DataConfig, SchemaConfig, load_config
-from twotower.stages.data import load_dataset, load_movielens_1m, make_synthetic, positives, split_by_time
+from twotower.stages.data import (
+    load_dataset,
+    load_movielens_1m,
+    make_synthetic,
+    positives,
+    split_by_time,
+    with_logged_events,
+)
 from twotower.store.artifacts import DataError
 
 pytestmark = pytest.mark.unit
@@ -67,6 +74,31 @@ def test_own_files_become_the_canonical_tables(tmp_path):
     assert data.interactions["timestamp"].iloc[0] == pd.Timestamp("2024-01-01 10:00", tz="UTC").timestamp()
     assert items.loc["A-1", "tags"] == ["fruit", "fresh"] and items.loc["C-3", "tags"] == []
     assert np.isnan(users.loc["bob", "spend"]) and users["spend"].dtype == np.float32
+
+
+def test_logged_events_join_the_interactions_with_codes_after_the_data_sets(tmp_path, capsys):
+    """Text ids: a known user's event, a new user (code after the last, profile in the
+    out-of-vocabulary bucket), an unlabelled event (the least positive rating), an item outside
+    the data set (left in the log), and a repeat of a data set row (dropped)."""
+    config = files_config(tmp_path)
+    config.min_rating = 4.0
+    data = load_dataset(config, seed=0)
+    log = pd.DataFrame(
+        {
+            "sequence": [1, 2, 3, 4, 5],
+            "user_id": ["cy", "dee", "dee", "ann", "ann"],
+            "item_id": ["A-1", "B-2", "Z-9", "A-1", "C-3"],
+            "timestamp": [1_800_000_000, 1_800_000_001, 1_800_000_002, data.interactions["timestamp"].iloc[0], 5],
+            "label": [2.0, None, 5.0, 5.0, None],
+        }
+    )
+    joined = with_logged_events(data, log, config)
+    assert joined.users["external_id"].tolist() == ["ann", "bob", "cy", "dee"]
+    dee = joined.users.iloc[3]
+    assert dee["user_id"] == 4 and dee["country"] == "\x00unknown" and np.isnan(dee["spend"])
+    added = joined.interactions.iloc[len(data.interactions) :]
+    assert added[["user_id", "item_id", "rating"]].values.tolist() == [[3, 1, 2.0], [4, 2, 4.0], [1, 3, 4.0]]
+    assert "3 of 5 events added as interactions (1 new users; 1 name items outside" in capsys.readouterr().out
 
 
 def test_integer_ids_are_kept_and_parquet_reads_like_csv(tmp_path):

@@ -5,7 +5,9 @@ are not known yet; "" is everything the data set holds). The new interactions ar
 with ``since <= timestamp < until``. Retrain runs the stages again, each recorded in the run
 manifest as the pipeline records them, so ``twotower export`` accepts the result:
 
-1. ``data``: the data set as known at ``until``, split per user by time as always;
+1. ``data``: the data set as known at ``until``, with the run's event log (``twotower events``
+   and the served ``record_events`` model) as interactions beside its own, split per user by
+   time as always;
 2. ``workflow``, by ``train.new_ids``:
    - ``oov`` (the warm start): the saved workflow is kept, not refitted, and encodes the new
      split. New users and new items get Categorify's out-of-vocabulary code, so the embedding
@@ -21,11 +23,12 @@ manifest as the pipeline records them, so ``twotower export`` accepts the result
    test split, as the train stage does; the manifest records which weights it started from;
 4. ``index``: rebuilt over the re-embedded catalogue; then the items refresh-items had added are
    added back, embedded by the retrained item tower (``carry_refreshed_items``);
-5. ``features`` (oov): the Feast rows of the users whose positives changed and of the users who
-   are new are rewritten in place (offline source and online store); the other rows are still
-   what a full build would write. A profile changed in the data set's user file for a user with
-   no new positive is not picked up: run ``twotower features``. With refit, or when the items
-   table changed, the whole repository is built again;
+5. ``features`` (oov): the Feast rows of the users whose positives changed, of the users who
+   are new and of the users with logged events the rows do not hold yet are rewritten in place
+   (offline source and online store); the other rows are still what a full build would write.
+   A profile changed in the data set's user file for a user with no new positive is not picked
+   up: run ``twotower features``. With refit, or when the items table changed, the whole
+   repository is built again;
 6. with a pre-ranking stage (``serve.prerank_candidates``), the run's pre-ranker is trained
    again by ``twotower prerank`` on the new data (from scratch, ``train.epochs``): the one
    trained on the old split would be refused by the export. A pre-ranker trained elsewhere
@@ -39,6 +42,7 @@ manifest as the pipeline records them, so ``twotower export`` accepts the result
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -48,8 +52,10 @@ import pandas as pd
 from twotower.config import RecipeConfig
 from twotower.console import timed_step
 from twotower.lifecycle.refresh import add_new_items, refreshed_items, roll_out_new_version, served_run_lock
-from twotower.stages.data import data_cutoff, latest_history
-from twotower.store.artifacts import load_item_vectors, load_recipe_data
+from twotower.stages.data import coded_events, data_cutoff, latest_history
+from twotower.store.artifacts import RecipeData, load_item_vectors, load_recipe_data
+from twotower.store.events import EventLog
+from twotower.store.features import LIVE_ENCODING
 from twotower.store.manifest import check_export, fingerprint, fingerprints, read_manifest, recorded_stage
 
 if TYPE_CHECKING:  # TensorFlow loads only when retrain runs
@@ -169,6 +175,15 @@ def _store_has_current_items(config: RecipeConfig) -> bool:
     return all(consumed.get(name) == value for name, value in current.items())
 
 
+def _users_of_new_events(config: RecipeConfig, data: RecipeData) -> np.ndarray:
+    """Users with logged events the run's Feast rows do not hold yet (whatever their time: an event
+    from before --since changes the user's row as much as a new positive)."""
+    encoding = config.feature_repo_dir / LIVE_ENCODING
+    folded = json.loads(encoding.read_text())["folded_sequences"] if encoding.exists() else []
+    events = coded_events(EventLog(config.events_dir).read(), data.users, data.items)
+    return events.loc[~events["sequence"].isin(folded), "user_id"].dropna().unique().astype("int64")
+
+
 def _check_window(config: RecipeConfig, since: int, until: int | None) -> None:
     """RetrainRefused for a window that is empty or leaves a gap after what the run knew."""
     if until is not None and since >= until:
@@ -227,7 +242,7 @@ def retrain(config: RecipeConfig, since: int) -> RetrainReport:
                 "nothing to train on"
             )
         new_users = np.setdiff1d(data.users["user_id"].to_numpy(), known_users)
-        changed_users = np.union1d(fresh["user_id"].unique(), new_users)
+        changed_users = np.union1d(np.union1d(fresh["user_id"].unique(), new_users), _users_of_new_events(config, data))
         print(
             f"[retrain] {len(fresh):,} new positives ({trained:,} in the training split), "
             f"{len(new_users):,} new users; train.new_ids={policy}"

@@ -26,7 +26,16 @@ import numpy as np
 import pandas as pd
 
 from twotower.config import DataConfig, SchemaConfig, parse_time
-from twotower.store.artifacts import EXTERNAL_ID, MODEL_KINDS, SPLITS, DataError, RecipeData, Split, model_features
+from twotower.store.artifacts import (
+    EXTERNAL_ID,
+    MODEL_KINDS,
+    SPLITS,
+    DataError,
+    RecipeData,
+    Split,
+    has_text_ids,
+    model_features,
+)
 
 INTERACTION_COLUMNS = ("user_id", "item_id", "rating", "timestamp")
 
@@ -447,6 +456,90 @@ def make_synthetic(
         "|",
         ("synthetic interactions", "synthetic users", "synthetic items"),
     )
+
+
+def is_list_column(values: pd.Series) -> bool:
+    present = values.dropna()
+    return bool(len(present)) and isinstance(present.iloc[0], (list, np.ndarray))
+
+
+def unseen_value(values: pd.Series):
+    """A value no row of ``values`` has: Categorify's out-of-vocabulary bucket, or for a float
+    (continuous) column a missing value, which the workflow fills with the training median."""
+    if is_list_column(values):
+        return []
+    if pd.api.types.is_float_dtype(values):
+        return float("nan")
+    if pd.api.types.is_integer_dtype(values):
+        return int(values.min()) - 1 if len(values) else -1
+    return "\x00unknown"
+
+
+def coded_events(log: pd.DataFrame, users: pd.DataFrame, items: pd.DataFrame) -> pd.DataFrame:
+    """The event log's events (``twotower.store.events.EventLog.read``) whose item is in ``items``,
+    with the recipe's int ids: ``sequence``, ``user_id`` (<NA> for users missing from ``users``),
+    ``user_text`` (the id as sent), ``item_id``, ``timestamp`` and ``label``."""
+
+    def codes(table: pd.DataFrame, key: str) -> pd.Series:
+        return pd.Series(table[key].to_numpy(), index=table[EXTERNAL_ID].astype(str).to_numpy())
+
+    item_id = log["item_id"].map(codes(items, "item_id"))
+    events = log[item_id.notna()]
+    return pd.DataFrame(
+        {
+            "sequence": events["sequence"].astype("int64"),
+            "user_id": events["user_id"].map(codes(users, "user_id")).astype("Int64"),
+            "user_text": events["user_id"],
+            "item_id": item_id[item_id.notna()].astype("int64"),
+            "timestamp": events["timestamp"].astype("int64"),
+            "label": events["label"].astype("float64"),
+        }
+    ).reset_index(drop=True)
+
+
+def with_logged_events(data: RecipeData, log: pd.DataFrame, config: DataConfig) -> RecipeData:
+    """``data`` with the event log's events as interactions (a rating from the event's label, else
+    the least positive one, so they count as positives as the live fold counts them). A user the
+    data set does not know gets a profile row with every feature in its out-of-vocabulary bucket (a
+    continuous one missing, which the workflow fills), as the live fold's unknown user; an event
+    repeating a (user, item, timestamp) of the data set's is dropped; events naming items outside
+    the data set stay in the log only (``refresh-items`` serves new items; a retrain with
+    ``train.new_ids=refit`` trains them once the items file has them)."""
+    if log.empty:
+        return data
+    events = coded_events(log, data.users, data.items)
+    new_ids = pd.unique(events.loc[events["user_id"].isna(), "user_text"])
+    users = data.users
+    if len(new_ids):
+        text = has_text_ids(users[EXTERNAL_ID])
+        external = pd.Series(np.sort(new_ids) if text else new_ids.astype("int64"))
+        codes = np.arange(1, len(new_ids) + 1) + int(users["user_id"].max()) if text else external.to_numpy()
+        profile = {
+            column: [unseen_value(users[column])] * len(new_ids)
+            for column in users.columns
+            if column not in ("user_id", EXTERNAL_ID)
+        }
+        new_users = pd.DataFrame({"user_id": codes.astype("int64"), EXTERNAL_ID: external, **profile})
+        users = pd.concat([users, new_users[users.columns]], ignore_index=True)
+        mapped = pd.Series(new_users["user_id"].to_numpy(), index=external.astype(str).to_numpy())
+        events["user_id"] = events["user_id"].fillna(events["user_text"].map(mapped))
+    least_positive = config.min_rating if config.schema.label else 1.0
+    rows = pd.DataFrame(
+        {
+            "user_id": events["user_id"].astype("int64"),
+            "item_id": events["item_id"],
+            "rating": events["label"].fillna(least_positive).astype("float32"),
+            "timestamp": events["timestamp"],
+        }
+    )
+    combined = pd.concat([data.interactions, rows], ignore_index=True)
+    combined = combined[~combined.duplicated(["user_id", "item_id", "timestamp"])].reset_index(drop=True)
+    added = len(combined) - len(data.interactions)
+    print(
+        f"[data] event log: {added:,} of {len(log):,} events added as interactions ({len(new_ids):,} new users; "
+        f"{len(log) - len(events):,} name items outside the data set, {len(rows) - added:,} repeat its rows)"
+    )
+    return RecipeData(combined, users.sort_values("user_id").reset_index(drop=True), data.items)
 
 
 def positives(interactions: pd.DataFrame, min_rating: float) -> pd.DataFrame:

@@ -26,9 +26,10 @@ import yaml
 from feast import FeatureStore
 
 from twotower.config import PROJECT_ROOT, FeaturesConfig, RecipeConfig
-from twotower.stages.data import latest_history, users_with_history
+from twotower.stages.data import coded_events, is_list_column, latest_history, unseen_value, users_with_history
 from twotower.store.artifacts import RecipeData, known_before_test, load_recipe_data, load_split
 from twotower.store.atomic import atomic_dir, atomic_file
+from twotower.store.events import EventLog
 from twotower.store.features import (
     COLUMNS_FILE,
     ENCODED_PREFIX,
@@ -77,19 +78,14 @@ def deploy_repo(repo_dir: Path, features: FeaturesConfig | None = None) -> Path:
     return repo_dir
 
 
-def _is_list_column(values: pd.Series) -> bool:
-    present = values.dropna()
-    return bool(len(present)) and isinstance(present.iloc[0], (list, np.ndarray))
-
-
 def _plain_lists(frame: pd.DataFrame) -> pd.DataFrame:
     """List columns as Python lists, as Feast's parquet reader wants them (not NumPy arrays)."""
-    return frame.assign(**{c: frame[c].map(list) for c in frame.columns if _is_list_column(frame[c])})
+    return frame.assign(**{c: frame[c].map(list) for c in frame.columns if is_list_column(frame[c])})
 
 
 def feast_type(values: pd.Series) -> str:
     """The name of the ``feast.types`` type that holds ``values`` (features.py resolves it)."""
-    if _is_list_column(values):
+    if is_list_column(values):
         inner = pd.Series([x for row in values.dropna().head(1000) for x in row])
         return f"Array({feast_type(inner) if len(inner) else 'Int64'})"
     if pd.api.types.is_bool_dtype(values):
@@ -142,28 +138,24 @@ def write_sources(tables: FeatureTables, repo_dir: Path) -> None:
     (repo_dir / COLUMNS_FILE).write_text(yaml.safe_dump(columns, sort_keys=False))
 
 
-def _unseen(values: pd.Series):
-    """A value no row of ``values`` has: Categorify's out-of-vocabulary bucket, or for a float
-    (continuous) column a missing value, which the workflow fills with the training median."""
-    if _is_list_column(values):
-        return []
-    if pd.api.types.is_float_dtype(values):
-        return float("nan")
-    if pd.api.types.is_integer_dtype(values):
-        return int(values.min()) - 1 if len(values) else -1
-    return "\x00unknown"
-
-
 def live_encoding(
-    workflows: SavedWorkflows, users: pd.DataFrame, items: pd.DataFrame, history_length: int, min_rating: float | None
+    workflows: SavedWorkflows,
+    users: pd.DataFrame,
+    items: pd.DataFrame,
+    history_length: int,
+    min_rating: float | None,
+    folded_sequences: list[int],
 ) -> dict:
     """What a served version needs to fold a user's live events into their rows: the history code of
     each item of the vocabulary and the code of any other, the encoded row of a user the store has
-    no row for (every feature in its out-of-vocabulary bucket), the history length, and the least
-    label that counts as a positive (None: every event does, implicit feedback)."""
+    no row for (every feature in its out-of-vocabulary bucket), the history length, the least
+    label that counts as a positive (None: every event does, implicit feedback), and the logged
+    events its rows already hold (``folded_sequences``)."""
     from twotower.stages.workflow import category_table, encode_users
 
-    profile = {column: [_unseen(users[column])] for column in users.columns if column not in ("history", "seen_items")}
+    profile = {
+        column: [unseen_value(users[column])] for column in users.columns if column not in ("history", "seen_items")
+    }
     outside = int(items["item_id"].max()) + 1
     if history_length > 0:
         profile["history"] = [[outside]]
@@ -176,6 +168,7 @@ def live_encoding(
         "history_items": vocabulary.astype(int).tolist(),
         "history_codes": vocabulary.index.astype(int).tolist(),
         "unknown_item_code": int(encoded["history"][0]) if has_history else None,
+        "folded_sequences": folded_sequences,
         "unknown_user": {
             ENCODED_PREFIX + name: ([] if name == "history" else np.asarray(value).tolist())
             for name, value in encoded.items()
@@ -200,8 +193,23 @@ def feature_tables(config: RecipeConfig, user_ids: np.ndarray | None = None) -> 
         users,
         encode_users(workflows, users),
         workflow_fingerprint,
-        live_encoding(workflows, data.users, data.items, config.train.history_length, min_rating),
+        live_encoding(
+            workflows,
+            data.users,
+            data.items,
+            config.train.history_length,
+            min_rating,
+            folded_sequences(EventLog(config.events_dir).read(), data, known),
+        ),
     )
+
+
+def folded_sequences(log: pd.DataFrame, data: RecipeData, known: pd.DataFrame) -> list[int]:
+    """The logged events the Feast rows hold: those the data stage took in as interactions that are
+    known before the test period (positives in the training or validation split)."""
+    events = coded_events(log, data.users, data.items).dropna(subset=["user_id"]).astype({"user_id": "int64"})
+    held = events.merge(known[["user_id", "item_id", "timestamp"]], on=["user_id", "item_id", "timestamp"])
+    return sorted(held["sequence"].astype(int).tolist())
 
 
 def build_feature_store(tables: FeatureTables, repo_dir: Path, features: FeaturesConfig | None = None) -> FeatureStore:
@@ -240,7 +248,10 @@ def update_users(config: RecipeConfig, user_ids: np.ndarray) -> None:
     """Rewrite the rows of ``user_ids`` in both user views of the run's Feast repository (offline
     source and online store) from the run's data and saved workflow, as a full build would write
     them: users new to the store get rows, the others their current history and seen items. The
-    other rows stay; servers read the new rows from the next exported version (``served_copy``)."""
+    other rows stay; servers read the new rows from the next exported version (``served_copy``),
+    which skips the logged events these rows now hold (``live_encoding``) when it folds live events."""
     tables = feature_tables(config, user_ids)
     for view, rows in user_view_rows(tables.users, tables.encoded_users).items():
         add_rows(config.feature_repo_dir, view, rows)
+    with atomic_file(config.feature_repo_dir / LIVE_ENCODING) as staging:
+        staging.write_text(json.dumps(tables.live_encoding))

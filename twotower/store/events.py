@@ -4,14 +4,17 @@ A run's ``events/`` folder holds two things, written in this order for every acc
 
 - ``log.jsonl``, the durable event log: one JSON line per event, appended under an exclusive
   lock and fsynced before the batch is acknowledged, so a killed server loses no acknowledged
-  event (``twotower retrain`` reads it as new interactions);
+  event. The log numbers the events (``sequence``, from 1, in arrival order); the data stage and
+  ``twotower retrain`` read it as interactions beside the data set's own;
 - the live store, where every served version reads each user's events: a SQLite file
   (``live.db``) beside the log, or the Redis server of the Feast online store, as
   ``live_store.yaml`` says (the features stage writes it from ``features.online_store``).
 
-The live store is append-only: each event gets a sequence number and a batch becomes visible in
-one transaction, so concurrent writers never lose each other's events and a reader never sees
-half a batch. It keeps ids as the request spelled them (text), not encoded: each served version
+The live store is append-only: each event keeps its log sequence number and a batch becomes
+visible in one transaction (appended while the log's lock is held, so in sequence order), so
+concurrent writers never lose each other's events and a reader never sees half a batch. Events
+the Feast rows of a version already hold (the data stage took them in) are skipped by that
+version's fold, by sequence. It keeps ids as the request spelled them (text), not encoded: each served version
 maps them with its own vocabulary, so a rollout needs no rewrite of the events.
 """
 
@@ -42,12 +45,13 @@ SETTINGS_FILE = "live_store.yaml"
 SQLITE_FILE = "live.db"
 
 
-LOG_COLUMNS = ("user_id", "item_id", "timestamp", "label")
+LOG_COLUMNS = ("sequence", "user_id", "item_id", "timestamp", "label")
 
 
 class LiveEvent(NamedTuple):
     """One event as the live store returns it."""
 
+    sequence: int
     item_id: str
     label: float | None
 
@@ -108,19 +112,23 @@ class SqliteLiveStore:
             connection = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
             connection.execute("PRAGMA journal_mode=WAL")
             connection.execute(
-                "CREATE TABLE IF NOT EXISTS events (sequence INTEGER PRIMARY KEY AUTOINCREMENT, "
+                "CREATE TABLE IF NOT EXISTS events (sequence INTEGER PRIMARY KEY, "
                 "user_id TEXT NOT NULL, item_id TEXT NOT NULL, timestamp INTEGER NOT NULL, label REAL)"
             )
             connection.execute("CREATE INDEX IF NOT EXISTS events_by_user ON events (user_id, timestamp, sequence)")
             self._connection = connection
         return self._connection
 
-    def append(self, batch: EventBatch) -> None:
-        rows = list(zip(batch.user_ids, batch.item_ids, batch.timestamps, batch.labels))
+    def append(self, batch: EventBatch, first_sequence: int) -> None:
+        rows = list(
+            zip(_sequences(batch, first_sequence), batch.user_ids, batch.item_ids, batch.timestamps, batch.labels)
+        )
         connection = self.connection
         connection.execute("BEGIN IMMEDIATE")
         try:
-            connection.executemany("INSERT INTO events (user_id, item_id, timestamp, label) VALUES (?, ?, ?, ?)", rows)
+            connection.executemany(
+                "INSERT INTO events (sequence, user_id, item_id, timestamp, label) VALUES (?, ?, ?, ?, ?)", rows
+            )
         except BaseException:
             connection.execute("ROLLBACK")
             raise
@@ -131,11 +139,11 @@ class SqliteLiveStore:
         found: dict[str, list[LiveEvent]] = {}
         unique = list(dict.fromkeys(user_ids))
         query = (
-            f"SELECT user_id, item_id, label FROM events WHERE user_id IN ({','.join('?' * len(unique))}) "
+            f"SELECT user_id, sequence, item_id, label FROM events WHERE user_id IN ({','.join('?' * len(unique))}) "
             "ORDER BY user_id, timestamp, sequence"
         )
-        for user_id, item_id, label in self.connection.execute(query, unique):
-            found.setdefault(user_id, []).append(LiveEvent(item_id, label))
+        for user_id, *event in self.connection.execute(query, unique):
+            found.setdefault(user_id, []).append(LiveEvent(*event))
         return found
 
     def close(self) -> None:
@@ -168,12 +176,10 @@ class RedisLiveStore:
     def _key(self, user_id: str) -> str:
         return f"twotower:events:{self.namespace}:{user_id}"
 
-    def append(self, batch: EventBatch) -> None:
-        last = self.client.incrby(f"twotower:events:{self.namespace}:sequence", len(batch))
+    def append(self, batch: EventBatch, first_sequence: int) -> None:
         pipeline = self.client.pipeline(transaction=True)  # MULTI/EXEC: the batch appears at once
-        rows = zip(batch.user_ids, batch.item_ids, batch.timestamps, batch.labels)
-        for offset, (user_id, item_id, timestamp, label) in enumerate(rows):
-            sequence = last - len(batch) + 1 + offset
+        rows = zip(_sequences(batch, first_sequence), batch.user_ids, batch.item_ids, batch.timestamps, batch.labels)
+        for sequence, user_id, item_id, timestamp, label in rows:
             pipeline.zadd(self._key(user_id), {f"{sequence:015d}\t{json.dumps([item_id, label])}": timestamp})
         pipeline.execute()
 
@@ -185,7 +191,7 @@ class RedisLiveStore:
         found = {}
         for user_id, members in zip(unique, pipeline.execute()):
             if members:
-                found[user_id] = [LiveEvent(*json.loads(member.decode().split("\t", 1)[1])) for member in members]
+                found[user_id] = [_redis_event(member.decode()) for member in members]
         return found
 
     def close(self) -> None:
@@ -194,22 +200,36 @@ class RedisLiveStore:
             self._client = None
 
 
+def _sequences(batch: EventBatch, first: int) -> range:
+    return range(first, first + len(batch))
+
+
+def _redis_event(member: str) -> LiveEvent:
+    sequence, rest = member.split("\t", 1)
+    return LiveEvent(int(sequence), *json.loads(rest))
+
+
 class EventLog:
-    """``log.jsonl``: every accepted event, appended and fsynced before the batch is acknowledged."""
+    """``log.jsonl``: every accepted event, numbered, appended and fsynced before the batch is acknowledged."""
 
     def __init__(self, events_dir: Path):
         self.path = Path(events_dir) / LOG_FILE
 
-    def append(self, batch: EventBatch) -> None:
-        lines = "".join(
-            json.dumps(dict(zip(LOG_COLUMNS, row))) + "\n"
-            for row in zip(batch.user_ids, batch.item_ids, batch.timestamps, batch.labels)
-        )
-        descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    def append(self, batch: EventBatch, live_store: SqliteLiveStore | RedisLiveStore | None = None) -> None:
+        """Number ``batch`` after the last logged event, log it durably, then (``live_store``) make
+        it visible; all under the log's lock, so sequence order is arrival order everywhere."""
+        descriptor = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX)  # one writer at a time: lines never interleave
+            first = _last_sequence(descriptor) + 1
+            lines = "".join(
+                json.dumps(dict(zip(LOG_COLUMNS, row))) + "\n"
+                for row in zip(_sequences(batch, first), batch.user_ids, batch.item_ids, batch.timestamps, batch.labels)
+            )
             os.write(descriptor, lines.encode())
             os.fsync(descriptor)
+            if live_store is not None:
+                live_store.append(batch, first)
         finally:
             os.close(descriptor)
 
@@ -222,10 +242,24 @@ class EventLog:
         return pd.DataFrame(rows, columns=list(LOG_COLUMNS))
 
 
+def _last_sequence(descriptor: int) -> int:
+    """The sequence of the log's last whole line (0 for an empty log). A torn last line, from a
+    writer killed mid-write, was never acknowledged: it is cut off, so the next line starts clean."""
+    size = os.fstat(descriptor).st_size
+    tail, start = b"", size
+    while start > 0 and tail.count(b"\n") < 2:  # enough to hold the last whole line
+        start = max(0, start - 4096)
+        tail = os.pread(descriptor, size - start, start)
+    whole = tail[: tail.rfind(b"\n") + 1]
+    if len(whole) < len(tail):
+        os.ftruncate(descriptor, start + len(whole))
+    last_line = whole.rstrip(b"\n").rsplit(b"\n", 1)[-1]
+    return json.loads(last_line)["sequence"] if last_line else 0
+
+
 def record_events(events_dir: Path, batch: EventBatch, live_store: SqliteLiveStore | RedisLiveStore) -> None:
     """Log ``batch`` durably, then make it visible in the live store."""
-    EventLog(events_dir).append(batch)
-    live_store.append(batch)
+    EventLog(events_dir).append(batch, live_store)
 
 
 def as_text_ids(values: np.ndarray) -> list[str]:

@@ -4,7 +4,9 @@ A user's events since the run's features were built (``twotower.store.events``) 
 latest interactions: each item joins ``seen_items`` (never recommended again) and, when it is a
 positive (no label, or a label of at least ``data.min_rating``), the end of the encoded history,
 whose oldest entries drop beyond the history length. A user with events but no Feast row gets
-one: every feature in its out-of-vocabulary bucket, the history from the events. Events keep ids
+one: every feature in its out-of-vocabulary bucket, the history from the events. Events the
+version's Feast rows already hold (logged before its data stage ran, and known before the test
+period) are skipped by sequence, so none counts twice. Events keep ids
 as clients sent them, so each served version encodes them with its own vocabulary
 (``live_encoding.json`` in its Feast repository, written by the features stage).
 """
@@ -31,6 +33,7 @@ class LiveRows:
         self.history_code = dict(zip(encoding["history_items"], encoding["history_codes"]))
         self.unknown_item_code: int | None = encoding["unknown_item_code"]
         self.unknown_user: dict = encoding["unknown_user"]
+        self.folded = frozenset(encoding["folded_sequences"])
         self.store = store
         self.item_codes = item_codes  # text item ids -> the recipe's int ids; None: events carry the int ids
 
@@ -46,14 +49,15 @@ class LiveRows:
         """Fold each user's live events into their rows (in place); ``user_keys``: the request's ids as text."""
         events = self.store.items_of(user_keys)
         for row, key in enumerate(user_keys):
-            if key not in events:
+            fresh = [event for event in events.get(key, []) if event.sequence not in self.folded]
+            if not fresh:
                 continue
-            items = [self._item(event.item_id) for event in events[key]]
+            items = [self._item(event.item_id) for event in fresh]
             encoded = dict(encoded_rows[row] or self.unknown_user)
             raw = dict(raw_rows[row] or {"seen_items": []})
             raw["seen_items"] = [*(raw["seen_items"] or []), *(item for item in items if item != UNKNOWN_ITEM)]
             if self.history_length:
-                positives = [item for item, event in zip(items, events[key]) if self._positive(event)]
+                positives = [item for item, event in zip(items, fresh) if self._positive(event)]
                 codes = [self.history_code.get(item, self.unknown_item_code) for item in positives]
                 encoded[ENCODED_HISTORY] = [*(encoded[ENCODED_HISTORY] or []), *codes][-self.history_length :]
             encoded_rows[row], raw_rows[row] = encoded, raw

@@ -1,0 +1,37 @@
+import dataclasses
+import json
+
+import pytest
+
+from twotower.benchmarks.events import run_events_benchmark
+
+pytestmark = [pytest.mark.smoke, pytest.mark.timeout(900)]
+
+
+def _run_log(config) -> bytes:
+    path = config.events_dir / "log.jsonl"
+    return path.read_bytes() if path.exists() else b""
+
+
+def test_events_benchmark_smoke_run_writes_its_report(exported):
+    config = dataclasses.replace(exported, serve=dataclasses.replace(exported.serve, client_timeout_s=30.0))
+    config.benchmark = dataclasses.replace(
+        exported.benchmark,
+        events=dataclasses.replace(
+            exported.benchmark.events, requests=200, changed_answer_users=10, models=["two_tower"], max_targets=300
+        ),
+    )
+    events_logged = (
+        (exported.events_dir / "log.jsonl").read_bytes() if (exported.events_dir / "log.jsonl").exists() else b""
+    )
+    report = json.loads(run_events_benchmark(config).read_text())
+
+    load = report["under_load"]
+    assert all(load[phase]["errors"] == 0 and load[phase]["qps"] > 0 for phase in load)
+    assert load["recommend"]["requests"] == load["recommend_and_events"]["requests"] == 200
+    changed = report["event_to_changed_answer"]
+    assert changed["changed_on_first_request"] == changed["users"] == 10  # the next request sees the event
+    fresh = report["freshness"]["two_tower"]
+    assert fresh["targets"] > 0 and fresh["first_targets_ranked_alike"] == 1.0
+    assert 0 <= fresh["live"]["hr@10"] <= 1 and 0 <= fresh["as_of_training"]["ndcg@10"] <= 1
+    assert _run_log(exported) == events_logged, "the benchmark's events went into the run's own log (training data)"
