@@ -434,7 +434,8 @@ class EventsBenchmarkConfig:
 
     concurrency: int = 8  # recommend clients
     requests: int = 4000  # recommend requests a phase (one user each)
-    event_senders: int = 2  # clients sending one event a request during the second phase
+    event_senders: int = 2  # clients sending events while the recommend clients run again
+    event_batch_rows: int = 64  # events a request in the last phase (the first sends one)
     changed_answer_users: int = 200
     changed_answer_attempts: int = 20  # requests after an event before the answer counts as unchanged
     models: list[str] = field(default_factory=lambda: ["two_tower", "seq_attention"])

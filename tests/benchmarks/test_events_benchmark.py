@@ -18,7 +18,12 @@ def test_events_benchmark_smoke_run_writes_its_report(exported):
     config.benchmark = dataclasses.replace(
         exported.benchmark,
         events=dataclasses.replace(
-            exported.benchmark.events, requests=200, changed_answer_users=10, models=["two_tower"], max_targets=300
+            exported.benchmark.events,
+            requests=200,
+            event_batch_rows=8,
+            changed_answer_users=10,
+            models=["two_tower"],
+            max_targets=300,
         ),
     )
     events_logged = (
@@ -28,7 +33,9 @@ def test_events_benchmark_smoke_run_writes_its_report(exported):
 
     load = report["under_load"]
     assert all(load[phase]["errors"] == 0 and load[phase]["qps"] > 0 for phase in load)
-    assert load["recommend"]["requests"] == load["recommend_and_events"]["requests"] == 200
+    assert load.keys() == {"recommend", *(f"{p}x{n}" for p in ("recommend_with_events_", "events_") for n in (1, 8))}
+    assert load["recommend"]["requests"] == load["recommend_with_events_x8"]["requests"] == 200
+    assert load["events_x8"]["users_per_s"] == pytest.approx(8 * load["events_x8"]["qps"])
     changed = report["event_to_changed_answer"]
     assert changed["changed_on_first_request"] == changed["users"] == 10  # the next request sees the event
     fresh = report["freshness"]["two_tower"]

@@ -16,7 +16,7 @@ from rollout import check_answers, check_events_kept, roll_out_under_load
 
 from twotower import pipeline
 from twotower.cli import main as twotower_main
-from twotower.config import RecipeConfig
+from twotower.config import FeaturesConfig, RecipeConfig
 from twotower.lifecycle.refresh import refresh_items
 from twotower.serving.export import load_exported_ensemble, model_versions, recommend_in_process
 from twotower.serving.triton import recipe_servers
@@ -52,8 +52,8 @@ def _new_items(config: RecipeConfig, count: int, path: Path) -> Path:
     return path
 
 
-def _refresh_command(config: RecipeConfig, items: Path) -> list[str]:
-    overrides = [*SMALL_RUN, f"output_dir={config.output_dir}", f"export_dir={config.export_dir}"]
+def _refresh_command(config: RecipeConfig, items: Path, *settings: str) -> list[str]:
+    overrides = [*SMALL_RUN, f"output_dir={config.output_dir}", f"export_dir={config.export_dir}", *settings]
     return [
         sys.executable,
         "-m",
@@ -72,8 +72,24 @@ def _unchanged_parts(config: RecipeConfig) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------------- the rollout
-def test_refresh_items_rolls_out_a_new_version_under_load_without_a_failed_or_mixed_answer(exported, tmp_path):
+def _on_redis(config: RecipeConfig, port: int) -> list[str]:
+    """Move ``config``'s Feast rows and live events to the redis-server on ``port`` (features and
+    export run again); the settings that say so on the command line."""
+    settings = ["features.online_store=redis", f"features.redis_connection=127.0.0.1:{port}"]
+    config.features = FeaturesConfig(online_store="redis", redis_connection=f"127.0.0.1:{port}")
+    pipeline.run_features(config)
+    pipeline.run_export(config)
+    return settings
+
+
+@pytest.mark.parametrize("store", ["sqlite", "redis"])
+def test_refresh_items_rolls_out_a_new_version_under_load_without_a_failed_or_mixed_answer(
+    exported, tmp_path, request, store
+):
+    """On SQLite and on Redis (Feast rows and live events): no failed or mixed answer, and the
+    events sent during the rollout are all kept and shape the new version's answer."""
     run = _copy_run(exported, tmp_path / "served")
+    settings = _on_redis(run, request.getfixturevalue("redis_port")) if store == "redis" else []
     items = _new_items(run, 12, tmp_path / "new.parquet")
     users = load_split(run.splits_dir).test["user_id"].drop_duplicates().to_numpy()
 
@@ -95,7 +111,7 @@ def test_refresh_items_rolls_out_a_new_version_under_load_without_a_failed_or_mi
     assert recipe_servers(twin.export_dir) == []
     catalogue = load_item_vectors(run.item_vectors_path)[0][:30]
     rollout = roll_out_under_load(
-        run.export_dir, tmp_path / "triton", batch, _refresh_command(run, items), 240, EVENT_USER, catalogue
+        run.export_dir, tmp_path / "triton", batch, _refresh_command(run, items, *settings), 240, EVENT_USER, catalogue
     )
     assert f"[refresh] {rollout.server_url} serves version 2" in rollout.command.stdout, rollout.command.stdout[-3000:]
     print(check_answers(rollout, old_answer, new_answer, version=2))

@@ -4,9 +4,10 @@ Three parts, in one run:
 
 1. **Under load**: the run's exported model on a real Triton server, its live events written to
    this benchmark's own folder (``TWOTOWER_EVENTS_DIR``; the run's event log, which is training
-   data, is never touched). Recommend requests from ``concurrency`` clients, first alone, then with
-   ``event_senders`` clients sending events as fast as they are answered: users/s and latency of
-   both, so what recording events costs the recommend endpoint shows beside what it sustains.
+   data, is never touched). Recommend requests from ``concurrency`` clients, first alone, then
+   twice with ``event_senders`` clients sending events as fast as they are answered (one event a
+   request, then ``event_batch_rows``): users/s and latency of both, so what recording events
+   costs the recommend endpoint shows beside what it sustains.
 2. **Event to changed answer**: for sampled users, send an event of the top item of their answer
    and ask again at once, until that item is gone: the time from the event's OK to the changed
    answer, and how many requests it took (one, if the next request sees the event).
@@ -43,10 +44,13 @@ KS = (10,)
 
 
 class EventSenders:
-    """``count`` clients sending one event each request, as fast as they are answered, until stopped."""
+    """``count`` clients sending ``rows`` events a request (random users and items, the time now),
+    as fast as they are answered, until stopped."""
 
-    def __init__(self, url: str, users: np.ndarray, items: np.ndarray, count: int, seed: int, timeout_s: float):
-        self.url, self.users, self.items, self.timeout_s = url, users, items, timeout_s
+    def __init__(
+        self, url: str, users: np.ndarray, items: np.ndarray, count: int, rows: int, seed: int, timeout_s: float
+    ):
+        self.url, self.users, self.items, self.rows, self.timeout_s = url, users, items, rows, timeout_s
         self.latencies: list[float] = []
         self.errors = 0
         self.stop = threading.Event()
@@ -56,10 +60,10 @@ class EventSenders:
     def _send(self, seed: int) -> None:
         rng = np.random.default_rng(seed)
         while not self.stop.is_set():
-            user, item = int(rng.choice(self.users)), int(rng.choice(self.items))
+            users, items = rng.choice(self.users, self.rows), rng.choice(self.items, self.rows)
             started = time.perf_counter()
             try:
-                send_events([user], [item], [int(time.time())], None, self.url, self.timeout_s)
+                send_events(users, items, np.full(self.rows, int(time.time())), None, self.url, self.timeout_s)
                 with self._lock:
                     self.latencies.append((time.perf_counter() - started) * 1000)
             except Exception:  # noqa: BLE001 - every failure is counted, whatever it is
@@ -83,15 +87,13 @@ def under_load(config: RecipeConfig, url: str, users: np.ndarray, items: np.ndar
     """Part 1 (module docstring)."""
     bench, model, timeout_s = config.benchmark.events, config.serve.model_name, config.serve.client_timeout_s
     warm_up(url, config, users, bench.concurrency)
-    results = {}
-    for phase in ("recommend", "recommend_and_events"):
-        batches = user_batches(users, bench.requests, 1, config.seed + 1)
-        if phase == "recommend":
-            results[phase] = latency_summary(*drive_requests(url, model, batches, bench.concurrency, timeout_s), 1)
-            continue
-        with EventSenders(url, users, items, bench.event_senders, config.seed, timeout_s) as senders:
-            results[phase] = latency_summary(*drive_requests(url, model, batches, bench.concurrency, timeout_s), 1)
-        results["events"] = latency_summary(np.array(senders.latencies), senders.errors, senders.wall, 1)
+    batches = user_batches(users, bench.requests, 1, config.seed + 1)
+    results = {"recommend": latency_summary(*drive_requests(url, model, batches, bench.concurrency, timeout_s), 1)}
+    for rows in (1, bench.event_batch_rows):
+        with EventSenders(url, users, items, bench.event_senders, rows, config.seed, timeout_s) as senders:
+            recommended = drive_requests(url, model, batches, bench.concurrency, timeout_s)
+        results[f"recommend_with_events_x{rows}"] = latency_summary(*recommended, 1)
+        results[f"events_x{rows}"] = latency_summary(np.array(senders.latencies), senders.errors, senders.wall, rows)
     return results
 
 
@@ -249,16 +251,23 @@ def run_events_benchmark(config: RecipeConfig) -> Path:
 
 def _print_report(report: dict) -> None:
     load = report["under_load"]
-    rows = [
-        (f"recommend alone, c{report['concurrency']}", "users", load["recommend"]),
-        (f"recommend, c{report['concurrency']}, with events", "users", load["recommend_and_events"]),
-        (f"events, {report['event_senders']} senders, 1 a request", "events", load["events"]),
-    ]
+    concurrency, senders = report["concurrency"], report["event_senders"]
+    rows = [(f"recommend alone, c{concurrency}", load["recommend"])]
+    for name in load:
+        if name.startswith("events_x"):
+            rows_per_request = name.removeprefix("events_x")
+            rows.append((f"recommend, c{concurrency}, with events x{rows_per_request}", load[f"recommend_with_{name}"]))
+            rows.append((f"events x{rows_per_request} a request, {senders} senders", load[name]))
     print(
         "\n"
         + text_table(
-            [Column("phase", 36), Column("per s", 10, ",.0f"), Column("p50 ms", 9, ".2f"), Column("p99 ms", 9, ".2f")],
-            [(name, result["qps"], result["p50_ms"], result["p99_ms"]) for name, _, result in rows],
+            [
+                Column("phase", 42),
+                Column("users or events/s", 18, ",.0f"),
+                Column("p50 ms", 9, ".2f"),
+                Column("p99 ms", 9, ".2f"),
+            ],
+            [(name, result["users_per_s"], result["p50_ms"], result["p99_ms"]) for name, result in rows],
         )
     )
     changed = report["event_to_changed_answer"]
@@ -271,7 +280,7 @@ def _print_report(report: dict) -> None:
         + text_table(
             [
                 Column("model", 16),
-                *(Column(f"{m} {h}", 16) for h in ("as of training", "live") for m in ("HR@10", "NDCG@10")),
+                *(Column(f"{m} {h}", 24) for h in ("as of training", "live") for m in ("HR@10", "NDCG@10")),
             ],
             [
                 (
