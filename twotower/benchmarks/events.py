@@ -37,7 +37,14 @@ from twotower.serving.client import recommend, send_events
 from twotower.serving.events import EVENTS_DIR_ENV
 from twotower.serving.triton import TritonServer
 from twotower.stages.data import latest_history
-from twotower.store.artifacts import known_before_test, load_item_vectors, load_recipe_data, load_split
+from twotower.store.artifacts import (
+    ServingSignature,
+    call_signature,
+    known_before_test,
+    load_item_vectors,
+    load_recipe_data,
+    load_split,
+)
 from twotower.store.events import deploy_live_store
 
 KS = (10,)
@@ -146,7 +153,6 @@ def live_query_vectors(run: RecipeConfig, users: pd.DataFrame, test: pd.DataFram
     """A query vector per replayed target: the user's own profile (their id is a feature of some
     towers) with the live history of that moment (``live_rows``, keyed by the target's ``query``)."""
     from twotower.stages.workflow import encode_users, load_saved_workflows
-    from twotower.store.artifacts import ServingSignature, call_signature
 
     rows = users.set_index("user_id").loc[test["user_id"]].reset_index()
     if run.train.history_length > 0:

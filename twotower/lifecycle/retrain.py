@@ -42,7 +42,6 @@ manifest as the pipeline records them, so ``twotower export`` accepts the result
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -52,10 +51,8 @@ import pandas as pd
 from twotower.config import RecipeConfig
 from twotower.console import timed_step
 from twotower.lifecycle.refresh import add_new_items, refreshed_items, roll_out_new_version, served_run_lock
-from twotower.stages.data import coded_events, data_cutoff, latest_history
-from twotower.store.artifacts import RecipeData, load_item_vectors, load_recipe_data
-from twotower.store.events import EventLog
-from twotower.store.features import LIVE_ENCODING
+from twotower.stages.data import data_cutoff, latest_history
+from twotower.store.artifacts import load_item_vectors, load_recipe_data
 from twotower.store.manifest import check_export, fingerprint, fingerprints, read_manifest, recorded_stage
 
 if TYPE_CHECKING:  # TensorFlow loads only when retrain runs
@@ -175,15 +172,6 @@ def _store_has_current_items(config: RecipeConfig) -> bool:
     return all(consumed.get(name) == value for name, value in current.items())
 
 
-def _users_of_new_events(config: RecipeConfig, data: RecipeData) -> np.ndarray:
-    """Users with logged events the run's Feast rows do not hold yet (whatever their time: an event
-    from before --since changes the user's row as much as a new positive)."""
-    encoding = config.feature_repo_dir / LIVE_ENCODING
-    folded = json.loads(encoding.read_text())["folded_sequences"] if encoding.exists() else []
-    events = coded_events(EventLog(config.events_dir).read(), data.users, data.items)
-    return events.loc[~events["sequence"].isin(folded), "user_id"].dropna().unique().astype("int64")
-
-
 def _check_window(config: RecipeConfig, since: int, until: int | None) -> None:
     """RetrainRefused for a window that is empty or leaves a gap after what the run knew."""
     if until is not None and since >= until:
@@ -205,6 +193,7 @@ def retrain(config: RecipeConfig, since: int) -> RetrainReport:
     changes; ``refresh.RolloutFailed`` if a server did not load the new version."""
     from twotower.pipeline import prepare_data, run_prerank, run_stage, run_workflow, write_data
     from twotower.serving.export import model_versions
+    from twotower.stages.features import users_with_events_not_held
 
     policy = config.train.new_ids
     cascade = config.serve.prerank_candidates > 0
@@ -242,7 +231,9 @@ def retrain(config: RecipeConfig, since: int) -> RetrainReport:
                 "nothing to train on"
             )
         new_users = np.setdiff1d(data.users["user_id"].to_numpy(), known_users)
-        changed_users = np.union1d(np.union1d(fresh["user_id"].unique(), new_users), _users_of_new_events(config, data))
+        changed_users = np.union1d(
+            np.union1d(fresh["user_id"].unique(), new_users), users_with_events_not_held(config, data)
+        )
         print(
             f"[retrain] {len(fresh):,} new positives ({trained:,} in the training split), "
             f"{len(new_users):,} new users; train.new_ids={policy}"

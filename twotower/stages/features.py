@@ -204,6 +204,15 @@ def feature_tables(config: RecipeConfig, user_ids: np.ndarray | None = None) -> 
     )
 
 
+def users_with_events_not_held(config: RecipeConfig, data: RecipeData) -> np.ndarray:
+    """Users with logged events the run's Feast rows do not hold yet (whatever their time: an event
+    from before ``retrain --since`` changes the user's row as much as a new positive)."""
+    encoding = config.feature_repo_dir / LIVE_ENCODING
+    held = json.loads(encoding.read_text())["folded_sequences"] if encoding.exists() else []
+    events = coded_events(EventLog(config.events_dir).read(), data.users, data.items)
+    return events.loc[~events["sequence"].isin(held), "user_id"].dropna().unique().astype("int64")
+
+
 def folded_sequences(log: pd.DataFrame, data: RecipeData, known: pd.DataFrame) -> list[int]:
     """The logged events the Feast rows hold: those the data stage took in as interactions that are
     known before the test period (positives in the training or validation split)."""
