@@ -15,10 +15,10 @@ LAB_PORT ?= 8888
 # JupyterLab fetches a news feed and checks for updates on the internet unless told not to.
 LAB_OFFLINE := --LabApp.news_url=None --LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate
 
-.PHONY: venv run test lint serve query export notebooks lab clean help benchmark-quality benchmark-models benchmark-serving benchmark-faults benchmark-scale benchmark-train benchmark-cold-start benchmark-replay benchmark-prerank benchmark-sequential perf-analyzer docker-up docker-down docker-logs
+.PHONY: venv run test lint serve query export notebooks lab clean help benchmark-quality benchmark-models benchmark-serving benchmark-faults benchmark-scale benchmark-train benchmark-cold-start benchmark-replay benchmark-prerank benchmark-sequential benchmark-events perf-analyzer docker-up docker-down docker-logs
 
 help:
-	@echo "make run | test [TESTS=tests/<area>] | lint | serve | query USER=<id> | export | notebooks | lab | benchmark-quality | benchmark-models | benchmark-serving | benchmark-faults | benchmark-scale | benchmark-train | benchmark-cold-start | benchmark-replay | benchmark-prerank | benchmark-sequential | clean | docker-up | docker-down | docker-logs"
+	@echo "make run | test [TESTS=tests/<area>] | lint | serve | query USER=<id> | export | notebooks | lab | benchmark-quality | benchmark-models | benchmark-serving | benchmark-faults | benchmark-scale | benchmark-train | benchmark-cold-start | benchmark-replay | benchmark-prerank | benchmark-sequential | benchmark-events | clean | docker-up | docker-down | docker-logs"
 
 $(STAMP): requirements/lock.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

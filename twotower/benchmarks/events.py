@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
 
 from twotower.benchmarks.harness import Column, derived_run, on_free_ports, output_folder, text_table, write_report
 from twotower.benchmarks.serving import drive_requests, latency_summary, user_batches, warm_up
@@ -101,8 +102,10 @@ def under_load(config: RecipeConfig, url: str, users: np.ndarray, items: np.ndar
     bench, model, timeout_s = config.benchmark.events, config.serve.model_name, config.serve.client_timeout_s
     warm_up(url, config, users, bench.concurrency)
     batches = user_batches(users, bench.requests, 1, config.seed + 1)
+    print(f"[benchmark] {bench.requests:,} recommend requests at concurrency {bench.concurrency}, alone", flush=True)
     results = {"recommend": latency_summary(*drive_requests(url, model, batches, bench.concurrency, timeout_s), 1)}
     for rows in (1, bench.event_batch_rows):
+        print(f"[benchmark] again, with {bench.event_senders} clients sending {rows} event(s) a request", flush=True)
         with EventSenders(url, users, items, bench.event_senders, rows, config.seed, timeout_s) as senders:
             recommended = drive_requests(url, model, batches, bench.concurrency, timeout_s)
         results[f"recommend_with_events_x{rows}"] = latency_summary(*recommended, 1)
@@ -230,6 +233,22 @@ def freshness(config: RecipeConfig, out_dir: Path) -> dict[str, dict]:
     return results
 
 
+def plot_freshness(freshness: dict[str, dict]) -> Figure:
+    """HR@10 and NDCG@10 of each model, a bar for each of ``ARMS``."""
+    fig = Figure(figsize=(10, 3.8))
+    positions = np.arange(len(freshness))
+    width = 0.8 / len(ARMS)
+    for ax, metric in zip(fig.subplots(1, 2), ("hr@10", "ndcg@10")):
+        for n, (arm, label) in enumerate(ARMS.items()):
+            values = [result[arm][metric] for result in freshness.values()]
+            bars = ax.bar(positions + (n - (len(ARMS) - 1) / 2) * width, values, width, label=label)
+            ax.bar_label(bars, fmt="%.3f", fontsize=7)
+        ax.set_xticks(positions, list(freshness))
+        ax.set_title(f"{metric.upper()} of the test period replayed as events")
+    fig.axes[0].legend(fontsize=8, loc="upper left")
+    return fig
+
+
 def run_events_benchmark(config: RecipeConfig) -> Path:
     out_dir = output_folder(config, "events")
     data = load_recipe_data(config.data_dir)
@@ -259,6 +278,7 @@ def run_events_benchmark(config: RecipeConfig) -> Path:
         "event_to_changed_answer": changed,
         "freshness": quality,
     }
+    plot_freshness(report["freshness"]).savefig(out_dir / "freshness.png", dpi=110, bbox_inches="tight")
     _print_report(report)
     path = write_report(report, out_dir / "events.json")
     print(path)
