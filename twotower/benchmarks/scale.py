@@ -253,7 +253,7 @@ def feast_scaling(config: RecipeConfig, out_dir: Path) -> dict:
                 store = build_feature_store(tables._replace(users=users, encoded_users=encoded), repo, features)
                 materialize_s = time.perf_counter() - started
                 # The served lookup: both views, one user per request, through one store connection.
-                query, user = OnlineReader(store, QUERY_VIEW), OnlineReader(store, USER_VIEW)
+                query, user = OnlineReader(store, QUERY_VIEW), OnlineReader(store, USER_VIEW, features=("seen_items",))
                 latencies = []
                 for user_id in rng.integers(1, n_users + 1, config.benchmark.scale.requests + 20):
                     started = time.perf_counter()

@@ -149,7 +149,7 @@ class OnlineQueryFeatures(FeatureRepoOperator):
         query = OnlineReader(repo, QUERY_VIEW)
         check_materialized_from(query.store, self.workflow_fingerprint)
         live = LiveRows(repo, open_live_store(Path(self.events_dir)), self.item_codes)
-        return query, OnlineReader(query.store, USER_VIEW), live
+        return query, OnlineReader(query.store, USER_VIEW, features=("seen_items",)), live
 
     def compute_output_schema(
         self, input_schema: Schema, col_selector: ColumnSelector, prev_output_schema: Schema = None
@@ -168,10 +168,10 @@ class OnlineQueryFeatures(FeatureRepoOperator):
         keys = as_text_ids(user_ids)  # the request's ids as text: the live events' keys
         if self.user_codes is not None:  # an id the data never had is an unknown user, like an unknown int id
             user_ids = np.array([self.user_codes.get(key, UNKNOWN_CODE) for key in keys], dtype=np.int64)
-        query_reader, user_reader, live = self.client
+        query_reader, seen_reader, live = self.client
         encoded = read_online(lambda: query_reader.read(user_ids))
-        raw = read_online(lambda: user_reader.read(user_ids))
-        read_online(lambda: live.fold(keys, encoded, raw))  # events since the features were built
+        seen = read_online(lambda: seen_reader.read(user_ids))
+        read_online(lambda: live.fold(keys, encoded, seen))  # events since the features were built
         known = np.array([row is not None for row in encoded])
         columns = {}
         for column in self.model_inputs:
@@ -179,6 +179,6 @@ class OnlineQueryFeatures(FeatureRepoOperator):
             columns[column.name] = (
                 ragged_column(values) if column.is_list else np.asarray(values, dtype=column.dtype.to_numpy)
             )
-        columns["seen_items"] = ragged_column([row["seen_items"] if row else [] for row in raw])
+        columns["seen_items"] = ragged_column([row["seen_items"] if row else [] for row in seen])
         columns["known"] = known
         return TensorTable(columns)

@@ -45,8 +45,9 @@ class LiveRows:
     def _positive(self, event: LiveEvent) -> bool:
         return self.min_rating is None or event.label is None or event.label >= self.min_rating
 
-    def fold(self, user_keys: list[str], encoded_rows: list[dict | None], raw_rows: list[dict | None]) -> None:
-        """Fold each user's live events into their rows (in place); ``user_keys``: the request's ids as text."""
+    def fold(self, user_keys: list[str], encoded_rows: list[dict | None], seen_rows: list[dict | None]) -> None:
+        """Fold each user's live events into their rows (in place): ``encoded_rows`` of the query view,
+        ``seen_rows`` holding ``seen_items``; ``user_keys``: the request's ids as text."""
         events = self.store.items_of(user_keys)
         for row, key in enumerate(user_keys):
             fresh = [event for event in events.get(key, []) if event.sequence not in self.folded]
@@ -54,10 +55,10 @@ class LiveRows:
                 continue
             items = [self._item(event.item_id) for event in fresh]
             encoded = dict(encoded_rows[row] or self.unknown_user)
-            raw = dict(raw_rows[row] or {"seen_items": []})
-            raw["seen_items"] = [*(raw["seen_items"] or []), *(item for item in items if item != UNKNOWN_ITEM)]
+            earlier = (seen_rows[row] or {}).get("seen_items") or []
+            seen = {"seen_items": [*earlier, *(item for item in items if item != UNKNOWN_ITEM)]}
             if self.history_length:
                 positives = [item for item, event in zip(items, fresh) if self._positive(event)]
                 codes = [self.history_code.get(item, self.unknown_item_code) for item in positives]
                 encoded[ENCODED_HISTORY] = [*(encoded[ENCODED_HISTORY] or []), *codes][-self.history_length :]
-            encoded_rows[row], raw_rows[row] = encoded, raw
+            encoded_rows[row], seen_rows[row] = encoded, seen
