@@ -87,15 +87,29 @@ def exported(tmp_path_factory) -> RecipeConfig:
     return config
 
 
+def _require_redis() -> None:
+    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+        message = "redis-server is not installed (Debian package redis-server; .ci/run installs it)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
 @pytest.fixture(scope="session")
 def redis_port(tmp_path_factory):
     """A real redis-server on a free loopback port, without persistence, for the session."""
     from twotower.benchmarks.support.redis_server import RedisServer
 
-    if shutil.which("redis-server") is None:
-        message = "redis-server is not installed (Debian package redis-server; .ci/run installs it)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+    _require_redis()
     with RedisServer(tmp_path_factory.mktemp("redis")) as server:
         yield server.port
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory):
+    """A real three-node Redis Cluster on loopback for the session: its connection string."""
+    from twotower.benchmarks.support.redis_server import RedisClusterServers
+
+    _require_redis()
+    with RedisClusterServers(tmp_path_factory.mktemp("redis-cluster")) as cluster:
+        yield cluster.connection

@@ -306,8 +306,10 @@ class ServeConfig:
 
 @dataclass
 class FeaturesConfig:
-    online_store: Literal["sqlite", "redis"] = "sqlite"  # sqlite: a file beside the run
-    redis_connection: str = "127.0.0.1:6379"  # Feast's connection string: host:port[,db=0,password=...]
+    online_store: Literal["sqlite", "redis", "redis_cluster"] = "sqlite"  # sqlite: a file beside the run
+    # Feast's connection string: host:port[,db=0,password=...]; for redis_cluster some or all of the
+    # cluster's nodes, host:port,host:port,...
+    redis_connection: str = "127.0.0.1:6379"
 
 
 @dataclass

@@ -72,6 +72,17 @@ def test_concurrent_events_on_redis_all_land_in_time_order(tmp_path, redis_port)
     _concurrent_events_land_in_time_order(tmp_path)
 
 
+@pytest.mark.integration
+def test_concurrent_events_on_a_redis_cluster_all_land_in_time_order_across_its_nodes(tmp_path, redis_cluster):
+    deploy_live_store(tmp_path, FeaturesConfig(online_store="redis_cluster", redis_connection=redis_cluster))
+    store = open_live_store(tmp_path)
+    store.append(_batch([f"u{i}" for i in range(30)], list(range(30)), [100] * 30), 1)
+    nodes = {store.client.get_node_from_key(store._key(f"u{i}")).name for i in range(30)}
+    assert len(nodes) == 3  # the users' keys live on every node
+    assert store.items_of(["u0", "u29"]) == {"u0": [(1, "0", None)], "u29": [(30, "29", None)]}
+    _concurrent_events_land_in_time_order(tmp_path)
+
+
 @pytest.mark.unit
 def test_events_of_the_same_second_keep_their_arrival_order_and_labels(tmp_path):
     deploy_live_store(tmp_path, FeaturesConfig())
@@ -160,18 +171,23 @@ def test_events_fold_into_history_seen_items_and_unknown_users(tmp_path):
 
 
 # ----------------------------------------------------------------------- Triton
-@pytest.fixture(scope="module", params=["sqlite", "redis"])
+@pytest.fixture(scope="module", params=["sqlite", "redis", "redis_cluster"])
 def run(request, exported, tmp_path_factory):
     """A copy of the session's run and model repository, whose events no other test sees; with
-    ``redis``, its features and live events on a real redis-server (features and export run again)."""
+    ``redis`` (``redis_cluster``), its features and live events on a real redis-server (a real
+    three-node Redis Cluster): features and export run again."""
     from twotower import pipeline
 
     config = small_config(tmp_path_factory.mktemp(f"events-{request.param}"))
     shutil.copytree(exported.output_dir, config.output_dir)
     shutil.copytree(exported.export_dir, config.export_dir)
-    if request.param == "redis":
-        port = request.getfixturevalue("redis_port")
-        config.features = FeaturesConfig(online_store="redis", redis_connection=f"127.0.0.1:{port}")
+    if request.param != "sqlite":
+        connection = (
+            f"127.0.0.1:{request.getfixturevalue('redis_port')}"
+            if request.param == "redis"
+            else request.getfixturevalue("redis_cluster")
+        )
+        config.features = FeaturesConfig(online_store=request.param, redis_connection=connection)
         pipeline.run_features(config)
         pipeline.run_export(config)
         assert "type: redis" in (config.events_dir / "live_store.yaml").read_text()
@@ -187,6 +203,15 @@ def server(run):
 
 def _in_process(run, users):
     return recommend_in_process(load_exported_ensemble(run.export_dir), np.asarray(users))
+
+
+def test_answers_before_any_event_are_those_of_the_sqlite_store(run, server, exported):
+    """The same features served from SQLite, one Redis or a Redis Cluster give the same answers."""
+    users = load_split(run.splits_dir).test["user_id"].drop_duplicates().to_numpy()[1:6]  # not the next test's
+    served = recommend(users.tolist(), server.grpc_url)
+    on_sqlite = recommend_in_process(load_exported_ensemble(exported.export_dir), users)
+    np.testing.assert_array_equal(served["item_ids"], on_sqlite["item_ids"])
+    np.testing.assert_allclose(served["scores"], on_sqlite["scores"], rtol=1e-5)
 
 
 def test_an_event_shapes_the_next_answer_and_the_history(run, server):

@@ -61,7 +61,11 @@ def online_store_settings(features: FeaturesConfig) -> dict | None:
         return None
     if features.online_store == "redis":
         return {"type": "redis", "connection_string": features.redis_connection}
-    raise ValueError(f"features.online_store must be 'sqlite' or 'redis', got {features.online_store!r}")
+    if features.online_store == "redis_cluster":
+        return {"type": "redis", "redis_type": "redis_cluster", "connection_string": features.redis_connection}
+    raise ValueError(
+        f"features.online_store must be 'sqlite', 'redis' or 'redis_cluster', got {features.online_store!r}"
+    )
 
 
 def deploy_repo(repo_dir: Path, features: FeaturesConfig | None = None) -> Path:

@@ -134,7 +134,7 @@ class ServingSignature:
     about 0.3 KB a served request, the server's steady memory growth), and a session's callable
     answers in less time. The signature is frozen (its variables become constants, the function
     call is inlined): a third fewer ops run a request, and one user's query vector took 0.50 ms
-    against 0.85 ms unfrozen (``docs/serving.md``). The session runs it through a callable made
+    against 0.85 ms unfrozen (``docs/benchmarks/serving.md``). The session runs it through a callable made
     once from tensor names, skipping ``Session.run``'s per-call feed checks, in the calling thread.
     One thread per call: a request is small, more threads only add scheduling latency.
     """

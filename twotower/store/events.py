@@ -74,10 +74,12 @@ def deploy_live_store(events_dir: Path, features: FeaturesConfig) -> None:
     """Write ``live_store.yaml`` for ``features.online_store`` (kept when it already says the same,
     so the events recorded so far stay where servers read them)."""
     events_dir.mkdir(parents=True, exist_ok=True)
-    if features.online_store == "redis":
+    if features.online_store in ("redis", "redis_cluster"):
         # Keys of this run only, whatever else shares the Redis server.
         namespace = hashlib.sha256(str(events_dir.resolve()).encode()).hexdigest()[:12]
         settings = {"type": "redis", "connection_string": features.redis_connection, "namespace": namespace}
+        if features.online_store == "redis_cluster":
+            settings["cluster"] = True
     else:
         settings = {"type": "sqlite", "path": SQLITE_FILE}
     path = events_dir / SETTINGS_FILE
@@ -93,7 +95,7 @@ def open_live_store(events_dir: Path) -> SqliteLiveStore | RedisLiveStore:
         raise FileNotFoundError(f"no live event store at {Path(events_dir).resolve()}: run the 'features' stage")
     settings = yaml.safe_load(path.read_text())
     if settings["type"] == "redis":
-        return RedisLiveStore(settings["connection_string"], settings["namespace"])
+        return RedisLiveStore(settings["connection_string"], settings["namespace"], settings.get("cluster", False))
     return SqliteLiveStore(Path(events_dir) / settings["path"])
 
 
@@ -155,29 +157,42 @@ class SqliteLiveStore:
 class RedisLiveStore:
     """Events in Redis: a sorted set per user, scored by time; members lead with the event's
     sequence number, so events of the same second keep their arrival order (the rest of a member is
-    the item and label as JSON)."""
+    the item and label as JSON).
 
-    def __init__(self, connection_string: str, namespace: str):
+    On a Redis Cluster (``cluster``) the users' keys spread over the nodes' slots, where a MULTI/EXEC
+    transaction cannot span them: a batch is written by one pipeline per node, so a request read
+    while it is written may see part of it (the event log, written first, holds it whole).
+    """
+
+    def __init__(self, connection_string: str, namespace: str, cluster: bool = False):
         from feast.infra.online_stores.redis import RedisOnlineStore
 
-        nodes, options = RedisOnlineStore._parse_connection_string(connection_string)
-        self.address = {"host": nodes[0]["host"], "port": int(nodes[0]["port"]), **options}
+        self.nodes, self.options = RedisOnlineStore._parse_connection_string(connection_string)
         self.namespace = namespace
+        self.cluster = cluster
         self._client = None
 
     @property
     def client(self):
         if self._client is None:
             import redis
+            from redis.cluster import ClusterNode, RedisCluster
 
-            self._client = redis.Redis(**self.address, socket_timeout=5.0, socket_connect_timeout=5.0)
+            timeouts = {"socket_timeout": 5.0, "socket_connect_timeout": 5.0}
+            if self.cluster:
+                nodes = [ClusterNode(node["host"], int(node["port"])) for node in self.nodes]
+                self._client = RedisCluster(startup_nodes=nodes, **self.options, **timeouts)
+            else:
+                node = self.nodes[0]
+                self._client = redis.Redis(host=node["host"], port=int(node["port"]), **self.options, **timeouts)
         return self._client
 
     def _key(self, user_id: str) -> str:
         return f"twotower:events:{self.namespace}:{user_id}"
 
     def append(self, batch: EventBatch, first_sequence: int) -> None:
-        pipeline = self.client.pipeline(transaction=True)  # MULTI/EXEC: the batch appears at once
+        # MULTI/EXEC: the batch appears at once (not on a cluster, see the class)
+        pipeline = self.client.pipeline() if self.cluster else self.client.pipeline(transaction=True)
         rows = zip(_sequences(batch, first_sequence), batch.user_ids, batch.item_ids, batch.timestamps, batch.labels)
         for sequence, user_id, item_id, timestamp, label in rows:
             pipeline.zadd(self._key(user_id), {f"{sequence:015d}\t{json.dumps([item_id, label])}": timestamp})

@@ -133,7 +133,7 @@ class OnlineReader:
     feature view resolved once, so a request costs one store query. SQLite is read with one query
     of its own on Feast's connection and table: Feast's SQLite ``online_read`` reads every feature
     of the view and converts two timestamps a feature, which made a request's two reads three
-    times slower (``docs/serving.md``). ``source`` is the repository folder, or an open store
+    times slower (``docs/benchmarks/serving.md``). ``source`` is the repository folder, or an open store
     whose online-store connection to share.
     """
 

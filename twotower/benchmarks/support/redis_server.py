@@ -1,5 +1,6 @@
 """A redis-server owned by this process (Debian's package), for the Redis online store in tests
-and benchmarks: free loopback port, stopped on exit, and by the kernel if this process dies."""
+and benchmarks: free loopback port, stopped on exit, and by the kernel if this process dies; and a
+Redis Cluster of such servers (``RedisClusterServers``)."""
 
 from __future__ import annotations
 
@@ -26,14 +27,17 @@ def require_redis_server() -> str:
 
 class RedisServer:
     """``redis-server`` on 127.0.0.1. With ``persistent`` its data survives ``restart()``
-    (append-only file in ``work_dir``); without, it is memory only."""
+    (append-only file in ``work_dir``); without, it is memory only. With ``cluster`` it starts as a
+    cluster node (its bus on a second free port) that ``RedisClusterServers`` joins to others."""
 
-    def __init__(self, work_dir: Path, persistent: bool = False, port: int = 0):
+    def __init__(self, work_dir: Path, persistent: bool = False, port: int = 0, cluster: bool = False):
         binary = require_redis_server()
         self.binary = binary
         self.work_dir = Path(work_dir)
         self.persistent = persistent
         self.port = port or free_port_numbers("127.0.0.1", 1)[0]
+        # Redis' default bus port is the port + 10000, past 65535 for a port the kernel picks
+        self.cluster_port = free_port_numbers("127.0.0.1", 1)[0] if cluster else 0
         self.process: subprocess.Popen | None = None
 
     @property
@@ -59,6 +63,9 @@ class RedisServer:
             "--dir",
             str(self.work_dir),
         ]
+        if self.cluster_port:
+            command += ["--cluster-enabled", "yes", "--cluster-port", str(self.cluster_port)]
+            command += ["--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "5000"]
         with open(self.work_dir / "redis.log", "ab") as log:
             self.process = subprocess.Popen(
                 command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=set_parent_death_signal
@@ -94,6 +101,54 @@ class RedisServer:
         self.start()
 
     def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class RedisClusterServers:
+    """A Redis Cluster of ``nodes`` masters (no replicas) on 127.0.0.1, each a ``RedisServer`` owned
+    by this process, joined with ``redis-cli --cluster create``; started, it answers once every node
+    reports ``cluster_state:ok``."""
+
+    def __init__(self, work_dir: Path, nodes: int = 3):
+        if shutil.which("redis-cli") is None:
+            raise BenchmarkRefused("redis-cli is not installed (Debian package redis-tools)")
+        self.servers = [RedisServer(Path(work_dir) / f"node-{i}", cluster=True) for i in range(nodes)]
+
+    @property
+    def connection(self) -> str:
+        """Feast's ``redis_connection`` string for the cluster: every node."""
+        return ",".join(server.connection for server in self.servers)
+
+    def start(self) -> RedisClusterServers:
+        import redis
+
+        try:
+            for server in self.servers:
+                server.start()
+            addresses = [server.connection for server in self.servers]
+            create = ["redis-cli", "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"]
+            subprocess.run(create, check=True, capture_output=True, timeout=60)
+            deadline = time.monotonic() + START_TIMEOUT_S
+            for server in self.servers:
+                client = redis.Redis(host="127.0.0.1", port=server.port)
+                while client.cluster("info")["cluster_state"] != "ok":
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"the Redis Cluster at {self.connection} did not become ready")
+                    time.sleep(0.05)
+                client.close()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()
+
+    def __enter__(self) -> RedisClusterServers:
         return self.start()
 
     def __exit__(self, *exc) -> None:
