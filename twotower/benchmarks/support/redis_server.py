@@ -27,17 +27,16 @@ def require_redis_server() -> str:
 
 class RedisServer:
     """``redis-server`` on 127.0.0.1. With ``persistent`` its data survives ``restart()``
-    (append-only file in ``work_dir``); without, it is memory only. With ``cluster`` it starts as a
-    cluster node (its bus on a second free port) that ``RedisClusterServers`` joins to others."""
+    (append-only file in ``work_dir``); without, it is memory only. With a ``cluster_port`` it starts
+    as a cluster node, its cluster bus on that port, which ``RedisClusterServers`` joins to others."""
 
-    def __init__(self, work_dir: Path, persistent: bool = False, port: int = 0, cluster: bool = False):
+    def __init__(self, work_dir: Path, persistent: bool = False, port: int = 0, cluster_port: int = 0):
         binary = require_redis_server()
         self.binary = binary
         self.work_dir = Path(work_dir)
         self.persistent = persistent
         self.port = port or free_port_numbers("127.0.0.1", 1)[0]
-        # Redis' default bus port is the port + 10000, past 65535 for a port the kernel picks
-        self.cluster_port = free_port_numbers("127.0.0.1", 1)[0] if cluster else 0
+        self.cluster_port = cluster_port
         self.process: subprocess.Popen | None = None
 
     @property
@@ -115,7 +114,13 @@ class RedisClusterServers:
     def __init__(self, work_dir: Path, nodes: int = 3):
         if shutil.which("redis-cli") is None:
             raise BenchmarkRefused("redis-cli is not installed (Debian package redis-tools)")
-        self.servers = [RedisServer(Path(work_dir) / f"node-{i}", cluster=True) for i in range(nodes)]
+        # Picked together, so no two coincide; Redis' default bus port, the port + 10000, would pass
+        # 65535 for most ports the kernel picks.
+        ports = free_port_numbers("127.0.0.1", 2 * nodes)
+        self.servers = [
+            RedisServer(Path(work_dir) / f"node-{i}", port=ports[2 * i], cluster_port=ports[2 * i + 1])
+            for i in range(nodes)
+        ]
 
     @property
     def connection(self) -> str:
