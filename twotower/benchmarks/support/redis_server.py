@@ -17,6 +17,9 @@ from twotower.serving.triton import check_port_free, free_port_numbers, set_pare
 START_TIMEOUT_S = 10.0
 
 
+CLUSTER_CONFIG = "nodes.conf"  # a cluster node's own record of the cluster, in its work_dir (kept by restart())
+
+
 def require_redis_server() -> str:
     """The ``redis-server`` binary; a benchmark that needs one calls this before its long work."""
     binary = shutil.which("redis-server")
@@ -64,7 +67,7 @@ class RedisServer:
         ]
         if self.cluster_port:
             command += ["--cluster-enabled", "yes", "--cluster-port", str(self.cluster_port)]
-            command += ["--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "5000"]
+            command += ["--cluster-config-file", CLUSTER_CONFIG, "--cluster-node-timeout", "5000"]
         with open(self.work_dir / "redis.log", "ab") as log:
             self.process = subprocess.Popen(
                 command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=set_parent_death_signal
@@ -109,16 +112,17 @@ class RedisServer:
 class RedisClusterServers:
     """A Redis Cluster of ``nodes`` masters (no replicas) on 127.0.0.1, each a ``RedisServer`` owned
     by this process, joined with ``redis-cli --cluster create``; started, it answers once every node
-    reports ``cluster_state:ok``."""
+    reports ``cluster_state:ok``. With ``persistent`` a node restarted keeps its keys (no replica
+    holds them)."""
 
-    def __init__(self, work_dir: Path, nodes: int = 3):
+    def __init__(self, work_dir: Path, nodes: int = 3, persistent: bool = False):
         if shutil.which("redis-cli") is None:
             raise BenchmarkRefused("redis-cli is not installed (Debian package redis-tools)")
         # Picked together, so no two coincide; Redis' default bus port, the port + 10000, would pass
         # 65535 for most ports the kernel picks.
         ports = free_port_numbers("127.0.0.1", 2 * nodes)
         self.servers = [
-            RedisServer(Path(work_dir) / f"node-{i}", port=ports[2 * i], cluster_port=ports[2 * i + 1])
+            RedisServer(Path(work_dir) / f"node-{i}", persistent, port=ports[2 * i], cluster_port=ports[2 * i + 1])
             for i in range(nodes)
         ]
 
@@ -132,10 +136,16 @@ class RedisClusterServers:
 
         try:
             for server in self.servers:
+                # A new cluster: a node that remembers an earlier one (its nodes.conf) or holds keys refuses to join.
+                shutil.rmtree(server.work_dir, ignore_errors=True)
                 server.start()
             addresses = [server.connection for server in self.servers]
             create = ["redis-cli", "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"]
-            subprocess.run(create, check=True, capture_output=True, timeout=60)
+            created = subprocess.run(create, capture_output=True, text=True, timeout=60)
+            if created.returncode != 0:
+                raise RuntimeError(
+                    f"redis-cli --cluster create failed: {created.stdout[-2000:]}{created.stderr[-500:]}"
+                )
             deadline = time.monotonic() + START_TIMEOUT_S
             for server in self.servers:
                 client = redis.Redis(host="127.0.0.1", port=server.port)

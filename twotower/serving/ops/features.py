@@ -40,7 +40,13 @@ def read_online(read: Callable[[], T]) -> T:
 
     try:
         return read()
-    except (ConnectionError, TimeoutError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as error:
+    except (
+        ConnectionError,
+        TimeoutError,
+        redis.exceptions.ConnectionError,
+        redis.exceptions.TimeoutError,
+        redis.exceptions.ClusterDownError,  # a Redis Cluster missing a node refuses every key after a while
+    ) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ServiceUnavailable(f"online feature store unavailable: {reason}") from error
 
