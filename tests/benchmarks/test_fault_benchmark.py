@@ -20,12 +20,12 @@ def test_fault_benchmark_smoke_run(exported, tmp_path):
     )
     config.benchmark = dataclasses.replace(exported.benchmark, faults=faults)
     report = json.loads(run_fault_benchmark(config).read_text())
-    gap = report["redis_gap"]
-    for phase in ("before", "during", "after"):
-        assert gap[phase]["wrong"] == 0 and gap[phase]["hang"] == 0, (phase, gap[phase], gap["wrong"])
-    assert gap["before"]["good"] > 0 and gap["after"]["good"] > 0
-    assert gap["during"]["clear_error"] > 0
-    assert all(m.startswith("online feature store unavailable") for m in gap["gap_error_messages"])
+    for gap in (report["redis_gap"], report["cluster_node_gap"]):  # one Redis stopped; one node of a cluster
+        for phase in ("before", "during", "after"):
+            assert gap[phase]["wrong"] == 0 and gap[phase]["hang"] == 0, (phase, gap[phase], gap["wrong"])
+        assert gap["before"]["good"] > 0 and gap["after"]["good"] > 0
+        assert gap["during"]["clear_error"] > 0
+        assert all(m.startswith("online feature store unavailable") for m in gap["gap_error_messages"])
     assert report["triton_sigkill"]["same_answers"]
     assert report["stage_killed"]["same_answers"]
     soak = report["memory_soak"]

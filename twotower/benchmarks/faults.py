@@ -12,6 +12,8 @@ On a copy of the run whose Feast online store is an owned, persistent redis-serv
    export and the answers must be the same as before.
 4. **Memory soak**: ``fault_soak_seconds`` of good requests; server RSS (tritonserver and
    its python backend stubs) before and after.
+5. **A Redis Cluster node gap**: on another copy whose store is a three-node Redis Cluster
+   (persistent nodes), one node is stopped and started again as Redis is in 1.
 
 Every answer is checked against the one the healthy server gave for that user: the
 counts are good, clear errors, wrong answers (must be 0) and hangs (no answer within
@@ -38,8 +40,8 @@ from tritonclient.utils import InferenceServerException
 
 from twotower import pipeline
 from twotower.benchmarks.harness import on_free_ports, output_folder, write_report
-from twotower.benchmarks.support.redis_server import RedisServer, require_redis_server
-from twotower.config import RecipeConfig
+from twotower.benchmarks.support.redis_server import RedisClusterServers, RedisServer, require_redis_server
+from twotower.config import FeaturesConfig, RecipeConfig
 from twotower.serving.client import demo_users, user_id_request
 from twotower.serving.triton import TritonServer, command_line, process_group
 
@@ -176,6 +178,18 @@ def redis_gap(server: TritonServer, redis: RedisServer, config: RecipeConfig, ex
     }
 
 
+def cluster_node_gap(config: RecipeConfig, out_dir: Path, users: list[int]) -> dict:
+    """``redis_gap`` with the store on a three-node Redis Cluster and one node stopped: users whose
+    rows live on it are refused at once, every user once the cluster counts the node as failed."""
+    serve = config.serve
+    with RedisClusterServers(out_dir / "redis-cluster", persistent=True) as cluster:
+        print(f"[faults] the run on a Redis Cluster ({cluster.connection}); one node stopped mid-soak", flush=True)
+        run = _copy_run(config, out_dir / "run-cluster", FeaturesConfig("redis_cluster", cluster.connection))
+        with TritonServer(run.export_dir, out_dir / "triton-cluster", run.serve) as server:
+            baseline = answers(server.grpc_url, serve.model_name, np.array(users), serve.client_timeout_s)
+            return redis_gap(server, cluster.servers[0], run, dict(zip(users, baseline)))
+
+
 def sigkill_and_restart(
     server: TritonServer, config: RecipeConfig, users: np.ndarray, before: np.ndarray
 ) -> tuple[TritonServer, dict]:
@@ -223,10 +237,11 @@ def kill_stage_and_rerun(run: RecipeConfig, stage: str, kill_after_s: float) -> 
     }
 
 
-def _copy_run(config: RecipeConfig, run_dir: Path, redis: RedisServer) -> RecipeConfig:
-    """The run's outputs copied under ``run_dir``, Feast re-materialized into ``redis``, exported."""
+def _copy_run(config: RecipeConfig, run_dir: Path, features: FeaturesConfig) -> RecipeConfig:
+    """The run's outputs copied under ``run_dir``, Feast re-materialized into the store ``features``
+    names, exported."""
     run = dataclasses.replace(config, output_dir=run_dir / "artifacts", export_dir=run_dir / "triton_models")
-    run.features = dataclasses.replace(config.features, online_store="redis", redis_connection=redis.connection)
+    run.features = features
     run.serve = on_free_ports(config.serve)
     if run_dir.exists():
         shutil.rmtree(run_dir)
@@ -304,7 +319,7 @@ def run_fault_benchmark(config: RecipeConfig) -> Path:
     }
     with RedisServer(out_dir / "redis", persistent=True) as redis:
         print(f"[faults] copying the run and materializing Feast into redis-server pid {redis.process.pid}", flush=True)
-        run = _copy_run(config, out_dir / "run", redis)
+        run = _copy_run(config, out_dir / "run", FeaturesConfig("redis", redis.connection))
         server = TritonServer(run.export_dir, out_dir / "triton", run.serve).start()
         try:
             baseline = answers(server.grpc_url, serve.model_name, np.array(users), serve.client_timeout_s)
@@ -326,6 +341,7 @@ def run_fault_benchmark(config: RecipeConfig) -> Path:
         with TritonServer(run.export_dir, out_dir / "triton", run.serve) as server:
             rerun = answers(server.grpc_url, serve.model_name, np.array(users), serve.client_timeout_s)
         report["stage_killed"]["same_answers"] = bool(np.array_equal(rerun, baseline))
+    report["cluster_node_gap"] = cluster_node_gap(config, out_dir, users)
     plot_faults(report["redis_gap"], rss, out_dir / "faults.png")
     _print_report(report)
     path = write_report(report, out_dir / "faults.json")
@@ -340,6 +356,9 @@ def _print_report(report: dict) -> None:
         print(f"{'redis gap: ' + name:<28}" + "".join(f"{gap[name][k]:>13}" for k in OUTCOMES))
     soak_counts = report["memory_soak"]
     print(f"{'soak':<28}" + "".join(f"{soak_counts[k]:>13}" for k in OUTCOMES))
+    node_gap = report["cluster_node_gap"]
+    for name in ("before", "during", "after"):
+        print(f"{'cluster node gap: ' + name:<28}" + "".join(f"{node_gap[name][k]:>13}" for k in OUTCOMES))
     p99 = gap["gap_error_p99_ms"]
     print(
         f"\nerrors during the Redis gap: p99 {p99:.1f} ms"
@@ -349,6 +368,10 @@ def _print_report(report: dict) -> None:
     print(
         f"  e.g. {gap['gap_error_messages'][:1]}; "
         f"first good answer {gap['first_good_after_restart_s']} s after Redis came back"
+    )
+    print(
+        f"cluster node gap: e.g. {node_gap['gap_error_messages'][:1]}; "
+        f"first good answer {node_gap['first_good_after_restart_s']} s after the node came back"
     )
     kill = report["triton_sigkill"]
     print(
