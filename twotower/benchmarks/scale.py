@@ -65,6 +65,15 @@ def heap_bytes() -> int:
     return info.uordblks + info.hblkhd
 
 
+def settled_heap_bytes() -> int:
+    """``heap_bytes`` once the garbage collector finds nothing more to free: objects freed in one pass
+    (a served graph, whose tower's finalizer then releases its TensorFlow session) can leave others
+    collectable only in the next, which would otherwise be freed while an index is being measured."""
+    while gc.collect():
+        pass
+    return heap_bytes()
+
+
 # -------------------------------------------------------------- the catalogues
 def neighbour_spread(vectors: np.ndarray, sample: int = 2000, seed: int = 0) -> float:
     """Per-dimension noise scale: the median distance from a real item to its nearest other item,
@@ -156,11 +165,9 @@ def measure_kind(
     work_dir: Path,
 ) -> tuple[dict, IndexReport]:
     """The benchmark's row for one kind, and the build's own report (what ``auto`` chooses by)."""
-    gc.collect()
-    before = heap_bytes()
+    before = settled_heap_bytes()
     index, report = build_measured(kind, item_ids, vectors, config.index, queries, config.serve.top_k, config.seed)
-    gc.collect()
-    memory = heap_bytes() - before
+    memory = settled_heap_bytes() - before
     index_path = work_dir / "items.faiss"
     save_index(index, index_path)
     row = {
