@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -92,3 +93,15 @@ def test_a_benchmark_that_needs_redis_refuses_before_any_work_without_it(tmp_pat
     with pytest.raises(BenchmarkRefused, match=r"^redis-server is not installed"):
         benchmark(config)
     assert not any(tmp_path.iterdir()), "the refused benchmark wrote something"
+
+
+@pytest.mark.unit
+def test_the_fault_benchmark_refuses_before_any_work_without_redis_cli(tmp_path, monkeypatch):
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    (tools / "redis-server").symlink_to(shutil.which("redis-server") or "/bin/true")  # a server, no cli
+    monkeypatch.setenv("PATH", str(tools))
+    config = small_config(tmp_path / "run")
+    with pytest.raises(BenchmarkRefused, match=r"^redis-cli is not installed"):
+        run_fault_benchmark(config)
+    assert not (tmp_path / "run").exists(), "the refused benchmark wrote something"

@@ -40,7 +40,12 @@ from tritonclient.utils import InferenceServerException
 
 from twotower import pipeline
 from twotower.benchmarks.harness import on_free_ports, output_folder, write_report
-from twotower.benchmarks.support.redis_server import RedisClusterServers, RedisServer, require_redis_server
+from twotower.benchmarks.support.redis_server import (
+    RedisClusterServers,
+    RedisServer,
+    require_redis_cli,
+    require_redis_server,
+)
 from twotower.config import FeaturesConfig, RecipeConfig
 from twotower.serving.client import demo_users, user_id_request
 from twotower.serving.triton import TritonServer, command_line, process_group
@@ -309,6 +314,7 @@ def memory_soak(
 
 def run_fault_benchmark(config: RecipeConfig) -> Path:
     require_redis_server()
+    require_redis_cli()  # the Redis Cluster phase comes last: refuse before the rest's half hour
     out_dir = output_folder(config, "faults")
     bench, serve = config.benchmark, config.serve
     users = demo_users(config, bench.faults.sample_users)

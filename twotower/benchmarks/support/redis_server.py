@@ -28,6 +28,14 @@ def require_redis_server() -> str:
     return binary
 
 
+def require_redis_cli() -> str:
+    """The ``redis-cli`` binary (which joins a Redis Cluster's nodes), checked like ``redis-server``."""
+    binary = shutil.which("redis-cli")
+    if binary is None:
+        raise BenchmarkRefused("redis-cli is not installed (Debian package redis-tools)")
+    return binary
+
+
 class RedisServer:
     """``redis-server`` on 127.0.0.1. With ``persistent`` its data survives ``restart()``
     (append-only file in ``work_dir``); without, it is memory only. With a ``cluster_port`` it starts
@@ -116,8 +124,7 @@ class RedisClusterServers:
     holds them)."""
 
     def __init__(self, work_dir: Path, nodes: int = 3, persistent: bool = False):
-        if shutil.which("redis-cli") is None:
-            raise BenchmarkRefused("redis-cli is not installed (Debian package redis-tools)")
+        self.cli = require_redis_cli()
         # Picked together, so no two coincide; Redis' default bus port, the port + 10000, would pass
         # 65535 for most ports the kernel picks.
         ports = free_port_numbers("127.0.0.1", 2 * nodes)
@@ -140,7 +147,7 @@ class RedisClusterServers:
                 shutil.rmtree(server.work_dir, ignore_errors=True)
                 server.start()
             addresses = [server.connection for server in self.servers]
-            create = ["redis-cli", "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"]
+            create = [self.cli, "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"]
             created = subprocess.run(create, capture_output=True, text=True, timeout=60)
             if created.returncode != 0:
                 raise RuntimeError(
