@@ -55,15 +55,15 @@ def test_saved_towers_reload_without_retraining(exported):
 
 
 def test_a_frozen_tower_answers_as_the_saved_one_without_reading_variables(exported):
-    """Serving freezes a tower's signature (weights as constants); one too large for a GraphDef keeps
-    its variables. Both must answer alike, and only the frozen one runs without variable reads."""
+    """Serving freezes a tower's signature (weights as constants); one larger than the limit keeps its
+    variables. Both must answer alike, and only the frozen one runs without variable reads."""
     from twotower.stages.workflow import encoded_catalogue, load_saved_workflows
-    from twotower.store.artifacts import ServingSignature, call_signature, load_recipe_data
+    from twotower.store.artifacts import FREEZE_MAX_BYTES, ServingSignature, call_signature, load_recipe_data
 
     data = load_recipe_data(exported.data_dir)
     catalogue = encoded_catalogue(load_saved_workflows(exported.workflow_dir), data.items)
-    frozen = ServingSignature(exported.candidate_tower_dir)
-    with_variables = ServingSignature(exported.candidate_tower_dir, freeze_max_bytes=0)
+    frozen = ServingSignature(exported.candidate_tower_dir, FREEZE_MAX_BYTES)
+    with_variables = ServingSignature(exported.candidate_tower_dir, freeze_max_bytes=1)  # above any tower's size
     assert frozen.frozen and not with_variables.frozen
     op_types = [{op.type for op in tower._session.graph.get_operations()} for tower in (frozen, with_variables)]
     assert "VarHandleOp" not in op_types[0] and "VarHandleOp" in op_types[1]

@@ -120,8 +120,8 @@ def load_item_vectors(path: Path) -> tuple[np.ndarray, np.ndarray]:
 RAGGED_SEPARATOR = "__"
 
 
-# A frozen tower carries its weights inside the GraphDef, a protobuf limited to 2 GB: towers whose
-# saved variables are larger keep them as variables.
+# What serving freezes: a frozen tower carries its weights inside the GraphDef, a protobuf limited to
+# 2 GB, so towers whose saved variables are larger keep them as variables.
 FREEZE_MAX_BYTES = 512 * 2**20
 
 
@@ -132,14 +132,18 @@ class ServingSignature:
     Called with NumPy arrays by input name, it answers with the NumPy output. Not the eager
     signature: in TensorFlow 2.12 every eager tensor left a small block allocated (tracemalloc:
     about 0.3 KB a served request, the server's steady memory growth), and a session's callable
-    answers in less time. The signature is frozen (its variables become constants, the function
-    call is inlined): a third fewer ops run a request, and one user's query vector took 0.50 ms
-    against 0.85 ms unfrozen (``docs/benchmarks/serving.md``). The session runs it through a callable made
-    once from tensor names, skipping ``Session.run``'s per-call feed checks, in the calling thread.
-    One thread per call: a request is small, more threads only add scheduling latency.
+    answers in less time. The session runs it through a callable made once from tensor names,
+    skipping ``Session.run``'s per-call feed checks, in the calling thread. One thread per call: a
+    request is small, more threads only add scheduling latency.
+
+    A tower whose saved variables take at most ``freeze_max_bytes`` (serving passes
+    ``FREEZE_MAX_BYTES``; 0, the default: never) is frozen (its variables become constants, the
+    function call is inlined): a third fewer ops run a request, one user's query vector took 0.46
+    ms against 0.60 ms (``docs/benchmarks/serving.md``), but loading takes about a second more,
+    which one-off batch calls (evaluation, refresh-items) do not win back.
     """
 
-    def __init__(self, path: Path, freeze_max_bytes: int = FREEZE_MAX_BYTES):
+    def __init__(self, path: Path, freeze_max_bytes: int = 0):
         import tensorflow as tf
         from tensorflow.core.protobuf import config_pb2
 

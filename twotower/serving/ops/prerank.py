@@ -15,7 +15,7 @@ from merlin.schema import ColumnSchema, Schema
 from merlin.table import TensorTable
 
 from twotower.serving.ops.base import ArtifactOperator
-from twotower.store.artifacts import ServingSignature, call_signature, load_item_vectors
+from twotower.store.artifacts import FREEZE_MAX_BYTES, ServingSignature, call_signature, load_item_vectors
 
 
 class PrerankCandidates(ArtifactOperator):
@@ -43,10 +43,10 @@ class PrerankCandidates(ArtifactOperator):
 
         item_ids, vectors = load_item_vectors(path / "item_vectors.npz")
         return (
-            ServingSignature(path / "query_tower"),
+            ServingSignature(path / "query_tower", FREEZE_MAX_BYTES),
             pd.Index(item_ids),
             vectors,
-            ServingSignature(path / "pair_scorer"),
+            ServingSignature(path / "pair_scorer", FREEZE_MAX_BYTES),
         )
 
     def save_artifacts(self, artifact_path: str) -> None:

@@ -12,7 +12,7 @@ from merlin.schema import ColumnSchema, Schema
 from merlin.table import TensorTable
 
 from twotower.serving.ops.base import ArtifactOperator
-from twotower.store.artifacts import ServingSignature, call_signature
+from twotower.store.artifacts import FREEZE_MAX_BYTES, ServingSignature, call_signature
 
 
 class PredictQueryTower(ArtifactOperator):
@@ -30,7 +30,7 @@ class PredictQueryTower(ArtifactOperator):
         self.passthrough = passthrough or Schema()
 
     def _load(self, path: Path):
-        return ServingSignature(path)
+        return ServingSignature(path, FREEZE_MAX_BYTES)
 
     def compute_output_schema(
         self, input_schema: Schema, col_selector: ColumnSelector, prev_output_schema: Schema = None
